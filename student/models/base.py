@@ -1,0 +1,50 @@
+"""The student model contract (RecBole-style: a model scores, a trainer owns the loop).
+
+Every student scores a batch of instances against candidate items and against a whole domain's
+catalogue. Inputs are a ``StudentBatch`` of global ids (see ckd.data.multidomain); outputs are raw
+logits. Inference needs no teacher and no network.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class StudentBatch:
+    users: torch.Tensor  # int64 [B] global user ids
+    domains: torch.Tensor  # int64 [B]
+    histories: torch.Tensor  # int64 [B, L] global item ids, oldest first, 0-padded on the right
+    lengths: torch.Tensor  # int64 [B]
+    targets: torch.Tensor  # int64 [B] global item ids
+
+    def to(self, device: torch.device | str) -> "StudentBatch":
+        return StudentBatch(*(t.to(device, non_blocking=True) for t in
+                              (self.users, self.domains, self.histories, self.lengths, self.targets)))
+
+    def __len__(self) -> int:
+        return int(self.targets.shape[0])
+
+
+class StudentModel(nn.Module):
+    """Subclasses implement ``score``; ``full_scores`` defaults to scoring the id range."""
+
+    kind: str = "student"
+
+    def score(self, batch: StudentBatch, candidates: torch.Tensor) -> torch.Tensor:
+        """Logits [B, C] for candidates [C] (shared) or [B, C] (per row)."""
+        raise NotImplementedError
+
+    def full_scores(self, batch: StudentBatch, start: int, stop: int) -> torch.Tensor:
+        """Logits [B, stop - start] over global ids [start, stop) (one domain's catalogue)."""
+        return self.score(batch, torch.arange(start, stop, device=batch.histories.device))
+
+
+STUDENTS: dict[str, type[StudentModel]] = {}
+
+
+def register_student(cls: type[StudentModel]) -> type[StudentModel]:
+    STUDENTS[cls.kind] = cls
+    return cls
