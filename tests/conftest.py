@@ -1,0 +1,42 @@
+"""Shared fixtures: the real data root (CKD_DATA_DIR) and cached loads of real domains."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("CKD_CACHE_DIR", str(REPO_ROOT / ".cache" / "ckd"))
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".torch_extensions"))
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The real Amazon data root; the run fails loudly if it is not there."""
+    root = Path(os.environ.get("CKD_DATA_DIR", REPO_ROOT.parent / "shared" / "data" / "amazon"))
+    if not (root / "Scientific" / "Scientific.test.inter").is_file():
+        pytest.fail(f"real data not found under {root}: set CKD_DATA_DIR to the amazon data folder")
+    return root
+
+
+@pytest.fixture(scope="session")
+def scientific(data_dir):
+    """The real Scientific domain merged on its own (global ids 1..4385)."""
+    from ckd.data.multidomain import load_multidomain
+
+    return load_multidomain(data_dir, ["Scientific"], max_len=50)
+
+
+@pytest.fixture(scope="session")
+def scientific_mm(data_dir):
+    """The real ScientificMM domain with its text and image feature matrices."""
+    from ckd.data.multidomain import load_multidomain
+
+    return load_multidomain(data_dir, ["ScientificMM"], max_len=50)
