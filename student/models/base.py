@@ -32,6 +32,12 @@ class StudentModel(nn.Module):
     """Subclasses implement ``score``; ``full_scores`` defaults to scoring the id range."""
 
     kind: str = "student"
+    vocab_size: int = 0
+
+    def forward(self, batch: StudentBatch) -> torch.Tensor:
+        """Logits over the whole vocabulary [B, vocab_size] (PAD and other domains included;
+        the loss masks them)."""
+        return self.full_scores(batch, 0, self.vocab_size)
 
     def score(self, batch: StudentBatch, candidates: torch.Tensor) -> torch.Tensor:
         """Logits [B, C] for candidates [C] (shared) or [B, C] (per row)."""
