@@ -1,0 +1,3 @@
+"""Teacher models; importing this package registers the built-in teacher kinds."""
+from teachers import fixture_teacher  # noqa: F401  (kind "mean_pool_embedding")
+from teachers import unisrec  # noqa: F401  (kind "unisrec")

@@ -1,0 +1,373 @@
+"""gRPC servicer around any ``teachers.base.Teacher``: validated, coalesced, health-reporting.
+
+* Every request is validated before it reaches the model; a bad one is answered with
+  INVALID_ARGUMENT and a message naming the problem, and the server goes on serving.
+* Requests from many clients are coalesced by one batcher thread up to a row / latency budget:
+  their histories are encoded in one forward pass, then each request is scored against its own
+  candidates. (A teacher that overrides ``score`` is scored request by request instead.)
+* ``grpc.health.v1`` reports NOT_SERVING until ``warm_up`` has pushed a batch through the same
+  path; ``drain`` flips it back to NOT_SERVING and refuses new work with UNAVAILABLE.
+* An optional shared token is checked on every call (``authorization: Bearer <token>`` metadata).
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+import torch
+from grpc_health.v1 import health, health_pb2
+
+from protos import teacher_pb2, teacher_pb2_grpc
+from protos.tensor_codec import TensorCodecError, decode, encode
+from teachers.base import Teacher
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "ckd.teacher.v1.Teacher"
+AUTH_METADATA_KEY = "authorization"
+
+
+@dataclass
+class ServiceConfig:
+    """Limits and batching budget of one teacher server (the client must use the same message limit)."""
+
+    max_batch_rows: int = 4096
+    max_candidates: int = 65536
+    max_score_cells: int = 8 * 1024 * 1024  # B*C; 32 MiB of float32 scores
+    max_message_bytes: int = 64 * 1024 * 1024
+    coalesce_max_rows: int = 1024  # stop collecting requests once this many rows are queued
+    coalesce_wait_ms: float = 2.0  # ... or once the first request has waited this long
+    max_queue_rows: int = 65536  # beyond this many waiting rows: RESOURCE_EXHAUSTED
+    max_workers: int = 16  # gRPC handler threads (they mostly wait on the batcher)
+
+    def validate(self) -> None:
+        for k in ("max_batch_rows", "max_candidates", "max_score_cells", "max_message_bytes",
+                  "coalesce_max_rows", "max_queue_rows", "max_workers"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"ServiceConfig.{k} must be >= 1, got {getattr(self, k)}")
+        if self.coalesce_wait_ms < 0:
+            raise ValueError(f"ServiceConfig.coalesce_wait_ms must be >= 0, got {self.coalesce_wait_ms}")
+        if self.max_score_cells * 4 + 4096 > self.max_message_bytes:
+            raise ValueError(f"ServiceConfig.max_score_cells={self.max_score_cells} float32 scores do not fit "
+                             f"in max_message_bytes={self.max_message_bytes}")
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        """Message limits, set explicitly (the 4 MB default is easy to hit with score matrices)."""
+        return [("grpc.max_send_message_length", self.max_message_bytes),
+                ("grpc.max_receive_message_length", self.max_message_bytes)]
+
+
+class RequestError(ValueError):
+    """A Score request is malformed; the message names the problem (-> INVALID_ARGUMENT)."""
+
+
+class ServerBusy(RuntimeError):
+    """Too many rows are queued (-> RESOURCE_EXHAUSTED)."""
+
+
+@dataclass
+class ParsedRequest:
+    histories: np.ndarray  # int64 [B, L], right-padded with 0, at most max_history most recent items
+    lengths: np.ndarray  # int64 [B]
+    candidates: np.ndarray  # int64 [C] or [B, C]
+
+
+def _int_tensor(msg: teacher_pb2.Tensor, field: str, ndims: tuple[int, ...]) -> np.ndarray:
+    try:
+        arr = decode(msg)
+    except TensorCodecError as exc:
+        raise RequestError(f"malformed tensor {field}: {exc}") from None
+    if arr.dtype.kind not in "iu":
+        raise RequestError(f"{field} must be an integer tensor, got dtype {arr.dtype.name}")
+    if arr.ndim not in ndims:
+        raise RequestError(f"{field} must have {' or '.join(map(str, ndims))} dims, got shape {list(arr.shape)}")
+    return arr
+
+
+def _check_ids(arr: np.ndarray, field: str, num_items: int) -> None:
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 1 or hi >= num_items:
+        bad = lo if lo < 1 else hi
+        raise RequestError(f"item id out of range in {field}: {bad} (valid ids are 1..{num_items - 1}; "
+                           f"0 is padding and is not sent)")
+
+
+def parse_request(req: teacher_pb2.ScoreRequest, info_vocab_hash: str, num_items: int, max_history: int,
+                  cfg: ServiceConfig) -> ParsedRequest:
+    """Validate a ScoreRequest and turn it into padded int64 arrays; raises RequestError."""
+    if req.vocab_hash and req.vocab_hash != info_vocab_hash:
+        raise RequestError(f"wrong vocabulary hash: request ids belong to {req.vocab_hash[:16]}..., "
+                           f"this teacher serves {info_vocab_hash[:16]}...")
+    items = _int_tensor(req.history_items, "history_items", (1,))
+    lengths = _int_tensor(req.lengths, "lengths", (1,))
+    cands = _int_tensor(req.candidates, "candidates", (1, 2))
+    b, c = int(lengths.shape[0]), int(cands.shape[-1])
+    if b == 0:
+        raise RequestError("empty batch: lengths has 0 rows")
+    if b > cfg.max_batch_rows:
+        raise RequestError(f"oversized batch: {b} rows > max_batch_rows={cfg.max_batch_rows}")
+    if c == 0:
+        raise RequestError("empty batch: 0 candidates")
+    if c > cfg.max_candidates:
+        raise RequestError(f"oversized batch: {c} candidates > max_candidates={cfg.max_candidates}")
+    if b * c > cfg.max_score_cells:
+        raise RequestError(f"oversized batch: {b}x{c} scores > max_score_cells={cfg.max_score_cells}")
+    if int(lengths.min()) < 1:
+        raise RequestError(f"length mismatch: every history needs >= 1 item, row {int(np.argmin(lengths))} "
+                           f"has length {int(lengths.min())}")
+    total = int(lengths.astype(np.int64).sum()) if int(lengths.max()) <= 2**40 else -1
+    if total != items.shape[0]:
+        raise RequestError(f"length mismatch: sum(lengths)={total} but history_items has {items.shape[0]} ids")
+    if cands.ndim == 2 and cands.shape[0] != b:
+        raise RequestError(f"length mismatch: candidates has {cands.shape[0]} rows, the batch has {b}")
+    _check_ids(items, "history_items", num_items)
+    _check_ids(cands, "candidates", num_items)
+    lengths = lengths.astype(np.int64)
+    items = items.astype(np.int64)
+    # Keep the most recent max_history items of each row (teachers are trained on capped histories).
+    take = np.minimum(lengths, max_history)
+    width = int(take.max())
+    ends = np.cumsum(lengths)
+    pos = (ends - take)[:, None] + np.arange(width)[None, :]
+    mask = np.arange(width)[None, :] < take[:, None]
+    hist = np.where(mask, items[np.minimum(pos, items.shape[0] - 1)], 0)
+    return ParsedRequest(hist, take, cands.astype(np.int64))
+
+
+@dataclass
+class _Job:
+    req: ParsedRequest
+    future: Future
+    enqueued: float
+
+
+class Batcher:
+    """One thread runs the model; it coalesces queued requests up to a row / latency budget."""
+
+    def __init__(self, teacher: Teacher, cfg: ServiceConfig):
+        self.teacher, self.cfg = teacher, cfg
+        self.device = next(iter(teacher.parameters()), torch.empty(0)).device
+        # Joint history encoding is only valid when score == similarity(encode, item_embeddings).
+        self.coalescable = type(teacher).score is Teacher.score
+        self._q: queue.Queue[_Job | None] = queue.Queue()
+        self._rows = 0
+        self._lock = threading.Lock()
+        self.batches = 0
+        self.requests = 0
+        self._thread = threading.Thread(target=self._run, name="teacher-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, req: ParsedRequest) -> Future:
+        rows = int(req.lengths.shape[0])
+        with self._lock:
+            if self._rows + rows > self.cfg.max_queue_rows:
+                raise ServerBusy(f"server busy: {self._rows} rows queued, limit {self.cfg.max_queue_rows}")
+            self._rows += rows
+        fut: Future = Future()
+        self._q.put(_Job(req, fut, time.perf_counter()))
+        return fut
+
+    def stop(self) -> None:
+        self._q.put(None)
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while True:
+            job = self._q.get()
+            if job is None:
+                return
+            jobs, rows = [job], int(job.req.lengths.shape[0])
+            deadline = job.enqueued + self.cfg.coalesce_wait_ms / 1000.0
+            stop = False
+            while rows < self.cfg.coalesce_max_rows:
+                try:
+                    nxt = self._q.get(timeout=max(0.0, deadline - time.perf_counter()))
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                jobs.append(nxt)
+                rows += int(nxt.req.lengths.shape[0])
+            self._execute(jobs)
+            with self._lock:
+                self._rows -= rows
+            if stop:
+                return
+
+    @torch.no_grad()
+    def _execute(self, jobs: list[_Job]) -> None:
+        self.batches += 1
+        self.requests += len(jobs)
+        try:
+            if len(jobs) == 1 or not self.coalescable:
+                for j in jobs:
+                    self._finish(j, self._score_one(j.req))
+                return
+            width = max(j.req.histories.shape[1] for j in jobs)
+            hist = np.zeros((sum(j.req.histories.shape[0] for j in jobs), width), dtype=np.int64)
+            r = 0
+            for j in jobs:
+                h = j.req.histories
+                hist[r:r + h.shape[0], : h.shape[1]] = h
+                r += h.shape[0]
+            lengths = np.concatenate([j.req.lengths for j in jobs])
+            seq = self.teacher.encode_histories(self._t(hist), self._t(lengths))
+            r = 0
+            for j in jobs:
+                b = j.req.lengths.shape[0]
+                items = self.teacher.item_embeddings(self._t(j.req.candidates))
+                self._finish(j, self.teacher.similarity(seq[r:r + b], items).float())
+                r += b
+        except Exception as exc:  # noqa: BLE001 — reported to each waiting caller, the thread lives on
+            log.exception("teacher batch of %d request(s) failed", len(jobs))
+            for j in jobs:
+                if not j.future.done():
+                    j.future.set_exception(exc)
+
+    def _t(self, a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a).to(self.device)
+
+    def _score_one(self, req: ParsedRequest) -> torch.Tensor:
+        return self.teacher.score(self._t(req.histories), self._t(req.lengths), self._t(req.candidates))
+
+    @staticmethod
+    def _finish(job: _Job, scores: torch.Tensor) -> None:
+        job.future.set_result(np.ascontiguousarray(scores.detach().float().cpu().numpy()))
+
+
+class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
+    """Score / Describe for one teacher, plus its health status."""
+
+    def __init__(self, teacher: Teacher, name: str | None = None, config: ServiceConfig | None = None):
+        self.cfg = config or ServiceConfig()
+        self.cfg.validate()
+        self.teacher = teacher
+        self.info = teacher.describe()
+        self.name = name or self.info.name
+        self.batcher = Batcher(teacher, self.cfg)
+        self.health = health.HealthServicer()
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._draining = False
+        self._inflight = 0
+        self._inflight_cv = threading.Condition()
+        self.bad_requests = 0
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def _set_health(self, status: int) -> None:
+        for svc in ("", SERVICE_NAME):
+            self.health.set(svc, status)
+
+    def warm_up(self) -> None:
+        """Push one small batch through the full path; only then report SERVING."""
+        n = self.info.num_items
+        if n < 2:
+            raise RuntimeError(f"teacher {self.name} has num_items={n}: nothing to score")
+        ids = np.arange(1, min(n, 9), dtype=np.int64)
+        req = ParsedRequest(np.stack([ids, ids[::-1]]), np.array([len(ids)] * 2, dtype=np.int64), ids)
+        scores = self.batcher.submit(req).result(timeout=300)
+        if scores.shape != (2, len(ids)) or not np.isfinite(scores).all():
+            raise RuntimeError(f"teacher {self.name} warm-up produced bad scores of shape {scores.shape}")
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    def drain(self, timeout: float = 30.0) -> bool:
+        """Report NOT_SERVING, refuse new Score calls, wait for those in flight; True if all finished."""
+        self._draining = True
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        end = time.monotonic() + timeout
+        with self._inflight_cv:
+            while self._inflight:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._inflight_cv.wait(left)
+        return True
+
+    def close(self) -> None:
+        self.health.enter_graceful_shutdown()
+        self.batcher.stop()
+
+    # -- RPCs -----------------------------------------------------------------------------------
+    def Describe(self, request, context):  # noqa: N802 (gRPC method name)
+        i = self.info
+        return teacher_pb2.TeacherDescription(
+            name=self.name, version=i.version, vocab_hash=i.vocab_hash, num_items=i.num_items,
+            temperature=i.temperature, max_history=i.max_history, checkpoint_sha256=i.checkpoint_sha256,
+            kind=self.teacher.kind, max_batch_rows=self.cfg.max_batch_rows,
+            max_candidates=self.cfg.max_candidates, max_message_bytes=self.cfg.max_message_bytes)
+
+    def Score(self, request, context):  # noqa: N802
+        rid = request.request_id
+        if self._draining:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"teacher {self.name} is draining; retry another replica")
+        with self._inflight_cv:
+            self._inflight += 1
+        try:
+            code, msg, reply = self._score(request)
+        finally:
+            with self._inflight_cv:
+                self._inflight -= 1
+                self._inflight_cv.notify_all()
+        if code is not None:
+            context.abort(code, msg)
+        return reply
+
+    def _score(self, request) -> tuple[grpc.StatusCode | None, str, teacher_pb2.ScoreReply | None]:
+        rid = request.request_id
+        try:
+            parsed = parse_request(request, self.info.vocab_hash, self.info.num_items, self.info.max_history,
+                                   self.cfg)
+        except RequestError as exc:
+            self.bad_requests += 1
+            log.info("request %d to %s refused: %s", rid, self.name, exc)
+            return grpc.StatusCode.INVALID_ARGUMENT, f"request {rid}: {exc}", None
+        try:
+            scores = self.batcher.submit(parsed).result()
+        except ServerBusy as exc:
+            return grpc.StatusCode.RESOURCE_EXHAUSTED, f"request {rid}: {exc}", None
+        except Exception as exc:  # noqa: BLE001 — a model failure must not take the server down
+            log.exception("request %d to %s failed in the model", rid, self.name)
+            return grpc.StatusCode.INTERNAL, f"request {rid}: teacher {self.name} failed: {exc!r}", None
+        return None, "", teacher_pb2.ScoreReply(request_id=rid, scores=encode(scores), teacher_name=self.name,
+                                                teacher_version=self.info.version)
+
+
+class TokenAuthInterceptor(grpc.ServerInterceptor):
+    """Refuses every call (health checks included) without ``authorization: Bearer <token>``."""
+
+    def __init__(self, token: str):
+        if not token:
+            raise ValueError("auth token must be a non-empty string")
+        self._expected = f"Bearer {token}".encode()
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        got = dict(handler_call_details.invocation_metadata or ()).get(AUTH_METADATA_KEY, "")
+        got_b = got.encode() if isinstance(got, str) else bytes(got)
+        if handler is None or hmac.compare_digest(got_b, self._expected):
+            return handler
+
+        def deny(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong teacher auth token")
+
+        def deny_stream(request, context):
+            deny(request, context)
+            yield  # pragma: no cover  (abort raises)
+
+        kw = {"request_deserializer": handler.request_deserializer,
+              "response_serializer": handler.response_serializer}
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(deny_stream, **kw)
+        return grpc.unary_unary_rpc_method_handler(deny, **kw)
+
+
+def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """Call metadata carrying the shared token (empty when no token is set)."""
+    return ((AUTH_METADATA_KEY, f"Bearer {token}"),) if token else ()
