@@ -12,7 +12,9 @@ so diff_i is in [0, 1], longer histories and more popular items are easier, and 
 teacher disagreement, larger = harder) is an optional third term. Ranks are taken *per domain*:
 domains differ in history length and popularity scale (Games' counts dwarf Scientific's), and a
 global ranking would let one domain fill the whole early pool, which would break mixed-domain
-batches. Per-domain ranks make "the easiest 25%" the easiest 25% of every domain.
+batches. Per-domain ranks make "the easiest 25%" roughly the easiest 25% of every domain (ties,
+e.g. Scientific's many length-1 rows, skew it a little); pass ``groups=domains`` to the sampler
+to make it exact.
 
 Pacing (``PACINGS``; each maps progress p = t / T, clipped to [0, 1], and a start fraction s to the
 fraction of the data in play; t = epoch, T = ``full_epoch``, the epoch from which all data is used):
@@ -25,7 +27,9 @@ fraction of the data in play; t = epoch, T = ``full_epoch``, the epoch from whic
 All are non-decreasing in p and equal 1 from p = 1 on, so the pool only grows and reaches 100%.
 
 Sampler (``CurriculumSampler``): the rows are ordered easiest first (stable tie-break by index).
-Epoch e's pool is the first ceil(f(e / T) * N) rows of that order (at least one batch per rank).
+Epoch e's pool is the first ceil(f(e / T) * N) rows of that order (at least one batch per rank);
+with ``groups`` (e.g. the domain of each row) it is the first ceil(f * N_g) rows of each group's
+own order, so every domain enters at the same pace.
 The pool is shuffled by a generator seeded with (seed, e) only, so every rank computes the same
 permutation without communication; rank r takes positions r, r + R, r + 2R, ... (R = replicas).
 Every rank gets the same number of indices (hence the same number of batches, which DDP needs):
@@ -174,7 +178,8 @@ class CurriculumSampler:
 
     def __init__(self, difficulties: np.ndarray, *, pacing: str = "root", start_fraction: float = 0.25,
                  full_epoch: int = 10, num_steps: int = 4, seed: int = 0, num_replicas: int = 1,
-                 rank: int = 0, batch_size: int = 1, drop_last: bool = True, enabled: bool = True):
+                 rank: int = 0, batch_size: int = 1, drop_last: bool = True, enabled: bool = True,
+                 groups: np.ndarray | None = None):
         diff = np.asarray(difficulties, dtype=np.float64)
         if diff.ndim != 1 or diff.shape[0] == 0:
             raise CurriculumError(f"difficulties must be a non-empty 1-D array, got shape {diff.shape}")
@@ -194,6 +199,13 @@ class CurriculumSampler:
         self.drop_last, self.enabled = bool(drop_last), bool(enabled)
         # Easiest first; lexsort's last key is primary, the index breaks ties stably.
         self.order = np.lexsort((np.arange(self.num_samples), diff))
+        self.group_orders: list[np.ndarray] | None = None
+        if groups is not None:
+            groups = np.asarray(groups)
+            if groups.shape != diff.shape:
+                raise CurriculumError(f"groups has shape {groups.shape}, expected {diff.shape}")
+            # Each group's rows, easiest first (the global order restricted to the group).
+            self.group_orders = [self.order[groups[self.order] == g] for g in np.unique(groups)]
         self.epoch = 0
         self.position = 0  # indices of the current epoch already yielded (or restored)
         self._resume: tuple[int, int] | None = None  # (epoch, position) from load_state_dict
@@ -205,17 +217,26 @@ class CurriculumSampler:
             return 1.0
         return pacing_fraction(self.pacing, epoch, self.full_epoch, self.start_fraction, self.num_steps)
 
+    def _group_sizes(self, frac: float) -> list[int]:
+        return [min(len(o), math.ceil(frac * len(o) - 1e-9)) for o in self.group_orders or []]
+
     def pool_size(self, epoch: int) -> int:
-        n = self.num_samples
-        size = min(n, math.ceil(self.fraction(epoch) * n - 1e-9))
-        # At least one full batch per rank, so the earliest epochs still train every rank.
-        return max(size, min(n, self.num_replicas * self.batch_size), 1)
+        return int(self.pool(epoch).shape[0])
 
     def pool(self, epoch: int) -> np.ndarray:
-        """Row indices in play at ``epoch``, easiest first (all rows, in index order, when off)."""
+        """Row indices in play at ``epoch``, easiest first (per group, when grouped); all rows in
+        index order when the curriculum is off."""
+        n = self.num_samples
         if not self.enabled:
-            return np.arange(self.num_samples)
-        return self.order[: self.pool_size(epoch)]
+            return np.arange(n)
+        # At least one full batch per rank, so the earliest epochs still train every rank.
+        need = max(min(n, self.num_replicas * self.batch_size), 1)
+        frac = self.fraction(epoch)
+        if self.group_orders is None:
+            return self.order[: max(min(n, math.ceil(frac * n - 1e-9)), need)]
+        if sum(self._group_sizes(frac)) < need:
+            frac = need / n  # scale every group up alike; ceil per group keeps the sum >= need
+        return np.concatenate([o[:k] for o, k in zip(self.group_orders, self._group_sizes(frac))])
 
     def _generator(self, epoch: int) -> np.random.Generator:
         # Depends on (seed, epoch) only: identical on every rank and on every resume.
@@ -263,7 +284,8 @@ class CurriculumSampler:
                 "pacing": self.pacing, "start_fraction": self.start_fraction,
                 "full_epoch": self.full_epoch, "num_steps": self.num_steps,
                 "batch_size": self.batch_size, "drop_last": self.drop_last, "enabled": self.enabled,
-                "order_head": [int(i) for i in self.order[:8]]}
+                "order_head": [int(i) for i in self.order[:8]],
+                "groups": None if self.group_orders is None else [len(o) for o in self.group_orders]}
 
     def state_dict(self, position: int | None = None) -> dict[str, object]:
         """Epoch and position within it. The position defaults to the indices this rank has

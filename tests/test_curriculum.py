@@ -81,6 +81,28 @@ def test_curriculum_order_easiest_first_with_stable_ties(tiny):
     assert sorted(s.pool(4).tolist()) == list(range(7))
 
 
+def test_grouped_pool_takes_the_easiest_fraction_of_each_domain(tiny):
+    d = difficulty_scores(tiny)
+    s = CurriculumSampler(d, start_fraction=0.25, full_epoch=4, groups=tiny.splits["train"].domains)
+    # A (rows 0-4): ceil(0.25 * 5) = 2 easiest -> rows 2, 1; B (rows 5-6): ceil(0.25 * 2) = 1 -> row 6.
+    assert s.pool(0).tolist() == [2, 1, 6]
+    assert sorted(s.pool(4).tolist()) == list(range(7))
+    groups = np.random.default_rng(6).integers(0, 3, 300)
+    g = CurriculumSampler(np.random.default_rng(7).random(300), groups=groups, start_fraction=0.3,
+                          full_epoch=5, num_replicas=2, batch_size=4)
+    for e in range(7):
+        pool = g.pool(e)
+        frac = g.fraction(e)
+        for k in range(3):
+            n_k = int((groups == k).sum())
+            assert int((groups[pool] == k).sum()) == min(n_k, math.ceil(frac * n_k - 1e-9))
+        if e < 6:
+            assert set(pool.tolist()) <= set(g.pool(e + 1).tolist())
+    tiny_pool = CurriculumSampler(np.arange(30.0), groups=np.arange(30) % 3, start_fraction=0.01,
+                                  num_replicas=2, batch_size=4)
+    assert tiny_pool.pool_size(0) >= 8  # still one batch per rank
+
+
 def test_pacing_values_hand_computed():
     assert pacing_fraction("root", 0, 10, 0.25) == pytest.approx(0.25)
     assert pacing_fraction("root", 2.5, 10, 0.25) == pytest.approx(math.sqrt(0.0625 + 0.9375 * 0.25))

@@ -1,0 +1,343 @@
+"""In-batch multi-teacher distillation: candidates, teacher distributions, integration, losses.
+
+Notation: a batch of B rows (history h_i, target v_i, domain d_i); candidates C (global item ids);
+teacher t's raw scores S^t [B, |C|]; the student's logits Z [B, |C|] on the same candidates.
+
+Candidates (``build_candidates``): C = the batch's *distinct* targets (in-batch negatives), then
+optionally K sampled items of the batch's domains (K split over the domains in proportion to their
+rows; items sampled without replacement and never equal to a batch target). ``target_col[i]`` is
+the column of v_i. Two kinds of column must not act as a negative for row i:
+  * another row's target equal to v_i -- "masking duplicate positives" holds by construction,
+    because equal targets collapse into one column, which is row i's own positive;
+  * items of another domain -- a user of domain d_i is ranked only against d_i's catalogue (the
+    evaluation protocol), so a cross-domain item is not a valid negative.
+So the mask is ``valid_mask[i, j] = domain(C_j) == d_i``; masked columns get probability 0 in
+every distribution below, and row i's own positive is always valid.
+
+Teacher distribution: p^t_i = softmax over valid j of S^t_ij / tau_t.
+
+Integration (``integrate``), per row i over the teachers present for the batch:
+  confidence   c^t_i    = p^t_i[v_i]
+  consistency  cons^t_i = 1 - mean_{u != t} JS(p^t_i, p^u_i) / ln 2   (in [0, 1]; 1 for one teacher)
+  weights      w^t_i    = softmax_t(g^t_i),  g = a*log c + b*cons ("both"), a*log c ("confidence"),
+                          b*cons ("consistency"), 0 ("mean")
+  mixture      q_i      = sum_t w^t_i p^t_i
+  instance     r~_i     = q_i[v_i]^gamma * mean_t cons^t_i,    r_i = min(r_max, r~_i / mean_k r~_k)
+r_i is small where the mixture is unsure of the true item or the teachers disagree; dividing by
+the batch mean keeps the average KD scale at 1 (so lambda keeps its meaning), and r_max bounds a
+single row's weight in a batch where nearly every row is down-weighted (only then is the clipped
+mean below 1). gamma < 1 softens the confidence factor, since q_i[v_i] also shrinks with the number
+of valid candidates of row i's domain. ``instance_weighting=False`` gives r = 1.
+
+KD loss (``kd_loss``): KD = mean_i r_i * T^2 * KL(q_i || softmax(Z_i / T)) over valid columns
+(0 log 0 = 0); zero exactly when the student's tempered softmax equals q. Computed in float64
+(B x C is small; near its minimum KL is a difference of O(1) terms) and returned as float32.
+A row whose domain has a single valid column (its positive alone) contributes 0: give the batch
+sampled negatives (K > 0) or several rows per domain.
+
+Positive-only ablation ("without in-batch negatives", ``kd_loss_positive``): the teachers' ranking
+among the negatives is not distilled; only the probability of the true item is, as a binary KD
+term  mean_i r_i * T^2 * KL(Bern(q_i[v_i]) || Bern(s_i[v_i])), s_i = softmax(Z_i / T) over the same
+valid candidates (the negatives collapse into one "other" outcome). The teacher request and the
+integration weights are unchanged, so the ablation isolates what the loss distils.
+
+Total (``DistillLoss``): L = w_ce * CE(Z over all items of d_i, v_i) + lambda * KD, a
+torchdistill-style weighted sum of named terms, each with a switch.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INTEGRATION_MODES = ("mean", "confidence", "consistency", "both")
+_LN2 = math.log(2.0)
+
+
+class DistillError(ValueError):
+    """Inputs to the distillation maths do not fit together (shapes, domains, non-finite scores)."""
+
+
+class NoTeacherSignal(DistillError):
+    """Every teacher is missing for this batch (all skipped): there is nothing to distil."""
+
+
+# --------------------------------------------------------------------------------------------
+# Candidates
+
+
+def candidate_domains(candidates: torch.Tensor, domain_ranges: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """Domain id of each candidate (global id) from the [start, stop) ranges; -1 if in none."""
+    dom = torch.full_like(candidates, -1)
+    for d, (start, stop) in enumerate(domain_ranges):
+        dom[(candidates >= start) & (candidates < stop)] = d
+    return dom
+
+
+def _split_quota(k: int, counts: list[int]) -> list[int]:
+    """Split k over groups in proportion to counts (largest remainder, ties to the earlier group)."""
+    total = sum(counts)
+    raw = [k * c / total for c in counts]
+    quota = [math.floor(x) for x in raw]
+    rest = sorted(range(len(counts)), key=lambda g: (-(raw[g] - quota[g]), g))
+    for g in rest[: k - sum(quota)]:
+        quota[g] += 1
+    return quota
+
+
+def build_candidates(targets: torch.Tensor, domains: torch.Tensor, num_sampled: int,
+                     domain_ranges: Sequence[tuple[int, int]],
+                     generator: torch.Generator | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Candidates [C], each row's positive column [B], and valid_mask [B, C] (see module doc).
+
+    Columns are the sorted distinct targets, then the sampled negatives. ``num_sampled`` = K;
+    a domain with fewer non-target items than its share gets all of them.
+    """
+    if targets.ndim != 1 or domains.shape != targets.shape:
+        raise DistillError(f"targets {tuple(targets.shape)} and domains {tuple(domains.shape)} must be [B]")
+    if num_sampled < 0:
+        raise DistillError(f"num_sampled must be >= 0, got {num_sampled}")
+    tdom = candidate_domains(targets, domain_ranges)
+    if not torch.equal(tdom, domains):
+        bad = int(torch.nonzero(tdom != domains)[0, 0])
+        raise DistillError(f"row {bad}: target {int(targets[bad])} is not an item of domain "
+                           f"{int(domains[bad])} (ranges {list(domain_ranges)})")
+    uniq, target_col = torch.unique(targets, sorted=True, return_inverse=True)
+    parts = [uniq]
+    if num_sampled > 0:
+        doms, counts = torch.unique(domains, sorted=True, return_counts=True)
+        quota = _split_quota(num_sampled, counts.tolist())
+        for d, k in zip(doms.tolist(), quota):
+            if k == 0:
+                continue
+            start, stop = domain_ranges[d]
+            perm = torch.randperm(stop - start, generator=generator) + start
+            perm = perm[~torch.isin(perm, uniq)]
+            parts.append(perm[:k].to(targets.device))
+    candidates = torch.cat(parts)
+    valid_mask = candidate_domains(candidates, domain_ranges).unsqueeze(0) == domains.unsqueeze(1)
+    return candidates, target_col, valid_mask
+
+
+# --------------------------------------------------------------------------------------------
+# Distributions and integration
+
+
+def masked_log_softmax(logits: torch.Tensor, valid_mask: torch.Tensor,
+                       temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / T) over valid columns; invalid columns are -inf."""
+    if temperature <= 0:
+        raise DistillError(f"temperature must be > 0, got {temperature}")
+    z = (logits / temperature).masked_fill(~valid_mask, float("-inf"))
+    return torch.log_softmax(z, dim=-1)
+
+
+def teacher_distributions(scores: Mapping[str, torch.Tensor | None], temps: Mapping[str, float],
+                          valid_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """p^t = softmax(S^t / tau_t) over valid columns, per teacher; teachers given as None (skipped
+    for this batch) are left out."""
+    out: dict[str, torch.Tensor] = {}
+    for name, s in scores.items():
+        if s is None:
+            continue
+        if s.shape != valid_mask.shape:
+            raise DistillError(f"teacher {name}: scores {tuple(s.shape)} != candidates "
+                               f"{tuple(valid_mask.shape)}")
+        if name not in temps:
+            raise DistillError(f"teacher {name}: no temperature given")
+        s = s.float()
+        if not bool(torch.isfinite(s[valid_mask]).all()):
+            raise DistillError(f"teacher {name}: non-finite scores on valid candidates")
+        out[name] = masked_log_softmax(s, valid_mask, float(temps[name])).exp()
+    return out
+
+
+def _kl_rows(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row, 0 log 0 = 0 (q > 0 wherever p > 0 is the caller's job)."""
+    return (torch.xlogy(p, p) - torch.xlogy(p, q)).sum(-1)
+
+
+def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon divergence per row (natural log, in [0, ln 2])."""
+    m = 0.5 * (p + q)
+    return 0.5 * _kl_rows(p, m) + 0.5 * _kl_rows(q, m)
+
+
+def integrate(probs: Mapping[str, torch.Tensor | None], target_col: torch.Tensor, mode: str = "both",
+              a: float = 1.0, b: float = 1.0, instance_weighting: bool = True, gamma: float = 0.5,
+              r_max: float = 5.0, eps: float = 1e-12,
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """Mix teacher distributions: (q [B, C], weights {teacher: [B]}, r [B]) -- module doc."""
+    if mode not in INTEGRATION_MODES:
+        raise DistillError(f"unknown integration mode {mode!r}; have {INTEGRATION_MODES}")
+    names = [n for n, p in probs.items() if p is not None]
+    if not names:
+        raise NoTeacherSignal("no teacher distribution for this batch")
+    P = torch.stack([probs[n] for n in names])  # [M, B, C]
+    M = P.shape[0]
+    rows = torch.arange(P.shape[1], device=P.device)
+    conf = P[:, rows, target_col]  # [M, B]
+    if M == 1:
+        cons = torch.ones_like(conf)
+    else:
+        js = torch.zeros(M, M, P.shape[1], dtype=P.dtype, device=P.device)
+        for t in range(M):
+            for u in range(t + 1, M):
+                js[t, u] = js[u, t] = js_divergence(P[t], P[u]) / _LN2
+        cons = 1.0 - js.sum(1) / (M - 1)  # the diagonal is 0
+        cons = cons.clamp(0.0, 1.0)
+    log_conf = conf.clamp_min(eps).log()
+    if mode == "both":
+        g = a * log_conf + b * cons
+    elif mode == "confidence":
+        g = a * log_conf
+    elif mode == "consistency":
+        g = b * cons
+    else:
+        g = torch.zeros_like(conf)
+    w = torch.softmax(g, dim=0)  # [M, B]
+    q = (w.unsqueeze(-1) * P).sum(0)
+    if instance_weighting:
+        r_raw = q[rows, target_col].clamp_min(eps) ** gamma * cons.mean(0)
+        r = (r_raw / r_raw.mean().clamp_min(eps)).clamp(max=r_max)
+    else:
+        r = torch.ones_like(q[:, 0])
+    return q, {n: w[k] for k, n in enumerate(names)}, r
+
+
+# --------------------------------------------------------------------------------------------
+# Losses
+
+
+def kd_loss(student_logits: torch.Tensor, q: torch.Tensor, valid_mask: torch.Tensor, T: float,
+            r: torch.Tensor | None = None) -> torch.Tensor:
+    """mean_i r_i * T^2 * KL(q_i || softmax(Z_i / T)) over valid columns (float32 result).
+
+    Computed in float64: KL near its minimum is a difference of O(1) terms, and float32 would
+    leave ~1e-6 of noise on a loss whose useful values are that small; B x C is tiny."""
+    if student_logits.shape != q.shape or q.shape != valid_mask.shape:
+        raise DistillError(f"shapes differ: logits {tuple(student_logits.shape)}, q {tuple(q.shape)}, "
+                           f"mask {tuple(valid_mask.shape)}")
+    log_s = masked_log_softmax(student_logits.double(), valid_mask, T)
+    q = q.double().masked_fill(~valid_mask, 0.0)
+    # log_s is -inf exactly on masked columns, where q = 0: zero it there so 0 * -inf gives no NaN.
+    kl = torch.xlogy(q, q) - q * log_s.masked_fill(~valid_mask, 0.0)
+    per_row = T * T * kl.sum(-1)
+    if r is not None:
+        per_row = r.double() * per_row
+    return per_row.mean().float()
+
+
+def kd_loss_positive(student_logits: torch.Tensor, q: torch.Tensor, valid_mask: torch.Tensor,
+                     target_col: torch.Tensor, T: float, r: torch.Tensor | None = None) -> torch.Tensor:
+    """Positive-only KD: mean_i r_i * T^2 * KL(Bern(q_i[v_i]) || Bern(s_i[v_i])), float64 inside.
+
+    log(1 - s) is the log-sum-exp of the other valid columns (stable when s is near 1); a row whose
+    only valid column is its positive has q = s = 1 and contributes 0."""
+    if student_logits.shape != q.shape or q.shape != valid_mask.shape:
+        raise DistillError(f"shapes differ: logits {tuple(student_logits.shape)}, q {tuple(q.shape)}, "
+                           f"mask {tuple(valid_mask.shape)}")
+    rows = torch.arange(q.shape[0], device=q.device)
+    log_s = masked_log_softmax(student_logits.double(), valid_mask, T)
+    is_pos = torch.zeros_like(valid_mask)
+    is_pos[rows, target_col] = True
+    others = valid_mask & ~is_pos
+    has_other = others.any(-1)
+    # Rows with no other column get a dummy finite row (their term is selected away below), so
+    # neither the value nor the gradient of logsumexp over all -inf can turn into NaN.
+    other_logs = torch.where(others, log_s, torch.full_like(log_s, float("-inf")))
+    other_logs = torch.where(has_other.unsqueeze(-1), other_logs, torch.zeros_like(log_s))
+    log_1ms = torch.logsumexp(other_logs, dim=-1)
+    p = q.double()[rows, target_col].clamp(0.0, 1.0)
+    pos = torch.xlogy(p, p) - p * log_s[rows, target_col]
+    neg = torch.xlogy(1 - p, 1 - p) - (1 - p) * log_1ms
+    per_row = T * T * (pos + torch.where(has_other, neg, torch.zeros_like(neg)))
+    if r is not None:
+        per_row = r.double() * per_row
+    return per_row.mean().float()
+
+
+def domain_ce(full_logits: torch.Tensor, targets: torch.Tensor, domains: torch.Tensor,
+              domain_ranges: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """Cross-entropy over all items of each row's domain; ``full_logits`` [B, V] has one column per
+    global item id (column 0 = PAD, always masked)."""
+    V = full_logits.shape[1]
+    cols = torch.arange(V, device=full_logits.device)
+    ranges = torch.tensor(domain_ranges, dtype=torch.long, device=full_logits.device)[domains]  # [B, 2]
+    if int(ranges[:, 1].max()) > V:
+        raise DistillError(f"full_logits has {V} columns but a domain ends at {int(ranges[:, 1].max())}")
+    if bool(((targets < ranges[:, 0]) | (targets >= ranges[:, 1])).any()):
+        raise DistillError("a target lies outside its row's domain range")
+    in_dom = (cols.unsqueeze(0) >= ranges[:, :1]) & (cols.unsqueeze(0) < ranges[:, 1:])
+    return F.cross_entropy(full_logits.float().masked_fill(~in_dom, float("-inf")), targets)
+
+
+class DistillLoss(nn.Module):
+    """L = ce_weight * CE + kd_weight * KD, a weighted sum of named terms, each with a switch.
+
+    ``forward`` returns (total, terms): terms["ce"], terms["kd"] are the unweighted loss values
+    (detached); diagnostics: terms["kd_teachers"] (teachers present), terms["r_mean"],
+    terms["r_min"], terms["w/<teacher>"] (mean integration weight). If every teacher is missing
+    for a batch the KD term is 0 for it and kd_teachers = 0 (the caller counts skips).
+    """
+
+    def __init__(self, domain_ranges: Sequence[tuple[int, int]], teacher_temps: Mapping[str, float], *,
+                 ce_weight: float = 1.0, kd_weight: float = 1.0, use_ce: bool = True, use_kd: bool = True,
+                 temperature: float = 2.0, integration: str = "both", a: float = 1.0, b: float = 1.0,
+                 instance_weighting: bool = True, gamma: float = 0.5, r_max: float = 5.0,
+                 in_batch_negatives: bool = True):
+        super().__init__()
+        if integration not in INTEGRATION_MODES:
+            raise DistillError(f"unknown integration mode {integration!r}; have {INTEGRATION_MODES}")
+        if temperature <= 0 or any(t <= 0 for t in teacher_temps.values()):
+            raise DistillError("temperatures must be > 0")
+        if not (use_ce or use_kd):
+            raise DistillError("both loss terms are switched off")
+        self.domain_ranges = [tuple(map(int, r)) for r in domain_ranges]
+        self.teacher_temps = dict(teacher_temps)
+        self.weights = {"ce": float(ce_weight), "kd": float(kd_weight)}
+        self.enabled = {"ce": bool(use_ce), "kd": bool(use_kd)}
+        self.temperature = float(temperature)
+        self.integration, self.a, self.b = integration, float(a), float(b)
+        self.instance_weighting, self.gamma, self.r_max = bool(instance_weighting), float(gamma), float(r_max)
+        self.in_batch_negatives = bool(in_batch_negatives)
+
+    def forward(self, full_logits: torch.Tensor, targets: torch.Tensor, domains: torch.Tensor,
+                candidates: torch.Tensor | None = None, target_col: torch.Tensor | None = None,
+                valid_mask: torch.Tensor | None = None,
+                teacher_scores: Mapping[str, torch.Tensor | None] | None = None,
+                cand_logits: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``full_logits`` [B, V] over global ids; candidates/target_col/valid_mask from
+        ``build_candidates``; ``cand_logits`` defaults to ``full_logits[:, candidates]``."""
+        terms: dict[str, torch.Tensor] = {}
+        total = full_logits.new_zeros((), dtype=torch.float32)
+        if self.enabled["ce"]:
+            ce = domain_ce(full_logits, targets, domains, self.domain_ranges)
+            total = total + self.weights["ce"] * ce
+            terms["ce"] = ce.detach()
+        if self.enabled["kd"]:
+            if candidates is None or target_col is None or valid_mask is None or teacher_scores is None:
+                raise DistillError("KD is on: pass candidates, target_col, valid_mask and teacher_scores")
+            probs = teacher_distributions(teacher_scores, self.teacher_temps, valid_mask)
+            terms["kd_teachers"] = torch.tensor(float(len(probs)))
+            if probs:
+                q, w, r = integrate(probs, target_col, self.integration, self.a, self.b,
+                                    self.instance_weighting, self.gamma, self.r_max)
+                z = full_logits[:, candidates] if cand_logits is None else cand_logits
+                if self.in_batch_negatives:
+                    kd = kd_loss(z, q, valid_mask, self.temperature, r)
+                else:
+                    kd = kd_loss_positive(z, q, valid_mask, target_col, self.temperature, r)
+                total = total + self.weights["kd"] * kd
+                terms["kd"] = kd.detach()
+                terms["r_mean"], terms["r_min"] = r.mean().detach(), r.min().detach()
+                for name, wt in w.items():
+                    terms[f"w/{name}"] = wt.mean().detach()
+            else:
+                terms["kd"] = total.new_zeros(())
+        return total, terms

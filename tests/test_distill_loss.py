@@ -1,0 +1,255 @@
+"""Distillation maths: candidates, KD against hand-computed values, integration weights, DistillLoss."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from student.distill import (DistillError, DistillLoss, NoTeacherSignal, build_candidates, domain_ce,
+                             integrate, js_divergence, kd_loss, kd_loss_positive, teacher_distributions)
+
+pytestmark = pytest.mark.unit
+
+RANGES = [(1, 11), (11, 16)]  # domain 0: ids 1..10, domain 1: ids 11..15
+
+
+def _softmax(xs: list[float]) -> list[float]:
+    e = [math.exp(x) for x in xs]
+    return [v / sum(e) for v in e]
+
+
+# -- candidates --------------------------------------------------------------------------------
+
+def test_candidates_collapse_duplicates_and_mask_other_domains():
+    targets = torch.tensor([5, 12, 5, 3])
+    domains = torch.tensor([0, 1, 0, 0])
+    cand, col, valid = build_candidates(targets, domains, 0, RANGES)
+    assert cand.tolist() == [3, 5, 12]
+    assert col.tolist() == [1, 2, 1, 0]  # rows 0 and 2 share target 5: one column, their positive
+    assert valid.tolist() == [[True, True, False], [False, False, True],
+                              [True, True, False], [True, True, False]]
+    assert torch.equal(cand[col], targets)
+
+
+def test_sampled_negatives_are_new_items_of_the_batch_domains():
+    targets = torch.tensor([5, 12, 5, 3])
+    domains = torch.tensor([0, 1, 0, 0])
+    g = torch.Generator().manual_seed(0)
+    cand, col, valid = build_candidates(targets, domains, 8, RANGES, g)
+    sampled = cand[3:]
+    assert len(sampled) == 8 and len(set(cand.tolist())) == len(cand)
+    assert not set(sampled.tolist()) & {3, 5, 12}
+    # Quota 8 * 3/4 = 6 for domain 0, 2 for domain 1.
+    assert sum(1 <= x < 11 for x in sampled.tolist()) == 6
+    assert sum(11 <= x < 16 for x in sampled.tolist()) == 2
+    assert torch.equal(cand[col], targets)
+    assert valid[1].sum() == 3 and valid[0].sum() == 8  # domain 1: 12 + 2 sampled; domain 0: 2 + 6
+    again = build_candidates(targets, domains, 8, RANGES, torch.Generator().manual_seed(0))[0]
+    assert torch.equal(cand, again)
+    # A domain with fewer free items than its quota gives all it has (domain 1: 5 items, 1 target).
+    cand2 = build_candidates(torch.tensor([12]), torch.tensor([1]), 10, RANGES, g)[0]
+    assert sorted(cand2.tolist()) == [11, 12, 13, 14, 15]
+
+
+def test_candidates_refuse_target_outside_its_domain():
+    with pytest.raises(DistillError, match="row 1"):
+        build_candidates(torch.tensor([5, 3]), torch.tensor([0, 1]), 0, RANGES)
+
+
+# -- teacher distributions -----------------------------------------------------------------------
+
+def test_teacher_distribution_is_tempered_softmax_over_valid_columns():
+    valid = torch.tensor([[True, True, False]])
+    s = torch.tensor([[1.0, 0.0, 9.0]])
+    p = teacher_distributions({"t": s, "gone": None}, {"t": 0.5, "gone": 1.0}, valid)
+    assert list(p) == ["t"]
+    want = _softmax([2.0, 0.0])
+    assert p["t"].tolist()[0] == pytest.approx([want[0], want[1], 0.0])
+    with pytest.raises(DistillError, match="non-finite"):
+        teacher_distributions({"t": torch.tensor([[float("nan"), 0.0, 0.0]])}, {"t": 1.0}, valid)
+
+
+# -- KD loss ------------------------------------------------------------------------------------
+
+def test_kd_loss_hand_computed_2x3():
+    # float64 inputs: the hand values assume exact decimals (float32 0.3 is 0.30000001).
+    q = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]], dtype=torch.float64)
+    z = torch.tensor([[1.0, 0.0, -1.0], [0.0, 2.0, 1.0]], dtype=torch.float64)
+    valid = torch.ones(2, 3, dtype=torch.bool)
+    T = 2.0
+    # softmax(z/T): row 0 [0.50648, 0.30720, 0.18632], row 1 [0.18632, 0.50648, 0.30720];
+    # KL row 0 = 0.000616657, row 1 = 0.032323946; mean of T^2 * KL = 0.0658812047.
+    assert kd_loss(z, q, valid, T).item() == pytest.approx(0.0658812047, rel=1e-6)
+    s0, s1 = _softmax([0.5, 0.0, -0.5]), _softmax([0.0, 1.0, 0.5])
+    kl0 = sum(a * math.log(a / b) for a, b in zip([0.5, 0.3, 0.2], s0))
+    kl1 = sum(a * math.log(a / b) for a, b in zip([0.1, 0.6, 0.3], s1))
+    r = torch.tensor([0.5, 1.5])
+    assert kd_loss(z, q, valid, T, r).item() == pytest.approx((0.5 * 4 * kl0 + 1.5 * 4 * kl1) / 2, rel=1e-6)
+
+
+def test_kd_loss_masked_column_is_ignored():
+    # Row 1's column 0 is another domain's item: q puts 0 there, the student's logit there is huge.
+    q = torch.tensor([[0.5, 0.3, 0.2], [0.0, 0.7, 0.3]])
+    z = torch.tensor([[1.0, 0.0, -1.0], [50.0, 2.0, 1.0]], requires_grad=True)
+    valid = torch.tensor([[True, True, True], [False, True, True]])
+    s1 = _softmax([1.0, 0.5])
+    kl1 = 0.7 * math.log(0.7 / s1[0]) + 0.3 * math.log(0.3 / s1[1])
+    loss = kd_loss(z, q, valid, 2.0)
+    assert loss.item() == pytest.approx((4 * 0.000616657 + 4 * kl1) / 2, rel=1e-5)
+    loss.backward()
+    assert torch.isfinite(z.grad).all() and z.grad[1, 0] == 0
+
+
+def test_kd_loss_zero_when_student_matches_mixture():
+    valid = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    q = torch.tensor([[0.2, 0.5, 0.3, 0.0], [0.1, 0.2, 0.3, 0.4]], dtype=torch.float64)
+    T = 3.0
+    z = T * torch.log(q.clamp_min(1e-30)) + torch.tensor([[7.0], [-2.0]], dtype=torch.float64)  # any shift
+    assert abs(kd_loss(z, q, valid, T, torch.tensor([1.3, 0.7])).item()) < 1e-7
+    assert abs(kd_loss_positive(z, q, valid, torch.tensor([1, 3]), T).item()) < 1e-7
+    # The same in float32 (how a student runs) stays at float32 rounding level.
+    assert abs(kd_loss(z.float(), q.float(), valid, T).item()) < 1e-6
+
+
+def test_positive_only_kd_hand_computed():
+    q = torch.tensor([[0.5, 0.3, 0.2]], dtype=torch.float64)
+    z = torch.tensor([[1.0, 0.0, -1.0]], dtype=torch.float64)
+    s = _softmax([0.5, 0.0, -0.5])[1]  # positive is column 1
+    want = 4 * (0.3 * math.log(0.3 / s) + 0.7 * math.log(0.7 / (1 - s)))
+    got = kd_loss_positive(z, q, torch.ones(1, 3, dtype=torch.bool), torch.tensor([1]), 2.0)
+    assert got.item() == pytest.approx(want, rel=1e-6)
+
+
+# -- integration --------------------------------------------------------------------------------
+
+def _three_teachers():
+    """Rows 0 and 1, 4 candidates, target column 0 on both. Teachers good1/good2 agree and put
+    their mass on the target; 'wrong' puts its mass on column 2."""
+    good1 = torch.tensor([[0.70, 0.10, 0.10, 0.10], [0.60, 0.20, 0.10, 0.10]])
+    good2 = torch.tensor([[0.65, 0.15, 0.10, 0.10], [0.70, 0.10, 0.10, 0.10]])
+    wrong = torch.tensor([[0.05, 0.05, 0.85, 0.05], [0.10, 0.10, 0.70, 0.10]])
+    return {"good1": good1, "good2": good2, "wrong": wrong}, torch.tensor([0, 0])
+
+
+@pytest.mark.parametrize("mode", ["confidence", "consistency", "both"])
+def test_wrong_teacher_gets_less_weight(mode):
+    probs, col = _three_teachers()
+    q, w, r = integrate(probs, col, mode)
+    assert (w["wrong"] < w["good1"]).all() and (w["wrong"] < w["good2"]).all()
+    total = w["good1"] + w["good2"] + w["wrong"]
+    assert torch.allclose(total, torch.ones(2))
+    assert torch.allclose(q.sum(-1), torch.ones(2))
+    mean_q = (probs["good1"] + probs["good2"] + probs["wrong"]) / 3
+    assert (q[:, 0] > mean_q[:, 0]).all()  # the mixture moves towards the true item
+
+
+def test_mean_mode_gives_equal_weights():
+    probs, col = _three_teachers()
+    q, w, _ = integrate(probs, col, "mean")
+    for name in probs:
+        assert torch.allclose(w[name], torch.full((2,), 1 / 3))
+    assert torch.allclose(q, sum(probs.values()) / 3)
+
+
+def test_confidence_weights_hand_computed():
+    probs, col = _three_teachers()
+    _, w, _ = integrate(probs, col, "confidence", a=1.0)
+    # softmax(log c) = c / sum(c): row 0 c = (0.70, 0.65, 0.05)
+    assert w["good1"][0].item() == pytest.approx(0.70 / 1.40)
+    assert w["wrong"][0].item() == pytest.approx(0.05 / 1.40)
+
+
+def test_consistency_is_one_minus_mean_normalised_js():
+    probs, col = _three_teachers()
+    _, w, _ = integrate(probs, col, "consistency", b=1.0)
+    p = {k: v[0:1] for k, v in probs.items()}
+    js = lambda x, y: js_divergence(p[x], p[y]).item() / math.log(2)  # noqa: E731
+    cons = {"good1": 1 - (js("good1", "good2") + js("good1", "wrong")) / 2,
+            "good2": 1 - (js("good2", "good1") + js("good2", "wrong")) / 2,
+            "wrong": 1 - (js("wrong", "good1") + js("wrong", "good2")) / 2}
+    z = sum(math.exp(c) for c in cons.values())
+    for name, c in cons.items():
+        assert w[name][0].item() == pytest.approx(math.exp(c) / z, rel=1e-5)
+
+
+def test_instance_weight_lower_where_teachers_disagree():
+    # Row 0: both teachers confident on the target. Row 1: they disagree (one on target, one not).
+    t1 = torch.tensor([[0.8, 0.1, 0.1], [0.8, 0.1, 0.1]])
+    t2 = torch.tensor([[0.8, 0.1, 0.1], [0.1, 0.1, 0.8]])
+    _, _, r = integrate({"t1": t1, "t2": t2}, torch.tensor([0, 0]), "both")
+    assert r[1] < r[0]
+    assert r.mean().item() == pytest.approx(1.0)
+    # Row 1 where both agree but are unsure of the target is also lowered.
+    t3 = torch.tensor([[0.8, 0.1, 0.1], [0.34, 0.33, 0.33]])
+    _, _, r2 = integrate({"t1": t3, "t2": t3.clone()}, torch.tensor([0, 0]), "both")
+    assert r2[1] < r2[0]
+    _, _, r_off = integrate({"t1": t1, "t2": t2}, torch.tensor([0, 0]), "both", instance_weighting=False)
+    assert torch.equal(r_off, torch.ones(2))
+
+
+def test_single_and_missing_teachers():
+    probs, col = _three_teachers()
+    q, w, _ = integrate({"good1": probs["good1"], "wrong": None}, col, "both")
+    assert list(w) == ["good1"] and torch.allclose(w["good1"], torch.ones(2))
+    assert torch.equal(q, probs["good1"])
+    with pytest.raises(NoTeacherSignal):
+        integrate({"a": None}, col, "both")
+
+
+# -- total loss ---------------------------------------------------------------------------------
+
+def _batch():
+    targets = torch.tensor([5, 12, 5, 3])
+    domains = torch.tensor([0, 1, 0, 0])
+    cand, col, valid = build_candidates(targets, domains, 0, RANGES)
+    g = torch.Generator().manual_seed(1)
+    full = torch.randn(4, 16, generator=g, requires_grad=True)
+    scores = {"a": torch.randn(4, 3, generator=g), "b": torch.randn(4, 3, generator=g), "c": None}
+    return targets, domains, cand, col, valid, full, scores
+
+
+def test_domain_ce_is_cross_entropy_over_the_domain_slice():
+    targets, domains, *_, full, _ = _batch()
+    want = torch.stack([F.cross_entropy(full[i, s:e][None], targets[i:i + 1] - s)
+                        for i, (s, e) in enumerate(RANGES[d] for d in domains.tolist())]).mean()
+    assert domain_ce(full, targets, domains, RANGES).item() == pytest.approx(want.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("in_batch", [True, False])
+def test_distill_loss_is_weighted_sum_of_named_terms(in_batch):
+    targets, domains, cand, col, valid, full, scores = _batch()
+    temps = {"a": 0.5, "b": 1.0, "c": 1.0}
+    loss = DistillLoss(RANGES, temps, kd_weight=0.7, temperature=2.0, integration="both",
+                       in_batch_negatives=in_batch)
+    total, terms = loss(full, targets, domains, cand, col, valid, scores)
+    probs = teacher_distributions(scores, temps, valid)
+    q, _, r = integrate(probs, col, "both")
+    z = full[:, cand]
+    kd = kd_loss(z, q, valid, 2.0, r) if in_batch else kd_loss_positive(z, q, valid, col, 2.0, r)
+    ce = domain_ce(full, targets, domains, RANGES)
+    assert total.item() == pytest.approx((ce + 0.7 * kd).item(), rel=1e-6)
+    assert terms["ce"].item() == pytest.approx(ce.item()) and terms["kd"].item() == pytest.approx(kd.item())
+    assert terms["kd_teachers"].item() == 2 and {"w/a", "w/b"} <= set(terms)
+    total.backward()
+    assert torch.isfinite(full.grad).all()
+
+
+def test_distill_loss_switches_and_all_teachers_skipped():
+    targets, domains, cand, col, valid, full, scores = _batch()
+    temps = {"a": 1.0, "b": 1.0, "c": 1.0}
+    ce_only = DistillLoss(RANGES, temps, use_kd=False)
+    total, terms = ce_only(full, targets, domains)
+    assert set(terms) == {"ce"}
+    skipped = DistillLoss(RANGES, temps)
+    total2, terms2 = skipped(full, targets, domains, cand, col, valid, {"a": None, "b": None})
+    assert terms2["kd"].item() == 0.0 and terms2["kd_teachers"].item() == 0
+    assert total2.item() == pytest.approx(total.item())
+    kd_only = DistillLoss(RANGES, temps, use_ce=False)
+    _, terms3 = kd_only(full, targets, domains, cand, col, valid, scores)
+    assert "ce" not in terms3 and terms3["kd"].item() > 0
+    with pytest.raises(DistillError, match="switched off"):
+        DistillLoss(RANGES, temps, use_ce=False, use_kd=False)
+    with pytest.raises(DistillError, match="integration"):
+        DistillLoss(RANGES, temps, integration="max")
