@@ -215,6 +215,8 @@ def test_domain_ce_is_cross_entropy_over_the_domain_slice():
     want = torch.stack([F.cross_entropy(full[i, s:e][None], targets[i:i + 1] - s)
                         for i, (s, e) in enumerate(RANGES[d] for d in domains.tolist())]).mean()
     assert domain_ce(full, targets, domains, RANGES).item() == pytest.approx(want.item(), rel=1e-6)
+    with pytest.raises(DistillError, match="outside"):
+        domain_ce(full, torch.tensor([12, 12, 5, 3]), domains, RANGES)  # row 0 is domain 0
 
 
 @pytest.mark.parametrize("in_batch", [True, False])
