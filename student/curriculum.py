@@ -17,7 +17,7 @@ e.g. Scientific's many length-1 rows, skew it a little); pass ``groups=domains``
 to make it exact.
 
 Pacing (``PACINGS``; each maps progress p = t / T, clipped to [0, 1], and a start fraction s to the
-fraction of the data in play; t = epoch, T = ``full_epoch``, the epoch from which all data is used):
+fraction of the data in play; t = epoch, T = ``full_at_epoch``, the epoch from which all data is used):
 
     root   f(p) = min(1, sqrt(s^2 + (1 - s^2) * p))          (Platanios et al., NAACL 2019)
     linear f(p) = min(1, s + (1 - s) * p)
@@ -177,7 +177,7 @@ class CurriculumSampler:
     """
 
     def __init__(self, difficulties: np.ndarray, *, pacing: str = "root", start_fraction: float = 0.25,
-                 full_epoch: int = 10, num_steps: int = 4, seed: int = 0, num_replicas: int = 1,
+                 full_at_epoch: int = 10, num_steps: int = 4, seed: int = 0, num_replicas: int = 1,
                  rank: int = 0, batch_size: int = 1, drop_last: bool = True, enabled: bool = True,
                  groups: np.ndarray | None = None):
         diff = np.asarray(difficulties, dtype=np.float64)
@@ -191,9 +191,10 @@ class CurriculumSampler:
             raise CurriculumError(f"batch_size must be >= 1, got {batch_size}")
         if diff.shape[0] < num_replicas and drop_last:
             raise CurriculumError(f"{diff.shape[0]} samples cannot give {num_replicas} ranks one each")
-        pacing_fraction(pacing, 0, full_epoch, start_fraction, num_steps)  # validates the settings
+        pacing_fraction(pacing, 0, full_at_epoch, start_fraction, num_steps)  # validates the settings
         self.num_samples = int(diff.shape[0])
-        self.pacing, self.start_fraction, self.full_epoch = pacing, float(start_fraction), int(full_epoch)
+        self.pacing, self.start_fraction = pacing, float(start_fraction)
+        self.full_at_epoch = int(full_at_epoch)
         self.num_steps, self.seed = int(num_steps), int(seed)
         self.num_replicas, self.rank, self.batch_size = int(num_replicas), int(rank), int(batch_size)
         self.drop_last, self.enabled = bool(drop_last), bool(enabled)
@@ -215,7 +216,7 @@ class CurriculumSampler:
         """Fraction of the data in play at ``epoch`` (1 when the curriculum is off)."""
         if not self.enabled:
             return 1.0
-        return pacing_fraction(self.pacing, epoch, self.full_epoch, self.start_fraction, self.num_steps)
+        return pacing_fraction(self.pacing, epoch, self.full_at_epoch, self.start_fraction, self.num_steps)
 
     def _group_sizes(self, frac: float) -> list[int]:
         return [min(len(o), math.ceil(frac * len(o) - 1e-9)) for o in self.group_orders or []]
@@ -282,7 +283,7 @@ class CurriculumSampler:
     def _fingerprint(self) -> dict[str, object]:
         return {"num_samples": self.num_samples, "num_replicas": self.num_replicas, "seed": self.seed,
                 "pacing": self.pacing, "start_fraction": self.start_fraction,
-                "full_epoch": self.full_epoch, "num_steps": self.num_steps,
+                "full_at_epoch": self.full_at_epoch, "num_steps": self.num_steps,
                 "batch_size": self.batch_size, "drop_last": self.drop_last, "enabled": self.enabled,
                 "order_head": [int(i) for i in self.order[:8]],
                 "groups": None if self.group_orders is None else [len(o) for o in self.group_orders]}

@@ -74,7 +74,7 @@ def test_difficulty_extra_term_and_errors(tiny):
 
 
 def test_curriculum_order_easiest_first_with_stable_ties(tiny):
-    s = CurriculumSampler(difficulty_scores(tiny), start_fraction=0.25, full_epoch=4)
+    s = CurriculumSampler(difficulty_scores(tiny), start_fraction=0.25, full_at_epoch=4)
     # 0.0 (row 6), 0.125 (2), 0.375 (1 then 4: tie broken by index), 0.6875 (0), 0.9375 (3), 1.0 (5)
     assert s.order.tolist() == [6, 2, 1, 4, 0, 3, 5]
     assert s.pool(0).tolist() == [6, 2]  # ceil(0.25 * 7) = 2 easiest rows
@@ -83,13 +83,13 @@ def test_curriculum_order_easiest_first_with_stable_ties(tiny):
 
 def test_grouped_pool_takes_the_easiest_fraction_of_each_domain(tiny):
     d = difficulty_scores(tiny)
-    s = CurriculumSampler(d, start_fraction=0.25, full_epoch=4, groups=tiny.splits["train"].domains)
+    s = CurriculumSampler(d, start_fraction=0.25, full_at_epoch=4, groups=tiny.splits["train"].domains)
     # A (rows 0-4): ceil(0.25 * 5) = 2 easiest -> rows 2, 1; B (rows 5-6): ceil(0.25 * 2) = 1 -> row 6.
     assert s.pool(0).tolist() == [2, 1, 6]
     assert sorted(s.pool(4).tolist()) == list(range(7))
     groups = np.random.default_rng(6).integers(0, 3, 300)
     g = CurriculumSampler(np.random.default_rng(7).random(300), groups=groups, start_fraction=0.3,
-                          full_epoch=5, num_replicas=2, batch_size=4)
+                          full_at_epoch=5, num_replicas=2, batch_size=4)
     for e in range(7):
         pool = g.pool(e)
         frac = g.fraction(e)
@@ -124,7 +124,7 @@ def test_pacing_values_hand_computed():
 @pytest.mark.parametrize("pacing", sorted(PACINGS))
 def test_pool_grows_monotonically_to_all(pacing):
     rng = np.random.default_rng(0)
-    s = CurriculumSampler(rng.random(101), pacing=pacing, start_fraction=0.2, full_epoch=6, batch_size=4)
+    s = CurriculumSampler(rng.random(101), pacing=pacing, start_fraction=0.2, full_at_epoch=6, batch_size=4)
     sizes = [s.pool_size(e) for e in range(10)]
     assert all(x <= y for x, y in zip(sizes, sizes[1:]))
     assert sizes[6:] == [101] * 4
@@ -136,7 +136,7 @@ def test_pool_grows_monotonically_to_all(pacing):
 
 def _two_ranks(drop_last: bool, **kw):
     d = np.random.default_rng(1).random(103)
-    return [CurriculumSampler(d, num_replicas=2, rank=r, seed=7, drop_last=drop_last, full_epoch=5,
+    return [CurriculumSampler(d, num_replicas=2, rank=r, seed=7, drop_last=drop_last, full_at_epoch=5,
                               batch_size=4, **kw) for r in range(2)]
 
 
@@ -177,7 +177,7 @@ def test_same_seed_same_order_other_seed_other_order():
 
 def test_resume_yields_identical_remaining_sequence():
     d = np.random.default_rng(3).random(200)
-    kw = dict(num_replicas=2, rank=1, seed=11, full_epoch=4, batch_size=8)
+    kw = dict(num_replicas=2, rank=1, seed=11, full_at_epoch=4, batch_size=8)
     ref = CurriculumSampler(d, **kw)
     full = {}
     for e in range(3):
@@ -201,7 +201,7 @@ def test_resume_yields_identical_remaining_sequence():
 def test_resume_through_a_dataloader():
     """With a torch DataLoader (num_workers=0) the position equals batches consumed * batch size."""
     d = np.random.default_rng(4).random(90)
-    kw = dict(num_replicas=2, rank=0, seed=5, full_epoch=3, batch_size=4)
+    kw = dict(num_replicas=2, rank=0, seed=5, full_at_epoch=3, batch_size=4)
     ds = torch.arange(90)
     ref = CurriculumSampler(d, **kw)
     ref.set_epoch(2)
