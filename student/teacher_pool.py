@@ -473,7 +473,9 @@ class TeacherPool:
                 raise TeacherContractError(f"request {rid} teacher {t} replica {rep.address}: reply {reply.request_id} "
                                            f"has {scores.dtype} {scores.shape}, expected float32 {(b, c)}")
             self._timings.add("decode", (time.perf_counter() - t_dec) * 1e3)
-            self._counters["calls"] += 1
+            with self._lock:
+                self._counters["calls"] += 1
+                self._counters[f"calls/{t}@{rep.address}"] += 1
             return scores
 
     def _backoff(self, attempt: int) -> None:
