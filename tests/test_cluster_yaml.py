@@ -1,0 +1,51 @@
+"""cluster/cluster.yaml passes Ray's own autoscaler config preparation and schema validation."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+pytestmark = pytest.mark.unit
+
+CLUSTER_YAML = Path(__file__).resolve().parents[1] / "cluster" / "cluster.yaml"
+
+
+def _local() -> dict:
+    return yaml.safe_load(CLUSTER_YAML.read_text())
+
+
+def _cloud_example() -> dict:
+    lines = CLUSTER_YAML.read_text().splitlines()
+    start = lines.index("# CLOUD-EXAMPLE-BEGIN") + 1
+    end = lines.index("# CLOUD-EXAMPLE-END")
+    body = "\n".join(line[2:] if line.startswith("# ") else line.lstrip("#") for line in lines[start:end])
+    return yaml.safe_load(body)
+
+
+def test_on_premises_config_validates():
+    cfg = _local()
+    assert cfg["provider"]["type"] == "local" and "available_node_types" not in cfg
+    prepared = prepare_config(copy.deepcopy(cfg))
+    validate_config(prepared)
+    # Node roles come from `ray start --resources` (the local provider has no node types of its own).
+    assert "--resources" in " ".join(prepared["worker_start_ray_commands"])
+    assert '"teacher": 1' in " ".join(cfg["worker_setup_commands"])
+
+
+def test_unknown_key_is_rejected():
+    import jsonschema
+
+    cfg = prepare_config(copy.deepcopy(_local()))
+    cfg["not_a_ray_key"] = 1
+    with pytest.raises(jsonschema.ValidationError):
+        validate_config(cfg)
+
+
+def test_commented_cloud_example_validates():
+    cfg = _cloud_example()
+    types = cfg["available_node_types"]
+    assert types["teacher_gpu"]["resources"]["GPU"] == 1 and types["teacher_gpu"]["resources"]["teacher"] == 1
+    validate_config(prepare_config(copy.deepcopy(cfg)))
