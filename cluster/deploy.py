@@ -39,7 +39,7 @@ class ServiceSpec:
     max_score_cells: int = 8 * 1024 * 1024
     max_message_bytes: int = 64 * 1024 * 1024
     coalesce_max_rows: int = 1024
-    coalesce_wait_ms: float = 2.0
+    coalesce_wait_ms: float = 0.0  # 0: coalesce what queued up while the model was busy
     max_queue_rows: int = 65536
     max_workers: int = 16
 

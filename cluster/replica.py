@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 from typing import Any
 
 import ray
@@ -48,8 +49,11 @@ class TeacherReplica:
         self.address = f"{advertise_host}:{self.server.port}"
         self._directory = ray.get_actor(directory, namespace=namespace)
         ctx = ray.get_runtime_context()
+        with warnings.catch_warnings():  # Ray 2.60 deprecates an attribute this property reads internally
+            warnings.simplefilter("ignore")
+            restarted = bool(ctx.was_current_actor_reconstructed)
         self.meta = {"pid": os.getpid(), "node_id": ctx.get_node_id(), "device": self.device,
-                     "restarted": bool(ctx.was_current_actor_reconstructed),
+                     "restarted": restarted,
                      "checkpoint_sha256": model.checkpoint_sha256}
         ray.get(self._directory.register.remote(teacher, replica_id, self.address, self.meta))
         self._stop = threading.Event()

@@ -43,7 +43,7 @@ class ServiceConfig:
     max_score_cells: int = 8 * 1024 * 1024  # B*C; 32 MiB of float32 scores
     max_message_bytes: int = 64 * 1024 * 1024
     coalesce_max_rows: int = 1024  # stop collecting requests once this many rows are queued
-    coalesce_wait_ms: float = 2.0  # ... or once the first request has waited this long
+    coalesce_wait_ms: float = 0.0  # ... or once the first has waited this long (0: take what is queued)
     max_queue_rows: int = 65536  # beyond this many waiting rows: RESOURCE_EXHAUSTED
     max_workers: int = 16  # gRPC handler threads (they mostly wait on the batcher)
 

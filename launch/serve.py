@@ -1,0 +1,63 @@
+"""Serve teachers from a YAML spec on a Ray cluster, or on an embedded local Ray; Ctrl-C stops.
+
+    python -m launch.serve --spec configs/serve_example.yaml                 # embedded local Ray
+    python -m launch.serve --spec configs/serve_example.yaml --address HOST:6379
+
+Prints the Ray address and namespace students connect to (TeacherPool.from_ray) and each replica's
+endpoint. Replica counts follow targets set by launch/scale.py (reconciled every second).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+import ray
+
+from cluster.deploy import TeacherDeployment, load_spec, start_embedded
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--spec", required=True, help="YAML naming each teacher, its checkpoint and replica count")
+    ap.add_argument("--address", default="", help="Ray GCS address of a running cluster; empty = embedded")
+    ap.add_argument("--num-cpus", type=int, default=None, help="embedded Ray only: CPUs to offer")
+    ap.add_argument("--reconcile-every", type=float, default=1.0)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    spec = load_spec(args.spec)
+    missing = [t.checkpoint for t in spec.teachers if not (Path(t.checkpoint) / "config.json").is_file()]
+    if missing:
+        print(f"checkpoint(s) not found: {missing}", file=sys.stderr)
+        return 2
+    if args.address:
+        ray.init(address=args.address, namespace=spec.namespace, logging_level="WARNING")
+        dep = TeacherDeployment(spec)
+        dep.deploy()
+        address = args.address
+    else:
+        address, dep = start_embedded(spec, num_cpus=args.num_cpus)
+    stop = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    print(json.dumps({"ray_address": address, "namespace": spec.namespace, "endpoints": dep.endpoints()}),
+          flush=True)
+    try:
+        while not stop["now"]:
+            time.sleep(args.reconcile_every)
+            if dep.reconcile():
+                print(json.dumps({"endpoints": dep.endpoints()}), flush=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        dep.shutdown()
+        if ray.is_initialized():
+            ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
