@@ -1,0 +1,125 @@
+"""Typed configuration of a student run (``launch/distill.py``).
+
+Precedence: CLI (--set section.key=value and the named flags) > experiment YAML > these defaults.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ckd.config import ConfigError
+
+
+@dataclass
+class DataConfig:
+    data_dir: str = ""  # empty: $CKD_DATA_DIR, else ../shared/data/amazon
+    domains: list[str] = field(default_factory=lambda: ["Scientific"])
+    max_len: int = 50
+
+    def validate(self) -> None:
+        if not self.domains:
+            raise ConfigError("data.domains: name at least one domain")
+        if self.max_len < 1:
+            raise ConfigError("data.max_len must be >= 1")
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "sasrec"
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 2
+    dropout: float = 0.5
+    extra: dict[str, Any] = field(default_factory=dict)  # kind-specific constructor arguments
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    patience: int = 10  # epochs without a better valid NDCG@10 before stopping
+    seed: int = 2024
+    eval_batch_size: int = 1024
+    max_steps_per_epoch: int = 0  # 0 = the whole (paced) pool each epoch
+    log_every: int = 50
+    threads: int = 0  # torch intra-op threads per process; 0 = leave torch's default
+    progress: bool = True
+
+    def validate(self) -> None:
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1")
+        if self.lr <= 0:
+            raise ConfigError("train.lr must be > 0")
+
+
+@dataclass
+class CurriculumConfig:
+    enabled: bool = True
+    pacing: str = "root"
+    start_fraction: float = 0.25
+    full_at_epoch: int = 5  # epoch from which all training data is in play
+    length_weight: float = 0.5
+    popularity_weight: float = 0.5
+
+    def validate(self) -> None:
+        if not 0 < self.start_fraction <= 1:
+            raise ConfigError("curriculum.start_fraction must be in (0, 1]")
+
+
+@dataclass
+class KDConfig:
+    lambda_kd: float = 1.0
+    temperature: float = 1.0  # student-side T in T^2 * KL(q || softmax(s / T))
+    in_batch_negatives: bool = True  # False: positive-only distillation (ablation)
+    num_sampled: int = 0  # extra sampled candidates from the batch's domains
+    integration: str = "both"  # mean | confidence | consistency | both
+    alpha: float = 1.0  # weight of log-confidence in the integration logits
+    beta: float = 1.0  # weight of consistency in the integration logits
+    instance_weighting: bool = True
+
+    def validate(self) -> None:
+        if self.integration not in ("mean", "confidence", "consistency", "both"):
+            raise ConfigError(f"kd.integration: {self.integration!r} is not mean|confidence|consistency|both")
+        if self.temperature <= 0:
+            raise ConfigError("kd.temperature must be > 0")
+
+
+@dataclass
+class TeacherSpec:
+    name: str = ""
+    checkpoint: str = ""
+    replicas: int = 1
+    temperature: float = 0.0  # 0: use the teacher's own temperature from Describe
+
+    def validate(self) -> None:
+        if not self.name:
+            raise ConfigError("service.teachers[].name is required")
+
+
+@dataclass
+class ServiceConfig:
+    teachers: list[TeacherSpec] = field(default_factory=list)
+    ray_address: str = ""  # empty: embedded local Ray started by launch/distill.py
+    namespace: str = "ckd"
+    failure_policy: str = "wait"  # fail | skip | wait
+    prefetch: int = 4  # batches requested ahead of the one training
+    deadline_s: float = 30.0
+    auth_token: str = ""
+
+    def validate(self) -> None:
+        if self.failure_policy not in ("fail", "skip", "wait"):
+            raise ConfigError(f"service.failure_policy: {self.failure_policy!r} is not fail|skip|wait")
+
+
+@dataclass
+class DistillConfig:
+    run_dir: str = ""  # empty: runs/<timestamp>
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    service: ServiceConfig = field(default_factory=ServiceConfig)

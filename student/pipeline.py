@@ -1,0 +1,131 @@
+"""Wiring of one student run: accelerator, data, model, sampler, teachers, trainer, report."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ckd.config import to_dict
+from ckd.data.multidomain import MultiDomainDataset, load_multidomain
+from ckd.metrics import format_table
+from student.run_dir import setup_logging, write_run_header
+
+log = logging.getLogger("ckd")
+
+
+def make_accelerator():
+    """Accelerator for CPU or GPU, DDP or DeepSpeed (see STACK.md for the CPU traps)."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    cuda = torch.cuda.is_available()
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if (distributed and not cuda) else []
+    # cpu=True would silently drop DeepSpeed; without it on CPU DDP would not synchronise.
+    return Accelerator(cpu=(not cuda) and not deepspeed, kwargs_handlers=handlers)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def shared_run_dir(cfg, acc) -> Path:
+    """The same run directory on every rank (rank 0's timestamp is broadcast)."""
+    if cfg.run_dir:
+        return Path(cfg.run_dir)
+    stamp = torch.tensor([int(time.time())], dtype=torch.int64, device=acc.device)
+    if acc.num_processes > 1:
+        from accelerate.utils import broadcast
+
+        stamp = broadcast(stamp, from_process=0)
+    return Path("runs") / time.strftime("%Y%m%d-%H%M%S", time.localtime(int(stamp.item())))
+
+
+def build_student(cfg, dataset: MultiDomainDataset):
+    """Model and the JSON-able config that rebuilds it (for checkpoints and launch/evaluate.py)."""
+    from student.models import build_student as factory
+
+    kwargs = {"hidden": cfg.model.hidden, **cfg.model.extra}
+    if cfg.model.kind == "sasrec":
+        kwargs.update(layers=cfg.model.layers, heads=cfg.model.heads, dropout=cfg.model.dropout,
+                      attn_dropout=cfg.model.dropout, max_len=cfg.data.max_len)
+    model = factory(cfg.model.kind, dataset, **kwargs)
+    model_config = {"kind": cfg.model.kind, "kwargs": kwargs, "vocab_hash": dataset.vocab_hash(),
+                    "vocab_size": dataset.vocab_size, "domains": dataset.domain_names,
+                    "max_len": cfg.data.max_len}
+    return model, model_config
+
+
+def build_sampler(cfg, dataset: MultiDomainDataset, acc):
+    from student.curriculum import CurriculumSampler, difficulty_scores
+
+    diff = difficulty_scores(dataset, "train", length_weight=cfg.curriculum.length_weight,
+                             popularity_weight=cfg.curriculum.popularity_weight)
+    return CurriculumSampler(diff, pacing=cfg.curriculum.pacing, start_fraction=cfg.curriculum.start_fraction,
+                             full_at_epoch=cfg.curriculum.full_at_epoch, seed=cfg.train.seed,
+                             num_replicas=acc.num_processes, rank=acc.process_index,
+                             batch_size=cfg.train.batch_size, enabled=cfg.curriculum.enabled,
+                             groups=dataset.splits["train"].domains)
+
+
+def run_distillation(cfg) -> dict[str, Any] | None:
+    """Run one student training job described by a resolved DistillConfig."""
+    acc = make_accelerator()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    seed_everything(cfg.train.seed)
+    run_dir = shared_run_dir(cfg, acc)
+    cfg.run_dir = str(run_dir)
+    setup_logging(run_dir, acc.process_index)
+    dataset = load_multidomain(cfg.data.data_dir, cfg.data.domains, max_len=cfg.data.max_len)
+    log.info("data: %s, %d items, %d train rows; world size %d on %s", ",".join(dataset.domain_names),
+             dataset.vocab_size - 1, len(dataset.splits["train"]), acc.num_processes, acc.device)
+    seed_everything(cfg.train.seed)  # same initial weights on every rank, whatever loading consumed
+    model, model_config = build_student(cfg, dataset)
+    sampler = build_sampler(cfg, dataset, acc)
+
+    from student.trainer import Trainer
+
+    teacher_session = None
+    trainer_kwargs: dict[str, Any] = {}
+    teacher_info: dict[str, Any] = {}
+    if cfg.service.teachers:
+        from student.teacher_session import TeacherSession
+
+        teacher_session = TeacherSession.open(cfg, dataset, acc)
+        teacher_info = teacher_session.info()
+        trainer_kwargs = teacher_session.trainer_hooks()
+    if acc.is_main_process:
+        write_run_header(run_dir, cfg, {"seed": cfg.train.seed, "world_size": acc.num_processes,
+                                        "device": str(acc.device), "vocab_hash": dataset.vocab_hash(),
+                                        "teachers": teacher_info})
+    try:
+        trainer = Trainer(cfg, dataset, model, acc, run_dir, sampler, model_config, **trainer_kwargs)
+        metrics = trainer.fit()
+        if teacher_session is not None and acc.is_main_process:
+            metrics["teacher_client"] = teacher_session.stats()
+            from student.run_dir import write_metrics
+
+            write_metrics(run_dir, metrics)
+    finally:
+        if teacher_session is not None:
+            teacher_session.close()
+    if acc.is_main_process:
+        print(f"\nrun directory: {run_dir}")
+        print(format_table({"valid": metrics["valid"], "test": metrics["test"]}))
+        t = metrics["timing"]
+        print(f"best epoch {metrics['best_epoch']}  |  {t['steps_per_s']:.1f} steps/s  |  "
+              f"step {t['step_ms']:.1f} ms, waiting for soft labels {t['wait_ms']:.1f} ms  |  "
+              f"{metrics['num_parameters']:,} parameters")
+    acc.wait_for_everyone()
+    acc.end_training()
+    return metrics if acc.is_main_process else {"rank": acc.process_index, "config": to_dict(cfg)}

@@ -1,0 +1,315 @@
+"""The student training loop under accelerate (single process, DDP or DeepSpeed).
+
+One trainer owns: per-rank curriculum shards, the forward/backward step (CE over the instance's
+domain, plus KD when soft labels come with the batch), evaluation on rank 0, early stopping on
+valid NDCG@10, best/last checkpoints and exact resume at an epoch boundary.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ckd.data.multidomain import MultiDomainDataset
+from ckd.metrics import evaluate_full_ranking, format_table
+from student.distill import domain_ce
+from student.models.base import StudentBatch, StudentModel
+
+log = logging.getLogger("ckd")
+
+
+@dataclass
+class PreparedBatch:
+    """A student batch plus what its distillation needs (built before teachers are asked)."""
+
+    batch: StudentBatch
+    step_seed: int
+    candidates: torch.Tensor | None = None  # [C] global ids
+    target_col: torch.Tensor | None = None  # [B]
+    valid_mask: torch.Tensor | None = None  # [B, C]
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def make_student_batch(dataset: MultiDomainDataset, split: str, idx: np.ndarray) -> StudentBatch:
+    ex = dataset.splits[split]
+    # Trim padding columns no row in this batch uses: attention cost follows the longest row.
+    L = int(ex.lengths[idx].max())
+    return StudentBatch(torch.as_tensor(ex.users[idx]), torch.as_tensor(ex.domains[idx]),
+                        torch.as_tensor(ex.histories[idx, :L]), torch.as_tensor(ex.lengths[idx]),
+                        torch.as_tensor(ex.targets[idx]))
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)
+
+
+def model_score_fn(model: StudentModel, device: torch.device):
+    """Adapter from the student contract to ckd.metrics' score_fn signature."""
+
+    def fn(users, hist, lens, start, stop):
+        b = StudentBatch(users, torch.zeros_like(users), hist, lens, torch.zeros_like(users))
+        return model.full_scores(b.to(device), start, stop)
+
+    return fn
+
+
+@torch.no_grad()
+def evaluate(model: StudentModel, dataset: MultiDomainDataset, split: str, batch_size: int,
+             device: torch.device) -> dict[str, dict[str, float]]:
+    was_training = model.training
+    model.eval()
+    try:
+        return evaluate_full_ranking(model_score_fn(model, device), dataset, split, batch_size=batch_size,
+                                     device=device)
+    finally:
+        model.train(was_training)
+
+
+def save_student(model: StudentModel, directory: Path, config: dict[str, Any]) -> None:
+    """Weights as safetensors + the constructor config as JSON."""
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    out = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class Trainer:
+    """Trains ``model`` on ``dataset`` with ``accelerator``; see module docstring."""
+
+    def __init__(self, cfg, dataset: MultiDomainDataset, model: StudentModel, accelerator, run_dir: Path,
+                 sampler, model_config: dict[str, Any],
+                 soft_labels: Callable[[Iterable[PreparedBatch]], Iterator[tuple[PreparedBatch, Any]]] | None = None,
+                 loss_fn: Callable[..., tuple[torch.Tensor, dict[str, float]]] | None = None,
+                 prepare: Callable[[StudentBatch, int], PreparedBatch] | None = None):
+        self.cfg = cfg
+        self.dataset = dataset
+        self.acc = accelerator
+        self.run_dir = run_dir
+        self.sampler = sampler
+        self.model_config = model_config
+        self.soft_labels = soft_labels
+        self.loss_fn = loss_fn
+        self.prepare = prepare or (lambda b, seed: PreparedBatch(b, seed))
+        self.device = accelerator.device
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.domain_ranges = [dataset.domain_range(d) for d in range(dataset.num_domains)]
+        self.state = {"epoch": 0, "global_step": 0, "best_ndcg10": -1.0, "best_epoch": -1, "bad_epochs": 0,
+                      "history": []}
+        self.timings: dict[str, float] = {"step_s": 0.0, "wait_s": 0.0, "eval_s": 0.0, "steps": 0}
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        return self.acc.is_main_process
+
+    def _deepspeed(self) -> bool:
+        return getattr(self.acc.state, "deepspeed_plugin", None) is not None
+
+    def save_last(self) -> None:
+        """Everything needed to resume exactly at the next epoch boundary, written to a temporary
+        folder first so an interruption mid-save leaves the previous ``last`` intact."""
+        last, tmp = self.run_dir / "last", self.run_dir / "last.tmp"
+        if self.is_main:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.acc.wait_for_everyone()
+        if self._deepspeed():
+            # ZeRO partitions the optimizer state: every rank writes its own shard.
+            self.acc.save_state(str(tmp / "accelerate"), safe_serialization=True)
+        save_file(rng_state(), str(tmp / f"rng_rank{self.acc.process_index}.safetensors"))
+        if self.is_main:
+            save_student(unwrap(self.model), tmp, self.model_config)
+            if not self._deepspeed():
+                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            sampler_state = self.sampler.state_dict() if hasattr(self.sampler, "state_dict") else {}
+            (tmp / "trainer_state.json").write_text(json.dumps({**self.state, "sampler": sampler_state}))
+        self.acc.wait_for_everyone()
+        if self.is_main:
+            import shutil
+
+            shutil.rmtree(last, ignore_errors=True)
+            os.replace(tmp, last)
+        self.acc.wait_for_everyone()
+
+    def try_resume(self) -> bool:
+        """Resume from <run_dir>/last if present; returns whether it did."""
+        last = self.run_dir / "last"
+        if not (last / "trainer_state.json").is_file():
+            return False
+        state = json.loads((last / "trainer_state.json").read_text())
+        sampler_state = state.pop("sampler", {})
+        self.state.update(state)
+        unwrap(self.model).load_state_dict(load_file(str(last / "model.safetensors")), strict=True)
+        if self._deepspeed():
+            self.acc.load_state(str(last / "accelerate"))
+        else:
+            opt = torch.load(last / "optimizer.pt", weights_only=True, map_location="cpu")
+            self.optimizer.load_state_dict(opt)
+        if hasattr(self.sampler, "load_state_dict") and sampler_state:
+            self.sampler.load_state_dict(sampler_state)
+        rng_path = last / f"rng_rank{self.acc.process_index}.safetensors"
+        if rng_path.is_file():
+            set_rng_state(load_file(str(rng_path)))
+        log.info("resumed from %s at epoch %d (best valid ndcg@10 %.4f at epoch %d)", last,
+                 self.state["epoch"], self.state["best_ndcg10"], self.state["best_epoch"])
+        return True
+
+    # -- training ------------------------------------------------------------------------------
+    def _batches(self, epoch: int) -> Iterator[PreparedBatch]:
+        idx = self.sampler.epoch_indices(epoch)
+        bs = self.cfg.train.batch_size
+        n_batches = len(idx) // bs if len(idx) >= bs else 1
+        if self.cfg.train.max_steps_per_epoch:
+            n_batches = min(n_batches, self.cfg.train.max_steps_per_epoch)
+        for b in range(n_batches):
+            sel = idx[b * bs:(b + 1) * bs]
+            seed = (self.cfg.train.seed * 1_000_003 + epoch * 10_007 + b) * 97 + self.acc.process_index
+            yield self.prepare(make_student_batch(self.dataset, "train", sel), seed)
+
+    def ce_loss(self, logits: torch.Tensor, batch: StudentBatch) -> torch.Tensor:
+        """Full-softmax CE over the items of each instance's own domain."""
+        return domain_ce(logits, batch.targets, batch.domains, self.domain_ranges)
+
+    def step(self, pb: PreparedBatch, soft: Any) -> dict[str, float]:
+        batch = pb.batch.to(self.device)
+        # Through the wrapper's forward: DDP/DeepSpeed synchronise gradients only there.
+        logits = self.model(batch)
+        if self.loss_fn is not None:
+            loss, terms = self.loss_fn(logits, pb, batch, soft, self)
+        else:
+            loss = self.ce_loss(logits, batch)
+            terms = {"ce": float(loss.detach())}
+        self.optimizer.zero_grad(set_to_none=True)
+        self.acc.backward(loss)
+        self.optimizer.step()
+        return {"loss": float(loss.detach()), **terms}
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        self.model.train()
+        self.sampler.set_epoch(epoch)
+        batches: Iterable = self._batches(epoch)
+        stream = self.soft_labels(batches) if self.soft_labels else ((b, None) for b in batches)
+        totals: dict[str, float] = {}
+        n = 0
+        bar = None
+        if self.cfg.train.progress and self.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(desc=f"epoch {epoch}", unit="step", leave=False, dynamic_ncols=True)
+        t_wait = time.perf_counter()
+        for pb, soft in stream:
+            t0 = time.perf_counter()
+            self.timings["wait_s"] += t0 - t_wait
+            terms = self.step(pb, soft)
+            t_wait = time.perf_counter()
+            self.timings["step_s"] += t_wait - t0
+            self.timings["steps"] += 1
+            self.state["global_step"] += 1
+            n += 1
+            for k, v in terms.items():
+                totals[k] = totals.get(k, 0.0) + v
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{terms['loss']:.4f}")
+        if bar is not None:
+            bar.close()
+        return {k: v / max(n, 1) for k, v in totals.items()} | {"steps": n}
+
+    def fit(self) -> dict[str, Any]:
+        """Train until early stop or ``train.epochs``; returns the metrics dict (also written)."""
+        cfg = self.cfg
+        self.try_resume()
+        start = self.state["epoch"]
+        for epoch in range(start, cfg.train.epochs):
+            if self.state["bad_epochs"] >= cfg.train.patience:
+                break
+            t0 = time.perf_counter()
+            train_terms = self.train_epoch(epoch)
+            epoch_s = time.perf_counter() - t0
+            stop = torch.zeros(1, device=self.device)
+            if self.is_main:
+                t1 = time.perf_counter()
+                valid = evaluate(unwrap(self.model), self.dataset, "valid", cfg.train.eval_batch_size, self.device)
+                self.timings["eval_s"] += time.perf_counter() - t1
+                ndcg = valid["mean"]["ndcg@10"]
+                improved = ndcg > self.state["best_ndcg10"]
+                if improved:
+                    self.state.update(best_ndcg10=ndcg, best_epoch=epoch, bad_epochs=0)
+                    save_student(unwrap(self.model), self.run_dir / "best", self.model_config)
+                else:
+                    self.state["bad_epochs"] += 1
+                self.state["history"].append({"epoch": epoch, "train_s": round(epoch_s, 3),
+                                              **{k: round(v, 6) for k, v in train_terms.items()},
+                                              "valid_ndcg@10": round(ndcg, 6),
+                                              "valid_recall@10": round(valid["mean"]["recall@10"], 6)})
+                log.info("epoch %d  %.1fs  loss %.4f  valid recall@10 %.4f ndcg@10 %.4f%s", epoch, epoch_s,
+                         train_terms.get("loss", float("nan")), valid["mean"]["recall@10"], ndcg,
+                         "  *best*" if improved else "")
+                if self.state["bad_epochs"] >= cfg.train.patience:
+                    stop.fill_(1)
+            self.state["epoch"] = epoch + 1
+            # Every rank must agree on the early-stop decision taken on rank 0.
+            if self.acc.num_processes > 1:
+                stop = self.acc.reduce(stop, reduction="sum")
+                self.state["bad_epochs"] = cfg.train.patience if float(stop) > 0 else 0
+            self.save_last()
+            if float(stop) > 0:
+                break
+        return self.finish()
+
+    def finish(self) -> dict[str, Any]:
+        """Evaluate the best checkpoint on valid and test (rank 0) and write metrics.json."""
+        self.acc.wait_for_everyone()
+        metrics: dict[str, Any] = {}
+        if self.is_main:
+            best = self.run_dir / "best" / "model.safetensors"
+            model = unwrap(self.model)
+            if best.is_file():
+                model.load_state_dict(load_file(str(best)), strict=True)
+            valid = evaluate(model, self.dataset, "valid", self.cfg.train.eval_batch_size, self.device)
+            test = evaluate(model, self.dataset, "test", self.cfg.train.eval_batch_size, self.device)
+            steps = max(self.timings["steps"], 1)
+            metrics = {"valid": valid, "test": test, "best_epoch": self.state["best_epoch"],
+                       "epochs_run": self.state["epoch"], "global_step": self.state["global_step"],
+                       "history": self.state["history"],
+                       "timing": {"step_ms": 1000 * self.timings["step_s"] / steps,
+                                  "wait_ms": 1000 * self.timings["wait_s"] / steps,
+                                  "steps_per_s": steps / max(self.timings["step_s"] + self.timings["wait_s"], 1e-9),
+                                  "eval_s": self.timings["eval_s"]},
+                       "world_size": self.acc.num_processes,
+                       "num_parameters": sum(p.numel() for p in model.parameters())}
+            from student.run_dir import write_metrics
+
+            write_metrics(self.run_dir, metrics)
+            log.info("results (best epoch %d)\n%s", self.state["best_epoch"],
+                     format_table({"valid": valid, "test": test}))
+        self.acc.wait_for_everyone()
+        return metrics
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
