@@ -42,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         address, dep = start_embedded(spec, num_cpus=args.num_cpus)
     stop = {"now": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    # Handle both explicitly: a shell starts background jobs with SIGINT ignored.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.update(now=True))
     print(json.dumps({"ray_address": address, "namespace": spec.namespace, "endpoints": dep.endpoints()}),
           flush=True)
     try:
@@ -50,8 +52,6 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(args.reconcile_every)
             if dep.reconcile():
                 print(json.dumps({"endpoints": dep.endpoints()}), flush=True)
-    except KeyboardInterrupt:
-        pass
     finally:
         dep.shutdown()
         if ray.is_initialized():
