@@ -281,8 +281,24 @@ class Trainer:
                 break
         return self.finish()
 
+    def write_rank_fingerprint(self) -> None:
+        """Each rank records world size and a digest of its final parameters, so a run can prove
+        its replicas stayed synchronised (DDP) rather than training apart."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for name, p in sorted(unwrap(self.model).state_dict().items()):
+            h.update(name.encode())
+            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+        out = self.run_dir / "ranks"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"rank{self.acc.process_index}.json").write_text(json.dumps(
+            {"rank": self.acc.process_index, "world_size": self.acc.num_processes,
+             "global_step": self.state["global_step"], "param_sha256": h.hexdigest()}))
+
     def finish(self) -> dict[str, Any]:
         """Evaluate the best checkpoint on valid and test (rank 0) and write metrics.json."""
+        self.write_rank_fingerprint()
         self.acc.wait_for_everyone()
         metrics: dict[str, Any] = {}
         if self.is_main:

@@ -1,0 +1,38 @@
+"""Typed config: unknown keys, strict booleans, precedence CLI > file > defaults."""
+import pytest
+
+from ckd.config import ConfigError, load_config
+from student.config import DistillConfig
+
+pytestmark = pytest.mark.unit
+
+
+def test_precedence_and_types(tmp_path):
+    f = tmp_path / "exp.yaml"
+    f.write_text("train:\n  epochs: 7\n  lr: 0.01\nkd:\n  integration: mean\n")
+    cfg = load_config(DistillConfig, f, overrides=["train.epochs=3", "curriculum.enabled=false",
+                                                   "data.domains=Scientific,Office14"])
+    assert cfg.train.epochs == 3 and cfg.train.lr == 0.01 and cfg.kd.integration == "mean"
+    assert cfg.curriculum.enabled is False and cfg.data.domains == ["Scientific", "Office14"]
+    assert cfg.train.batch_size == DistillConfig().train.batch_size
+
+
+def test_unknown_key_is_an_error(tmp_path):
+    f = tmp_path / "exp.yaml"
+    f.write_text("train:\n  epochz: 7\n")
+    with pytest.raises(ConfigError, match="train.epochz"):
+        load_config(DistillConfig, f)
+
+
+@pytest.mark.parametrize("override", ["curriculum.enabled=maybe", "train.epochs=2.5", "kd.integration=max",
+                                      "service.failure_policy=ignore"])
+def test_bad_values_are_named(override):
+    with pytest.raises(ConfigError, match=override.split("=")[0].split(".")[-1]):
+        load_config(DistillConfig, None, overrides=[override])
+
+
+def test_yaml_tags_do_not_execute(tmp_path):
+    f = tmp_path / "evil.yaml"
+    f.write_text("run_dir: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(DistillConfig, f)

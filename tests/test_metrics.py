@@ -1,0 +1,64 @@
+"""Full-ranking metrics against hand-computed rankings (ties broken pessimistically)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ckd.data.multidomain import build_multidomain
+from ckd.data.unisrec import DomainData, Split
+from ckd.metrics import evaluate_full_ranking, metrics_from_ranks, target_ranks
+
+pytestmark = pytest.mark.unit
+
+
+def test_ranks_strict_and_ties():
+    scores = torch.tensor([[0.9, 0.5, 0.7, 0.1],   # target col 2: one item above -> rank 1
+                           [0.3, 0.3, 0.3, 0.3],   # all tied: target ranks last -> rank 3
+                           [0.1, 0.8, 0.8, 0.2]])  # target col 1 tied with col 2 -> rank 1
+    ranks = target_ranks(scores, torch.tensor([2, 0, 1]))
+    assert ranks.tolist() == [1, 3, 1]
+
+
+def test_metrics_from_ranks_hand_computed():
+    m = metrics_from_ranks(np.array([0, 9, 10, 49, 50]))
+    assert m["recall@10"] == pytest.approx(2 / 5)
+    assert m["recall@50"] == pytest.approx(4 / 5)
+    assert m["ndcg@10"] == pytest.approx((1 / math.log2(2) + 1 / math.log2(11)) / 5)
+    assert m["ndcg@50"] == pytest.approx((1 + 1 / math.log2(11) + 1 / math.log2(12) + 1 / math.log2(51)) / 5)
+
+
+def _tiny_two_domain():
+    def dom(name, n_items, hist, tgt):
+        sp = Split(np.arange(len(tgt)), [np.asarray(h) for h in hist], np.asarray(tgt))
+        return DomainData(name, [f"{name}{i}" for i in range(n_items)], len(tgt), sp, sp, sp,
+                          [f"t{i}" for i in range(n_items)])
+    return build_multidomain([dom("A", 3, [[0], [1]], [1, 2]), dom("B", 4, [[0, 1]], [3])], max_len=4)
+
+
+def test_evaluate_ranks_only_within_the_users_domain():
+    ds = _tiny_two_domain()
+    assert ds.domain_range(0) == (1, 4) and ds.domain_range(1) == (4, 8)
+
+    def score_fn(users, hist, lens, start, stop):
+        # global id as score: higher id ranks first
+        return torch.arange(start, stop, dtype=torch.float32).repeat(len(users), 1)
+
+    res = evaluate_full_ranking(score_fn, ds, "test")
+    # domain A targets: global 2 (rank 1 of [3,2,1]) and 3 (rank 0); domain B target: global 7 (rank 0)
+    assert res["A"]["ndcg@10"] == pytest.approx((1 / math.log2(3) + 1.0) / 2)
+    assert res["B"]["recall@10"] == 1.0 and res["B"]["ndcg@10"] == 1.0
+    assert res["mean"]["ndcg@10"] == pytest.approx((res["A"]["ndcg@10"] + 1.0) / 2)
+
+
+def test_history_masking_switch():
+    ds = _tiny_two_domain()
+
+    def score_fn(users, hist, lens, start, stop):
+        return torch.arange(stop, start, -1, dtype=torch.float32).repeat(len(users), 1)  # low id first
+
+    # domain B: history items 4,5 rank above the target 7; masking them lifts the target two places
+    plain = evaluate_full_ranking(score_fn, ds, "test", domains=["B"])
+    masked = evaluate_full_ranking(score_fn, ds, "test", domains=["B"], mask_history=True)
+    assert plain["B"]["ndcg@10"] == pytest.approx(1 / math.log2(5))
+    assert masked["B"]["ndcg@10"] == pytest.approx(1 / math.log2(3))
