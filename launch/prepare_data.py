@@ -13,6 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 from ckd.data.raw_amazon import EmptyDomainError, prepare_domain
 from ckd.data.unisrec import MAX_HISTORY, DataFormatError
