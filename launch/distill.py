@@ -49,13 +49,9 @@ def resolve_config(args: argparse.Namespace):
         cfg.data.data_dir = default_data_dir()
     if args.teachers:
         if args.teachers.strip().lower() == "none":
-            cfg.service.teachers = []
+            cfg.service.enabled = False
         else:
-            keep = [t.strip() for t in args.teachers.split(",") if t.strip()]
-            unknown = [t for t in keep if t not in {s.name for s in cfg.service.teachers}]
-            if unknown:
-                raise ConfigError(f"--teachers names {unknown}, not in service.teachers of the config")
-            cfg.service.teachers = [s for s in cfg.service.teachers if s.name in keep]
+            cfg.service.teachers = [t.strip() for t in args.teachers.split(",") if t.strip()]
     return cfg
 
 

@@ -88,30 +88,29 @@ class KDConfig:
 
 
 @dataclass
-class TeacherSpec:
-    name: str = ""
-    checkpoint: str = ""
-    replicas: int = 1
-    temperature: float = 0.0  # 0: use the teacher's own temperature from Describe
-
-    def validate(self) -> None:
-        if not self.name:
-            raise ConfigError("service.teachers[].name is required")
-
-
-@dataclass
 class ServiceConfig:
-    teachers: list[TeacherSpec] = field(default_factory=list)
-    ray_address: str = ""  # empty: embedded local Ray started by launch/distill.py
+    enabled: bool = True  # False (or --teachers none): plain CE training, no teacher service
+    spec: str = ""  # deploy spec YAML (cluster.deploy.DeploySpec) for the embedded default
+    teachers: list[str] = field(default_factory=list)  # names to distil from; empty = all in the spec
+    ray_address: str = ""  # empty: embedded local Ray started by launch/distill.py (rank 0)
     namespace: str = "ckd"
-    failure_policy: str = "wait"  # fail | skip | wait
+    failure_policy: str = "wait"  # fail | skip | wait (bounded by wait_budget_s)
+    wait_budget_s: float = 120.0
     prefetch: int = 4  # batches requested ahead of the one training
     deadline_s: float = 30.0
-    auth_token: str = ""
+    token_env: str = ""  # environment variable holding the shared service token
+    temperatures: dict[str, float] = field(default_factory=dict)  # override a teacher's own tau
+    ready_timeout_s: float = 300.0
 
     def validate(self) -> None:
         if self.failure_policy not in ("fail", "skip", "wait"):
             raise ConfigError(f"service.failure_policy: {self.failure_policy!r} is not fail|skip|wait")
+        if self.prefetch < 1:
+            raise ConfigError("service.prefetch must be >= 1")
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and bool(self.spec or self.ray_address)
 
 
 @dataclass

@@ -98,7 +98,7 @@ def run_distillation(cfg) -> dict[str, Any] | None:
     teacher_session = None
     trainer_kwargs: dict[str, Any] = {}
     teacher_info: dict[str, Any] = {}
-    if cfg.service.teachers:
+    if cfg.service.active:
         from student.teacher_session import TeacherSession
 
         teacher_session = TeacherSession.open(cfg, dataset, acc)
