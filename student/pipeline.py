@@ -87,8 +87,10 @@ def run_distillation(cfg) -> dict[str, Any] | None:
     cfg.run_dir = str(run_dir)
     setup_logging(run_dir, acc.process_index)
     dataset = load_multidomain(cfg.data.data_dir, cfg.data.domains, max_len=cfg.data.max_len)
-    log.info("data: %s, %d items, %d train rows; world size %d on %s", ",".join(dataset.domain_names),
-             dataset.vocab_size - 1, len(dataset.splits["train"]), acc.num_processes, acc.device)
+    backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
+    log.info("data: %s, %d items, %d train rows; world size %d on %s, process group backend %s, %s",
+             ",".join(dataset.domain_names), dataset.vocab_size - 1, len(dataset.splits["train"]),
+             acc.num_processes, acc.device, backend, acc.distributed_type)
     seed_everything(cfg.train.seed)  # same initial weights on every rank, whatever loading consumed
     model, model_config = build_student(cfg, dataset)
     sampler = build_sampler(cfg, dataset, acc)

@@ -113,6 +113,12 @@ class Trainer:
         self.prepare = prepare or (lambda b, seed: PreparedBatch(b, seed))
         self.device = accelerator.device
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        ds_plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+        if ds_plugin is not None:
+            # No DataLoader goes through prepare(): DeepSpeed learns the micro-batch from here, and
+            # a plain torch optimizer is allowed (DeepSpeedCPUAdam would JIT-compile for ~40 s).
+            ds_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
+            ds_plugin.deepspeed_config["zero_allow_untested_optimizer"] = True
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.domain_ranges = [dataset.domain_range(d) for d in range(dataset.num_domains)]
         self.state = {"epoch": 0, "global_step": 0, "best_ndcg10": -1.0, "best_epoch": -1, "bad_epochs": 0,
