@@ -93,6 +93,7 @@ class ServiceConfig:
     spec: str = ""  # deploy spec YAML (cluster.deploy.DeploySpec) for the embedded default
     teachers: list[str] = field(default_factory=list)  # names to distil from; empty = all in the spec
     ray_address: str = ""  # empty: embedded local Ray started by launch/distill.py (rank 0)
+    endpoints: dict[str, list[str]] = field(default_factory=dict)  # static {teacher: [host:port]}, no Ray
     namespace: str = "ckd"
     failure_policy: str = "wait"  # fail | skip | wait (bounded by wait_budget_s)
     wait_budget_s: float = 120.0
@@ -110,7 +111,7 @@ class ServiceConfig:
 
     @property
     def active(self) -> bool:
-        return self.enabled and bool(self.spec or self.ray_address)
+        return self.enabled and bool(self.spec or self.ray_address or self.endpoints)
 
 
 @dataclass

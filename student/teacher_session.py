@@ -64,6 +64,14 @@ class TeacherSession:
         svc = cfg.service
         deployment = None
         names = list(svc.teachers)
+        token = os.environ.get(svc.token_env) if svc.token_env else None
+        settings = dict(timeout_s=svc.deadline_s, on_unavailable=svc.failure_policy,
+                        wait_budget_s=svc.wait_budget_s, token=token)
+        if svc.endpoints:
+            # Static replica list (servers started without Ray, e.g. by launch/experiments.py).
+            names = names or list(svc.endpoints)
+            pool = TeacherPool({n: svc.endpoints[n] for n in names}, **settings)
+            return cls._checked(cfg, dataset, acc, pool, None)
         if svc.spec:
             from cluster.deploy import load_spec
 
@@ -86,10 +94,13 @@ class TeacherSession:
                 log.info("starting embedded Ray with %d teacher replica(s): %s", replicas, ", ".join(names))
                 address, deployment = start_embedded(spec, num_cpus=max(2, replicas + 1))
             address = _broadcast_str(acc, address or "")
-        token = os.environ.get(svc.token_env) if svc.token_env else None
-        pool = TeacherPool.from_ray(address, svc.namespace, names, timeout_s=svc.deadline_s,
-                                    on_unavailable=svc.failure_policy, wait_budget_s=svc.wait_budget_s, token=token)
-        pool.wait_ready(timeout=svc.ready_timeout_s)
+        pool = TeacherPool.from_ray(address, svc.namespace, names, **settings)
+        return cls._checked(cfg, dataset, acc, pool, deployment)
+
+    @classmethod
+    def _checked(cls, cfg, dataset: MultiDomainDataset, acc, pool, deployment) -> "TeacherSession":
+        """Wait for every teacher, then refuse any trained on another item vocabulary."""
+        pool.wait_ready(timeout=cfg.service.ready_timeout_s)
         infos = pool.check_contract(dataset.vocab_hash(), dataset.vocab_size)
         for n, i in infos.items():
             log.info("teacher %s: kind %s, %d replica(s), tau %.3f, checkpoint %s", n, i.kind, i.replicas,
