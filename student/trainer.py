@@ -321,9 +321,12 @@ class Trainer:
                        "timing": {"step_ms": 1000 * self.timings["step_s"] / steps,
                                   "wait_ms": 1000 * self.timings["wait_s"] / steps,
                                   "steps_per_s": steps / max(self.timings["step_s"] + self.timings["wait_s"], 1e-9),
+                                  "epoch_s": float(np.mean([h["train_s"] for h in self.state["history"]]))
+                                  if self.state["history"] else 0.0,
                                   "eval_s": self.timings["eval_s"]},
                        "world_size": self.acc.num_processes,
-                       "num_parameters": sum(p.numel() for p in model.parameters())}
+                       "num_parameters": sum(p.numel() for p in model.parameters()),
+                       "peak_memory_mb": peak_memory_mb(self.device)}
             from student.run_dir import write_metrics
 
             write_metrics(self.run_dir, metrics)
@@ -331,6 +334,16 @@ class Trainer:
                      format_table({"valid": valid, "test": test}))
         self.acc.wait_for_everyone()
         return metrics
+
+
+def peak_memory_mb(device: torch.device) -> dict[str, float]:
+    """Peak resident memory of this process (and peak CUDA allocation when on a GPU), in MB."""
+    import resource
+
+    out = {"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    if device.type == "cuda":
+        out["cuda"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
 
 
 def count_params(model: torch.nn.Module) -> int:
