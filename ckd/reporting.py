@@ -1,0 +1,603 @@
+"""Results report: load result JSON, build the tables, render docs/results.md, draw Figure 1.
+
+Pure functions over two inputs (no torch, no training):
+
+- the experiment manifest ``results/experiments.json`` (written by launch/experiments.py):
+  ``{"machine", "commit", "created", "runs": {name: {"group", "model", "variant", "command",
+  "run_dir", "metrics": <metrics.json>}}}``;
+- the inference benchmark ``results/efficiency.json`` (written by launch/bench_inference.py):
+  ``{"machine", "commit", "created", "device", "models": {name: {"kind", "params",
+  "peak_memory_mb", "infer_ms_per_1000_users", "score_ms_per_1000_pairs"?, "checkpoint"}}}``.
+
+Every number in the page and in the figure comes from these files, through the same formatting
+functions, so the figure's sidecar JSON can be checked cell by cell against the tables.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+METRICS = ("recall@10", "ndcg@10", "recall@50", "ndcg@50")
+METRIC_LABELS = {"recall@10": "Recall@10", "ndcg@10": "NDCG@10", "recall@50": "Recall@50", "ndcg@50": "NDCG@50"}
+GROUPS = ("teacher", "baseline", "distilled", "ablation", "universality")
+MEAN = "mean"
+DASH = "—"
+
+
+class ReportError(ValueError):
+    """A results file is missing, malformed, or does not identify the runs a table needs."""
+
+
+# ----------------------------------------------------------------------------- data model
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run of the experiment manifest."""
+
+    name: str
+    group: str
+    model: str
+    variant: str
+    command: str
+    run_dir: str
+    metrics: dict[str, Any]
+
+    def test(self, domain: str, metric: str) -> float | None:
+        """Test-split metric of one domain ('mean' for the mean), or None if not evaluated."""
+        value = self.metrics.get("test", {}).get(domain, {}).get(metric)
+        return None if value is None else float(value)
+
+    @property
+    def steps_per_s(self) -> float | None:
+        value = (self.metrics.get("timing") or {}).get("steps_per_s")
+        return None if value is None else float(value)
+
+    @property
+    def world_size(self) -> int | None:
+        value = self.metrics.get("world_size")
+        return None if value is None else int(value)
+
+
+@dataclass(frozen=True)
+class Experiments:
+    machine: str
+    commit: str
+    created: str
+    runs: list[Run]
+    source: str = ""
+
+    def by_name(self, name: str) -> Run | None:
+        return next((r for r in self.runs if r.name == name), None)
+
+
+@dataclass(frozen=True)
+class ModelEfficiency:
+    """One model's inference measurement."""
+
+    name: str
+    kind: str  # "teacher" | "student"
+    params: int
+    peak_memory_mb: float
+    infer_ms_per_1000_users: float
+    checkpoint: str
+    score_ms_per_1000_pairs: float | None = None
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    machine: str
+    commit: str
+    created: str
+    device: str
+    models: list[ModelEfficiency]
+    command: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+
+def _require(obj: dict[str, Any], key: str, where: str) -> Any:
+    if not isinstance(obj, dict) or key not in obj:
+        raise ReportError(f"{where}: missing key {key!r}")
+    return obj[key]
+
+
+def load_experiments(path: str | os.PathLike[str]) -> Experiments:
+    """Read and validate the experiment manifest. A run without inline metrics falls back to
+    ``<run_dir>/metrics.json``; a run with neither is an error (a table would silently lose it)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ReportError(f"experiment manifest not found: {p}")
+    try:
+        raw = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise ReportError(f"{p}: not valid JSON ({exc})") from exc
+    runs_raw = _require(raw, "runs", str(p))
+    if not isinstance(runs_raw, dict):
+        raise ReportError(f"{p}: 'runs' must be an object of run name -> run")
+    runs: list[Run] = []
+    for name, r in runs_raw.items():
+        where = f"{p}: run {name!r}"
+        group = _require(r, "group", where)
+        if group not in GROUPS:
+            raise ReportError(f"{where}: group {group!r} is not one of {GROUPS}")
+        metrics = r.get("metrics")
+        if not metrics:
+            mpath = Path(r.get("run_dir", "")) / "metrics.json"
+            if not mpath.is_file():
+                raise ReportError(f"{where}: no inline metrics and no {mpath}")
+            metrics = json.loads(mpath.read_text())
+        if "test" not in metrics:
+            raise ReportError(f"{where}: metrics have no 'test' split")
+        runs.append(Run(name=name, group=group, model=str(_require(r, "model", where)),
+                        variant=str(_require(r, "variant", where)), command=str(r.get("command", "")),
+                        run_dir=str(r.get("run_dir", "")), metrics=metrics))
+    return Experiments(machine=str(raw.get("machine", "unknown")), commit=str(raw.get("commit", "unknown")),
+                       created=str(raw.get("created", "")), runs=runs, source=str(p))
+
+
+def load_efficiency(path: str | os.PathLike[str]) -> Efficiency:
+    """Read and validate results/efficiency.json."""
+    p = Path(path)
+    if not p.is_file():
+        raise ReportError(f"efficiency results not found: {p}")
+    raw = json.loads(p.read_text())
+    models_raw = _require(raw, "models", str(p))
+    models = []
+    for name, m in models_raw.items():
+        where = f"{p}: model {name!r}"
+        kind = _require(m, "kind", where)
+        if kind not in ("teacher", "student"):
+            raise ReportError(f"{where}: kind {kind!r} is not 'teacher' or 'student'")
+        score = m.get("score_ms_per_1000_pairs")
+        models.append(ModelEfficiency(
+            name=name, kind=kind, params=int(_require(m, "params", where)),
+            peak_memory_mb=float(_require(m, "peak_memory_mb", where)),
+            infer_ms_per_1000_users=float(_require(m, "infer_ms_per_1000_users", where)),
+            checkpoint=str(m.get("checkpoint", "")), score_ms_per_1000_pairs=None if score is None else float(score)))
+    known = {"machine", "commit", "created", "device", "models", "command"}
+    return Efficiency(machine=str(raw.get("machine", "unknown")), commit=str(raw.get("commit", "unknown")),
+                      created=str(raw.get("created", "")), device=str(raw.get("device", "")), models=models,
+                      command=str(raw.get("command", "")),
+                      extra={k: v for k, v in raw.items() if k not in known}, source=str(p))
+
+
+# ----------------------------------------------------------------------------- formatting
+
+
+def fmt_metric(x: float | None) -> str:
+    """Accuracy metrics: 4 decimals."""
+    return DASH if x is None else f"{x:.4f}"
+
+
+def fmt_delta(x: float | None) -> str:
+    """Signed 4-decimal difference."""
+    return DASH if x is None else f"{x:+.4f}"
+
+
+def fmt_pct(x: float | None) -> str:
+    return DASH if x is None else f"{x:+.1f}%"
+
+
+def fmt_ms(x: float | None) -> str:
+    return DASH if x is None else f"{x:.2f}"
+
+
+def fmt_sig(x: float | None) -> str:
+    """Small timings (per-pair scoring): 3 significant digits."""
+    return DASH if x is None else f"{x:.3g}"
+
+
+def fmt_mb(x: float | None) -> str:
+    return DASH if x is None else f"{x:.1f}"
+
+
+def fmt_rate(x: float | None) -> str:
+    return DASH if x is None else f"{x:.2f}"
+
+
+def fmt_ratio(x: float | None) -> str:
+    return DASH if x is None else f"{x:.3f}"
+
+
+def fmt_int(x: int | None) -> str:
+    return DASH if x is None else f"{x:,}"
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]],
+                   align: Sequence[str] | None = None) -> str:
+    """A GitHub markdown table; ``align`` per column is 'l' or 'r' (default: first column left)."""
+    headers = list(headers)
+    align = list(align) if align else ["l"] + ["r"] * (len(headers) - 1)
+    lines = ["| " + " | ".join(_cell(h) for h in headers) + " |",
+             "|" + "|".join(":---" if a == "l" else "---:" for a in align) + "|"]
+    for row in rows:
+        row = list(row)
+        if len(row) != len(headers):
+            raise ReportError(f"table row has {len(row)} cells for {len(headers)} columns: {row}")
+        lines.append("| " + " | ".join(_cell(c) for c in row) + " |")
+    return "\n".join(lines)
+
+
+def parse_markdown_tables(text: str) -> list[list[dict[str, str]]]:
+    """Every pipe table in ``text`` as a list of {header: cell} rows (for checks and tests)."""
+    tables: list[list[dict[str, str]]] = []
+    lines = text.splitlines()
+    i = 0
+
+    def cells(line: str) -> list[str]:
+        parts, buf, esc = [], "", False
+        for ch in line.strip()[1:-1]:
+            if esc:
+                buf += ch
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == "|":
+                parts.append(buf.strip())
+                buf = ""
+            else:
+                buf += ch
+        parts.append(buf.strip())
+        return parts
+
+    while i < len(lines) - 1:
+        if lines[i].startswith("|") and lines[i + 1].startswith("|") and set(lines[i + 1]) <= set("|:- "):
+            headers = cells(lines[i])
+            rows = []
+            i += 2
+            while i < len(lines) and lines[i].startswith("|"):
+                rows.append(dict(zip(headers, cells(lines[i]))))
+                i += 1
+            tables.append(rows)
+        else:
+            i += 1
+    return tables
+
+
+# ----------------------------------------------------------------------------- selection helpers
+
+
+def domains_of(exp: Experiments) -> list[str]:
+    """Domains with test results, in order of first appearance (the 'mean' entry excluded)."""
+    seen: list[str] = []
+    for r in exp.runs:
+        for d in r.metrics.get("test", {}):
+            if d != MEAN and d not in seen:
+                seen.append(d)
+    return seen
+
+
+def ordered_runs(exp: Experiments, groups: Sequence[str] = GROUPS) -> list[Run]:
+    """Runs grouped in ``groups`` order, manifest order inside a group."""
+    return [r for g in groups for r in exp.runs if r.group == g]
+
+
+def _unique(runs: list[Run], what: str) -> Run | None:
+    if len(runs) > 1:
+        raise ReportError(f"{what}: several runs match ({', '.join(r.name for r in runs)}); "
+                          f"give them distinct variants in the manifest")
+    return runs[0] if runs else None
+
+
+def alone_run(exp: Experiments, model: str) -> Run | None:
+    """The student ``model`` trained without teachers."""
+    return _unique([r for r in exp.runs if r.model == model and r.variant == "alone"
+                    and r.group in ("baseline", "universality")], f"{model} alone")
+
+
+def distilled_run(exp: Experiments, model: str) -> Run | None:
+    """The student ``model`` trained with the full method."""
+    return _unique([r for r in exp.runs if r.model == model and r.variant == "distilled"
+                    and r.group in ("distilled", "universality")], f"{model} distilled")
+
+
+def student_families(exp: Experiments) -> list[str]:
+    """Student models that have an 'alone' run, in manifest order (SASRec first when present)."""
+    models: list[str] = []
+    for r in exp.runs:
+        if r.variant == "alone" and r.group in ("baseline", "universality") and r.model not in models:
+            models.append(r.model)
+    return sorted(models, key=lambda m: (m != "sasrec",))  # stable: keeps manifest order otherwise
+
+
+def match_run(exp: Experiments, entry: ModelEfficiency) -> Run | None:
+    """The run an efficiency entry measured: same name, else the run whose directory holds the
+    checkpoint (``<run_dir>`` or ``<run_dir>/<sub>``)."""
+    run = exp.by_name(entry.name)
+    if run is not None:
+        return run
+    if not entry.checkpoint:
+        return None
+    ckpt = os.path.normpath(entry.checkpoint)
+    for r in exp.runs:
+        if r.run_dir and os.path.normpath(r.run_dir) in (ckpt, os.path.dirname(ckpt)):
+            return r
+    return None
+
+
+def throughput_ratio(exp: Experiments, run: Run) -> float | None:
+    """steps/s of ``run`` over steps/s of the same student trained alone (same world size), or None."""
+    if run.group == "teacher" or run.variant == "alone":
+        return None
+    base = alone_run(exp, run.model)
+    if base is None or base.steps_per_s is None or run.steps_per_s is None or base.steps_per_s <= 0:
+        return None
+    if base.world_size is not None and run.world_size is not None and base.world_size != run.world_size:
+        return None
+    return run.steps_per_s / base.steps_per_s
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def full_table(exp: Experiments, domain: str) -> str:
+    """One row per run (grouped): test Recall/NDCG@10/50 on ``domain`` (or 'mean')."""
+    headers = ["Group", "Run", "Model", "Variant"] + [METRIC_LABELS[m] for m in METRICS]
+    rows = [[r.group, r.name, r.model, r.variant] + [fmt_metric(r.test(domain, m)) for m in METRICS]
+            for r in ordered_runs(exp)]
+    return markdown_table(headers, rows, align=["l"] * 4 + ["r"] * len(METRICS))
+
+
+def ablation_rows(exp: Experiments) -> tuple[Run | None, list[Run]]:
+    full = _unique([r for r in exp.runs if r.group == "distilled" and r.model == "sasrec"
+                    and r.variant == "distilled"], "distilled SASRec")
+    return full, [r for r in exp.runs if r.group == "ablation"]
+
+
+def ablation_table(exp: Experiments) -> str:
+    """The full method vs each ablation (and SASRec alone for reference): test NDCG@10 per domain
+    and mean, with the difference to the full method."""
+    full, ablations = ablation_rows(exp)
+    if full is None:
+        raise ReportError("ablation table: no run with group 'distilled', model 'sasrec', variant 'distilled'")
+    cols = domains_of(exp) + ([MEAN] if len(domains_of(exp)) > 1 else [])
+    headers = ["Run", "Variant"]
+    for d in cols:
+        headers += [f"NDCG@10 {d}", f"Δ {d}"]
+    rows = []
+    reference = alone_run(exp, "sasrec")
+    for r in [full, *ablations] + ([reference] if reference else []):
+        row = [r.name, r.variant + (" (reference)" if r is reference else "")]
+        for d in cols:
+            v, f = r.test(d, "ndcg@10"), full.test(d, "ndcg@10")
+            row += [fmt_metric(v), DASH if r is full else fmt_delta(None if v is None or f is None else v - f)]
+        rows.append(row)
+    return markdown_table(headers, rows, align=["l", "l"] + ["r"] * (len(headers) - 2))
+
+
+def relative_gain(alone: float | None, distilled: float | None) -> float | None:
+    """(distilled - alone) / alone in percent; None when undefined."""
+    if alone is None or distilled is None or alone == 0:
+        return None
+    return 100.0 * (distilled - alone) / alone
+
+
+def universality_table(exp: Experiments) -> str:
+    """Each student family alone vs distilled: test Recall@10 and NDCG@10 per domain, relative gain."""
+    cols = domains_of(exp) + ([MEAN] if len(domains_of(exp)) > 1 else [])
+    headers = ["Student", "Domain", "Recall@10 alone", "Recall@10 distilled", "NDCG@10 alone",
+               "NDCG@10 distilled", "NDCG@10 gain"]
+    rows = []
+    for model in student_families(exp):
+        a, d = alone_run(exp, model), distilled_run(exp, model)
+        for dom in cols:
+            na = a.test(dom, "ndcg@10") if a else None
+            nd = d.test(dom, "ndcg@10") if d else None
+            rows.append([model, dom, fmt_metric(a.test(dom, "recall@10") if a else None),
+                         fmt_metric(d.test(dom, "recall@10") if d else None), fmt_metric(na), fmt_metric(nd),
+                         fmt_pct(relative_gain(na, nd))])
+    return markdown_table(headers, rows, align=["l", "l"] + ["r"] * 5)
+
+
+def efficiency_table(exp: Experiments, eff: Efficiency, domain: str) -> str:
+    """Per measured model: parameters, peak inference memory, inference and scoring time, test
+    NDCG@10 on ``domain``, training steps/s and the distilled-to-alone throughput ratio."""
+    headers = ["Model", "Kind", "Run", "Params", "Peak memory (MB)", "Inference ms / 1,000 users",
+               "Scoring ms / 1,000 pairs", f"Test NDCG@10 {domain}", "Train steps/s", "Steps/s vs alone"]
+    rows = []
+    for m in eff.models:
+        run = match_run(exp, m)
+        rows.append([m.name, m.kind, run.name if run else DASH, fmt_int(m.params), fmt_mb(m.peak_memory_mb),
+                     fmt_ms(m.infer_ms_per_1000_users), fmt_sig(m.score_ms_per_1000_pairs),
+                     fmt_metric(run.test(domain, "ndcg@10") if run else None),
+                     fmt_rate(run.steps_per_s if run else None),
+                     fmt_ratio(throughput_ratio(exp, run) if run else None)])
+    return markdown_table(headers, rows, align=["l", "l", "l"] + ["r"] * 7)
+
+
+def throughput_table(exp: Experiments) -> str:
+    """Training throughput of every run that recorded timing, and its ratio to the same student
+    trained alone (only between runs of equal world size)."""
+    headers = ["Run", "Model", "Variant", "World size", "Step ms", "Wait ms", "Steps/s", "Steps/s vs alone"]
+    rows = []
+    for r in ordered_runs(exp):
+        t = r.metrics.get("timing")
+        if not t:
+            continue
+        rows.append([r.name, r.model, r.variant, fmt_int(r.world_size), fmt_ms(t.get("step_ms")),
+                     fmt_ms(t.get("wait_ms")), fmt_rate(r.steps_per_s), fmt_ratio(throughput_ratio(exp, r))])
+    return markdown_table(headers, rows, align=["l", "l", "l"] + ["r"] * 5)
+
+
+# ----------------------------------------------------------------------------- figure
+
+
+def figure_points(exp: Experiments, eff: Efficiency, domain: str) -> dict[str, Any]:
+    """What Figure 1 plots: each teacher, SASRec alone and each distilled student that has both an
+    inference measurement and a test NDCG@10 on ``domain``. Returns the sidecar dict."""
+    points, skipped = [], []
+    for m in eff.models:
+        run = match_run(exp, m)
+        if run is None:
+            skipped.append({"model": m.name, "why": "no matching run in the manifest"})
+            continue
+        if m.kind == "teacher" or run.group == "teacher":
+            role = "teacher"
+        elif run.variant == "distilled":
+            role = "distilled"
+        elif run.variant == "alone" and run.model == "sasrec":
+            role = "alone"
+        else:
+            continue  # other students (ablations, non-SASRec alone) are in the tables, not the figure
+        y = run.test(domain, "ndcg@10")
+        if y is None or not m.infer_ms_per_1000_users > 0:
+            skipped.append({"model": m.name, "why": f"no test NDCG@10 on {domain} or no inference time"})
+            continue
+        points.append({"label": m.name, "role": role, "run": run.name, "model": run.model,
+                       "infer_ms_per_1000_users": m.infer_ms_per_1000_users, "ndcg@10": y,
+                       "peak_memory_mb": m.peak_memory_mb, "params": m.params})
+    return {"domain": domain, "metric": "test ndcg@10", "x": "infer_ms_per_1000_users (log scale)",
+            "area": "peak_memory_mb", "experiments_commit": exp.commit, "efficiency_commit": eff.commit,
+            "machine": eff.machine, "device": eff.device, "points": points, "skipped": skipped}
+
+
+ROLE_STYLE = {"teacher": ("tab:red", "Teacher"), "alone": ("tab:gray", "SASRec alone"),
+              "distilled": ("tab:blue", "Distilled student")}
+FIGURE_SIZE_IN = (8.0, 5.5)
+FIGURE_DPI = 150
+MAX_AREA_PT2 = 2500.0
+
+
+def draw_figure(sidecar: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """Draw the Figure-1-style bubble chart from ``figure_points``' dict: x = inference ms per 1,000
+    users (log), y = test NDCG@10, circle area proportional to peak memory."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = sidecar["points"]
+    if not pts:
+        raise ReportError(f"figure: nothing to plot ({sidecar.get('skipped')})")
+    max_mem = max(p["peak_memory_mb"] for p in pts) or 1.0
+    scale = MAX_AREA_PT2 / max_mem  # points^2 per MB: area strictly proportional to memory
+
+    fig, ax = plt.subplots(figsize=FIGURE_SIZE_IN, dpi=FIGURE_DPI)
+    for role, (color, label) in ROLE_STYLE.items():
+        sel = [p for p in pts if p["role"] == role]
+        if not sel:
+            continue
+        xs = [p["infer_ms_per_1000_users"] for p in sel]
+        ys = [p["ndcg@10"] for p in sel]
+        ax.scatter(xs, ys, s=[max(p["peak_memory_mb"], 0.0) * scale for p in sel], color=color, alpha=0.35,
+                   edgecolors=color, linewidths=1.5, label=label, zorder=2)
+        # A centre mark keeps tiny-memory models visible whatever the area ratio.
+        ax.scatter(xs, ys, s=12, color=color, marker="o", zorder=3)
+    for p in pts:
+        ax.annotate(f"{p['label']}\n{fmt_metric(p['ndcg@10'])} · {fmt_mb(p['peak_memory_mb'])} MB",
+                    (p["infer_ms_per_1000_users"], p["ndcg@10"]), xytext=(8, 6), textcoords="offset points",
+                    fontsize=8, zorder=4)
+    ax.set_xscale("log")
+    xs = [p["infer_ms_per_1000_users"] for p in pts]
+    ys = [p["ndcg@10"] for p in pts]
+    ax.set_xlim(min(xs) / 2.5, max(xs) * 4.0)  # room for labels right of the largest circle
+    span = (max(ys) - min(ys)) or max(max(ys), 1e-3) * 0.2
+    ax.set_ylim(min(ys) - 0.35 * span, max(ys) + 0.35 * span)
+    ax.set_xlabel("Inference time, ms per 1,000 users (full ranking, log scale)")
+    ax.set_ylabel(f"Test NDCG@10 on {sidecar['domain']}")
+    ax.set_title(f"Accuracy vs inference cost ({sidecar['domain']}); circle area = peak memory", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3, zorder=0)
+    leg = ax.legend(loc="lower right", fontsize=8, markerscale=1.0, scatterpoints=1)
+    for handle in leg.legend_handles:  # legend markers at a fixed size, not the first circle's
+        handle.set_sizes([60])
+    foot = f"device: {sidecar.get('device', '')}  ·  machine: {sidecar.get('machine', '')}"
+    fig.text(0.01, 0.01, foot[:140], fontsize=6, color="0.4")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=FIGURE_DPI, metadata={"Software": None})
+    plt.close(fig)
+
+
+def png_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """(width, height) from a PNG header; ReportError if the file is not a PNG."""
+    data = Path(path).read_bytes()[:24]
+    if data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
+        raise ReportError(f"{path} is not a PNG file")
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def expected_png_size() -> tuple[int, int]:
+    return round(FIGURE_SIZE_IN[0] * FIGURE_DPI), round(FIGURE_SIZE_IN[1] * FIGURE_DPI)
+
+
+# ----------------------------------------------------------------------------- page
+
+
+def _source_block(commit: str, machine: str, created: str, commands: Iterable[str], source: str,
+                  device: str = "") -> str:
+    cmds = [c for c in commands if c]
+    lines = [f"*Source:* `{source}` · commit `{commit}` · machine: {machine}"
+             + (f" · device: {device}" if device else "") + (f" · created {created}" if created else "")]
+    if cmds:
+        lines += ["", "<details><summary>Command(s)</summary>", "", "```bash", *cmds, "```", "", "</details>"]
+    return "\n".join(lines)
+
+
+def render_report(exp: Experiments, eff: Efficiency | None, domain: str = "Scientific",
+                  figure_link: str | None = None, generated_by: str = "python launch/report.py") -> str:
+    """The whole docs/results.md page."""
+    domains = domains_of(exp)
+    if domain not in domains:
+        raise ReportError(f"figure/efficiency domain {domain!r} has no test results; domains: {domains}")
+    out = ["# Results", "",
+           f"Generated by `{generated_by}` from `{exp.source}`"
+           + (f" and `{eff.source}`" if eff else "") + ". Do not edit by hand: rerun the command.",
+           "All metrics: test split, leave-one-out, full ranking over the user's domain "
+           "(UniSRec/RecBole protocol); model selection on valid NDCG@10.", ""]
+    if figure_link:
+        out += ["## Figure 1: accuracy, inference time and memory", "",
+                f"![Figure 1: test NDCG@10 on {domain} vs inference ms per 1,000 users; circle area = peak "
+                f"memory]({figure_link})", "",
+                f"Numbers plotted: `{Path(figure_link).with_suffix('.json').name}` (same values as the "
+                "efficiency table below).", ""]
+    runs = ordered_runs(exp)
+    out += ["## 1. Test results per domain", "",
+            _source_block(exp.commit, exp.machine, exp.created, [r.command for r in runs], exp.source), ""]
+    for d in domains + ([MEAN] if len(domains) > 1 else []):
+        out += [f"### {d if d != MEAN else 'Mean over domains'}", "", full_table(exp, d), ""]
+
+    full, ablations = ablation_rows(exp)
+    out += ["## 2. Ablations (distilled SASRec vs each ablation)", ""]
+    if full is None:
+        out += ["No distilled SASRec run in the manifest: no ablation table.", ""]
+    else:
+        ref = alone_run(exp, "sasrec")
+        cmds = [r.command for r in [full, *ablations] + ([ref] if ref else [])]
+        out += [_source_block(exp.commit, exp.machine, exp.created, cmds, exp.source), "",
+                "Δ = NDCG@10 of the row minus NDCG@10 of the full method (negative: the removed part helps).", "",
+                ablation_table(exp), ""]
+
+    out += ["## 3. Universality (each student family alone vs distilled)", ""]
+    fams = student_families(exp)
+    cmds = [r.command for m in fams for r in (alone_run(exp, m), distilled_run(exp, m)) if r is not None]
+    out += [_source_block(exp.commit, exp.machine, exp.created, cmds, exp.source), "",
+            "Gain = (distilled − alone) / alone, on test NDCG@10.", "", universality_table(exp), ""]
+
+    out += ["## 4. Efficiency", ""]
+    if eff is None:
+        out += ["No inference benchmark (results/efficiency.json) was given.", ""]
+    else:
+        extra = ", ".join(f"{k}: {v}" for k, v in eff.extra.items() if isinstance(v, (str, int, float)))
+        out += ["### Inference", "",
+                _source_block(eff.commit, eff.machine, eff.created, [eff.command], eff.source, eff.device), "",
+                "Inference = full ranking of each test user over the domain's catalogue (batches of 256, "
+                "median of repeats after a warm-up). Peak memory = model plus inference working memory. "
+                "Training throughput from the matching run's metrics."
+                + (f" Settings: {extra}." if extra else ""), "",
+                efficiency_table(exp, eff, domain), ""]
+    out += ["### Training throughput", "",
+            _source_block(exp.commit, exp.machine, exp.created,
+                          [r.command for r in runs if r.metrics.get("timing")], exp.source), "",
+            "Steps/s over the whole training (compute plus waiting for soft labels); the ratio compares a run "
+            "with the same student trained alone at the same world size.", "",
+            throughput_table(exp), ""]
+    return "\n".join(out)
