@@ -56,3 +56,17 @@ def test_static_endpoints_distil_with_two_teachers(scientific_mm, data_dir, tmp_
     assert h["kd"] > 0 and h["kd_teachers"] == 2
     assert 0 < h["w/a"] < 1 and h["w/a"] + h["w/b"] == pytest.approx(1.0, abs=1e-5)
     assert m["teacher_client"]["batches"] >= 4
+
+
+@pytest.mark.parametrize("kind,lr", [("fm", 0.01), ("deepfm", 0.01), ("lightgcn", 0.05)])
+def test_other_student_families_distil_and_learn(kind, lr, scientific_mm, data_dir, tmp_path):
+    server = _serve(tmp_path, scientific_mm, "a", scientific_mm.vocab_hash(), seed=1)
+    try:
+        proc = _distill(data_dir, tmp_path / "run", {"a": [server.address]}, "--set", f"model.kind={kind}",
+                        "--set", "train.epochs=3", "--set", f"train.lr={lr}", "--set", "curriculum.enabled=false")
+    finally:
+        server.stop(0)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hist = json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]
+    assert all(h["kd"] > 0 for h in hist)
+    assert hist[-1]["loss"] < hist[0]["loss"]
