@@ -75,6 +75,9 @@ class TrainConfig:
     device: str = "cpu"
     eval_batch_size: int = 1024
     grad_clip: float = 0.0  # 0: no clipping
+    # >0: shuffle, then sort rows by history length within pools of this many batches and shuffle
+    # the batches: far less padding for attention models on short-history data. 0: plain shuffle.
+    length_bucket_batches: int = 0
     threads: int = 2  # torch intra-op threads; 0 = leave torch's default
     log_every: int = 50  # steps between loss lines in train.log
     progress: bool = True  # tqdm bar

@@ -118,6 +118,23 @@ def subsample_rows(ex: SeqExamples, domain_names: list[str], caps: dict[str, int
     return ex.subset(np.nonzero(keep)[0])
 
 
+def epoch_batches(lengths: np.ndarray, batch_size: int, gen: torch.Generator,
+                  bucket_batches: int = 0) -> list[np.ndarray]:
+    """Row indices of one epoch's batches: a seeded shuffle; with ``bucket_batches`` > 0, rows are
+    sorted by length inside pools of that many batches and the batches shuffled again."""
+    order = torch.randperm(len(lengths), generator=gen).numpy()
+    if bucket_batches <= 0:
+        return [order[b: b + batch_size] for b in range(0, len(order), batch_size)]
+    pool = bucket_batches * batch_size
+    batches = []
+    for p in range(0, len(order), pool):
+        chunk = order[p: p + pool]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches.extend(chunk[b: b + batch_size] for b in range(0, len(chunk), batch_size))
+    perm = torch.randperm(len(batches), generator=gen).numpy()
+    return [batches[i] for i in perm]
+
+
 def git_sha() -> str:
     root = Path(__file__).resolve().parents[1]
     try:
@@ -334,8 +351,8 @@ class TeacherTrainer:
         if callable(prepare):
             prepare(epoch)
         model.train()
-        order = torch.randperm(len(train), generator=gen).numpy()
-        n_batches = (len(order) + batch_size - 1) // batch_size
+        batches = epoch_batches(train.lengths, batch_size, gen, cfg.length_bucket_batches)
+        n_batches = len(batches)
         if stage.max_steps_per_epoch:
             n_batches = min(n_batches, stage.max_steps_per_epoch)
         steps = range(n_batches)
@@ -345,7 +362,7 @@ class TeacherTrainer:
             steps = tqdm(steps, desc=f"{stage.name} epoch {epoch}", unit="step", leave=False, file=sys.stderr)
         total, count = 0.0, 0
         for b in steps:
-            idx = order[b * batch_size: (b + 1) * batch_size]
+            idx = batches[b]
             lens = train.lengths[idx]
             L = int(lens.max())  # trim padding no row in this batch uses
             dev = self.device
