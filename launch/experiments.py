@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from student.run_dir import git_sha  # noqa: E402
+from ckd.run_dir import git_sha  # noqa: E402
 
 # name -> (group, model, variant, overrides); "{all}" marks runs that use every teacher.
 SUITES: dict[str, list[tuple[str, str, str, str, list[str]]]] = {

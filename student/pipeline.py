@@ -14,7 +14,7 @@ import torch
 from ckd.config import to_dict
 from ckd.data.multidomain import MultiDomainDataset, load_multidomain
 from ckd.metrics import format_table
-from student.run_dir import setup_logging, write_run_header
+from ckd.run_dir import setup_logging, write_run_header
 
 log = logging.getLogger("ckd")
 
@@ -115,7 +115,7 @@ def run_distillation(cfg) -> dict[str, Any] | None:
         metrics = trainer.fit()
         if teacher_session is not None and acc.is_main_process:
             metrics["teacher_client"] = teacher_session.stats()
-            from student.run_dir import write_metrics
+            from ckd.run_dir import write_metrics
 
             write_metrics(run_dir, metrics)
     finally:

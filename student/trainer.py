@@ -327,7 +327,7 @@ class Trainer:
                        "world_size": self.acc.num_processes,
                        "num_parameters": sum(p.numel() for p in model.parameters()),
                        "peak_memory_mb": peak_memory_mb(self.device)}
-            from student.run_dir import write_metrics
+            from ckd.run_dir import write_metrics
 
             write_metrics(self.run_dir, metrics)
             log.info("results (best epoch %d)\n%s", self.state["best_epoch"],
