@@ -1,0 +1,102 @@
+"""The generic teacher training loop on real Scientific rows: run directory, stages, resume."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ckd.config import ConfigError, load_config
+from teachers.base import load_teacher
+from teachers.config import TeacherConfig
+from teachers.training import TeacherTrainer, epoch_batches, train_teacher, transfer_parameters
+from teachers.unisrec import UniSRecTeacher
+
+TINY = {"hidden": 16, "inner": 16, "layers": 1, "heads": 1, "n_experts": 2, "dropout": 0.1, "attn_dropout": 0.1}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+def _cfg(data_dir, epochs: int, stages: list[dict]) -> TeacherConfig:
+    return load_config(TeacherConfig, extra={
+        "kind": "unisrec", "model": TINY,
+        "data": {"data_dir": str(data_dir), "domains": ["Scientific"], "max_len": 20},
+        "train": {"epochs": epochs, "batch_size": 128, "lr": 3e-3, "seed": 7, "progress": False,
+                  "threads": 1, "eval_batch_size": 4096, "length_bucket_batches": 4, "stages": stages}})
+
+
+FINETUNE = {"name": "finetune", "model": {"objective": "finetune", "item_mode": "text+id"},
+            "max_train_rows": {"Scientific": 2000}, "max_steps_per_epoch": 4}
+
+
+@pytest.mark.unit
+def test_unknown_key_is_an_error():
+    with pytest.raises(ConfigError, match="epoch"):
+        load_config(TeacherConfig, extra={"kind": "unisrec", "train": {"epoch": 3}})
+    with pytest.raises(ConfigError, match="stages"):
+        load_config(TeacherConfig, extra={"kind": "unisrec", "train": {"stages": [{"name": "a", "lr_x": 1}]}})
+
+
+@pytest.mark.unit
+def test_epoch_batches_cover_rows_once_and_bucket_by_length():
+    lengths = np.random.default_rng(0).integers(1, 50, size=1000)
+    a = epoch_batches(lengths, 64, torch.Generator().manual_seed(3), bucket_batches=4)
+    b = epoch_batches(lengths, 64, torch.Generator().manual_seed(3), bucket_batches=4)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))  # seeded
+    flat = np.concatenate(a)
+    assert np.array_equal(np.sort(flat), np.arange(1000))
+    # inside a batch rows are length-sorted, so the padding cost is far below the plain shuffle's
+    plain = epoch_batches(lengths, 64, torch.Generator().manual_seed(3), bucket_batches=0)
+    pad = lambda bs: sum(len(x) * lengths[x].max() for x in bs)  # noqa: E731
+    assert pad(a) < 0.75 * pad(plain)
+    assert all(np.all(np.diff(lengths[x]) >= 0) for x in a)
+
+
+@pytest.mark.unit
+def test_run_dir_metrics_and_exact_resume(data_dir, tmp_path):
+    # two epochs in one go
+    full = train_teacher(_cfg(data_dir, 2, [FINETUNE]), tmp_path / "full")
+    # one epoch, then "interrupted", then resumed to two epochs from last/
+    train_teacher(_cfg(data_dir, 1, [FINETUNE]), tmp_path / "resumed")
+    resumed = train_teacher(_cfg(data_dir, 2, [FINETUNE]), tmp_path / "resumed")
+    h_full = full["stages"]["finetune"]["history"]
+    h_res = json.loads((tmp_path / "resumed" / "last" / "state.json").read_text())["history"]
+    assert [r["loss"] for r in h_full] == pytest.approx([r["loss"] for r in h_res], rel=1e-6)
+    assert resumed["test"] == full["test"]
+
+    run = tmp_path / "full"
+    for name in ("config.yaml", "run.json", "train.log", "metrics.json", "best/model.safetensors"):
+        assert (run / name).is_file(), name
+    m = json.loads((run / "metrics.json").read_text())
+    assert set(m["valid"]) == {"Scientific", "mean"} and set(m["test"]) == {"Scientific", "mean"}
+    assert set(m["test"]["Scientific"]) == {"recall@10", "ndcg@10", "recall@50", "ndcg@50"}
+    assert m["best_epoch"] in (0, 1)
+    # the best checkpoint is the epoch with the best valid NDCG@10, and loads against the data
+    best_valid = max(r["valid_ndcg10"] for r in h_full)
+    assert m["valid"]["mean"]["ndcg@10"] == pytest.approx(best_valid, abs=1e-9)
+    assert isinstance(load_teacher(run / "best", expected_vocab_hash=m["vocab_hash"]), UniSRecTeacher)
+
+
+@pytest.mark.unit
+def test_stages_pretrain_then_finetune_transfers_weights(data_dir, tmp_path):
+    stages = [{"name": "pretrain", "model": {"objective": "pretrain", "item_mode": "text"}, "epochs": 1,
+               "evaluate": False, "early_stopping": False, "max_train_rows": {"Scientific": 1000},
+               "max_steps_per_epoch": 3},
+              {**FINETUNE, "init_from": "previous", "max_steps_per_epoch": 1}]
+    trainer = TeacherTrainer(_cfg(data_dir, 1, stages), tmp_path / "run")
+    trainer.fit()
+    pre = load_teacher(tmp_path / "run" / "stage_pretrain" / "best")
+    fin_fresh = trainer._init_model(1, trainer.stages[1], trainer.dataset(trainer.stages[1]))
+    # the fine-tuning model starts from the pre-trained adaptor and encoder, with a fresh ID table
+    torch.testing.assert_close(fin_fresh.adaptor.experts[0].proj.weight, pre.adaptor.experts[0].proj.weight)
+    torch.testing.assert_close(fin_fresh.encoder.layers[0].linear1.weight, pre.encoder.layers[0].linear1.weight)
+    copied, skipped = transfer_parameters(pre, fin_fresh)
+    assert "id_emb.weight" in skipped and "text_emb" in skipped and "adaptor.w_gate" in copied
+    assert (tmp_path / "run" / "best" / "config.json").is_file()
