@@ -1,0 +1,231 @@
+"""The results report (tables, deltas, Figure 1 and its sidecar) from hand-made fixtures, and the
+inference benchmark on a tiny real student and a fixture teacher over real ScientificMM data."""
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from ckd.reporting import (ReportError, expected_png_size, fmt_mb, fmt_metric, fmt_ms, load_efficiency,
+                           load_experiments, parse_markdown_tables, png_size, render_report)
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).parent / "fixtures"
+EXPERIMENTS = FIXTURES / "results_fixture.json"
+EFFICIENCY = FIXTURES / "efficiency_fixture.json"
+sys.path.insert(0, str(ROOT / "launch"))
+
+import bench_inference  # noqa: E402
+import report  # noqa: E402
+
+
+def _sections(md: str) -> dict[str, list[dict[str, str]]]:
+    """Tables keyed by the nearest heading above them."""
+    out: dict[str, list[dict[str, str]]] = {}
+    heading = ""
+    chunk: list[str] = []
+    for line in md.splitlines() + ["# end"]:
+        if line.startswith("#"):
+            tables = parse_markdown_tables("\n".join(chunk))
+            if tables:
+                out[heading] = tables[0]
+            heading, chunk = line.lstrip("# ").strip(), []
+        else:
+            chunk.append(line)
+    return out
+
+
+def _row(table: list[dict[str, str]], key: str, value: str) -> dict[str, str]:
+    rows = [r for r in table if r[key] == value]
+    assert len(rows) == 1, f"{key}={value!r}: {len(rows)} rows in {table}"
+    return rows[0]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    code = report.main(["--experiments", str(EXPERIMENTS), "--efficiency", str(EFFICIENCY),
+                        "--out", str(out / "docs" / "results.md"), "--figure", str(out / "docs" / "figure1.png")])
+    assert code == 0
+    md = (out / "docs" / "results.md").read_text()
+    return {"dir": out / "docs", "md": md, "tables": _sections(md),
+            "sidecar": json.loads((out / "docs" / "figure1.json").read_text())}
+
+
+@pytest.mark.unit
+def test_full_table_has_fixture_numbers(built):
+    t = built["tables"]
+    sci, off, mean = t["Scientific"], t["Office14"], t["Mean over domains"]
+    assert [r["Run"] for r in sci][:3] == ["teacher_unisrec", "teacher_recformer", "sasrec_alone"]  # grouped
+    assert len(sci) == 9
+    d = _row(sci, "Run", "sasrec_distilled")
+    assert (d["Recall@10"], d["NDCG@10"], d["Recall@50"], d["NDCG@50"]) == ("0.1246", "0.0639", "0.2390", "0.0885")
+    assert _row(off, "Run", "fm_alone")["Recall@10"] == "0.0812"
+    assert _row(off, "Run", "teacher_recformer")["NDCG@50"] == "0.0893"
+    # mean of 0.055312 and 0.060125 = 0.0577185
+    assert _row(mean, "Run", "sasrec_alone")["NDCG@10"] == "0.0577"
+    assert "0123456789abcdef0123456789abcdef01234567" in built["md"]
+    assert "fixture-box (2 cores, no GPU)" in built["md"]
+    assert "--run-dir runs/ablation_positive_only" in built["md"]
+
+
+@pytest.mark.unit
+def test_ablation_deltas_hand_computed(built):
+    t = built["tables"]["2. Ablations (distilled SASRec vs each ablation)"]
+    assert _row(t, "Run", "sasrec_distilled")["Δ Scientific"] == "—"
+    nc = _row(t, "Run", "ablation_no_curriculum")
+    assert nc["NDCG@10 Scientific"] == "0.0612"
+    assert nc["Δ Scientific"] == "-0.0027"  # 0.061152 - 0.063871 = -0.002719
+    po = _row(t, "Run", "ablation_positive_only")
+    assert po["Δ Scientific"] == "-0.0041"  # 0.059780 - 0.063871
+    assert po["Δ mean"] == "-0.0030"  # 0.063147 - 0.0661075 = -0.0029605
+    assert _row(t, "Run", "ablation_mean_integration")["Δ Office14"] == "-0.0004"  # 0.067900 - 0.068344
+    assert _row(t, "Run", "sasrec_alone")["Variant"] == "alone (reference)"
+
+
+@pytest.mark.unit
+def test_universality_gains(built):
+    t = built["tables"]["3. Universality (each student family alone vs distilled)"]
+    sci = [r for r in t if r["Domain"] == "Scientific"]
+    assert [r["Student"] for r in sci] == ["sasrec", "fm"]
+    assert sci[0]["NDCG@10 gain"] == "+15.5%"  # (0.063871 - 0.055312) / 0.055312 = 15.47%
+    fm_off = next(r for r in t if r["Student"] == "fm" and r["Domain"] == "Office14")
+    assert (fm_off["NDCG@10 alone"], fm_off["NDCG@10 distilled"]) == ("0.0401", "0.0440")
+    assert fm_off["NDCG@10 gain"] == "+9.7%"  # 0.00391 / 0.04011 = 9.75%
+
+
+@pytest.mark.unit
+def test_efficiency_and_throughput_tables(built):
+    eff = built["tables"]["Inference"]
+    ckd = _row(eff, "Model", "sasrec-ckd")
+    assert ckd["Run"] == "sasrec_distilled"  # matched through its checkpoint path
+    assert (ckd["Params"], ckd["Peak memory (MB)"], ckd["Inference ms / 1,000 users"]) == ("381,376", "36.0", "87.46")
+    assert ckd["Train steps/s"] == "18.00" and ckd["Steps/s vs alone"] == "0.900"  # 18 / 20
+    assert _row(eff, "Model", "fm_distilled")["Steps/s vs alone"] == "0.750"  # 30 / 40
+    uni = _row(eff, "Model", "unisrec_textid")
+    assert (uni["Run"], uni["Train steps/s"], uni["Scoring ms / 1,000 pairs"]) == ("teacher_unisrec", "—", "0.0413")
+    thr = built["tables"]["Training throughput"]
+    assert _row(thr, "Run", "ablation_positive_only")["Steps/s vs alone"] == "0.945"  # 18.9 / 20
+    assert _row(thr, "Run", "sasrec_alone")["Steps/s vs alone"] == "—"
+    assert "teacher_unisrec" not in [r["Run"] for r in thr]  # no timing recorded
+
+
+@pytest.mark.unit
+def test_figure_png_and_sidecar_match_tables(built):
+    png = built["dir"] / "figure1.png"
+    assert png_size(png) == expected_png_size() == (1200, 825)
+    assert png.stat().st_size > 20_000  # a drawn chart, not an empty canvas
+    assert "](figure1.png)" in built["md"]
+    side = built["sidecar"]
+    assert side["domain"] == "Scientific"
+    pts = {p["label"]: p for p in side["points"]}
+    # teachers, SASRec alone and the distilled students; FM alone stays out of the figure
+    assert set(pts) == {"unisrec_textid", "teacher_recformer", "sasrec_alone", "sasrec-ckd", "fm_distilled"}
+    assert pts["sasrec-ckd"]["role"] == "distilled" and pts["sasrec_alone"]["role"] == "alone"
+    eff = built["tables"]["Inference"]
+    sci = built["tables"]["Scientific"]
+    for label, p in pts.items():
+        row = _row(eff, "Model", label)
+        assert fmt_ms(p["infer_ms_per_1000_users"]) == row["Inference ms / 1,000 users"]
+        assert fmt_mb(p["peak_memory_mb"]) == row["Peak memory (MB)"]
+        assert fmt_metric(p["ndcg@10"]) == row["Test NDCG@10 Scientific"]
+        assert fmt_metric(p["ndcg@10"]) == _row(sci, "Run", p["run"])["NDCG@10"]
+
+
+@pytest.mark.unit
+def test_report_without_efficiency_has_no_figure(tmp_path):
+    code = report.main(["--experiments", str(EXPERIMENTS), "--efficiency", str(tmp_path / "missing.json"),
+                        "--out", str(tmp_path / "r.md"), "--figure", str(tmp_path / "f.png")])
+    assert code == 0
+    md = (tmp_path / "r.md").read_text()
+    assert "No inference benchmark" in md and "](f.png)" not in md and "## Figure 1" not in md
+    assert not (tmp_path / "f.png").exists()
+
+
+@pytest.mark.unit
+def test_bad_manifests_are_named_errors(tmp_path):
+    raw = json.loads(EXPERIMENTS.read_text())
+    dup = copy.deepcopy(raw)
+    dup["runs"]["sasrec_distilled_again"] = copy.deepcopy(dup["runs"]["sasrec_distilled"])
+    p = tmp_path / "dup.json"
+    p.write_text(json.dumps(dup))
+    with pytest.raises(ReportError, match="sasrec_distilled_again"):
+        render_report(load_experiments(p), None)
+    bad = copy.deepcopy(raw)
+    bad["runs"]["fm_alone"]["group"] = "students"
+    p.write_text(json.dumps(bad))
+    with pytest.raises(ReportError, match="group 'students'"):
+        load_experiments(p)
+    with pytest.raises(ReportError, match="Games"):
+        render_report(load_experiments(EXPERIMENTS), None, domain="Games")
+    # runs at different world sizes are not compared
+    ws = copy.deepcopy(raw)
+    ws["runs"]["sasrec_distilled"]["metrics"]["world_size"] = 2
+    p.write_text(json.dumps(ws))
+    md = render_report(load_experiments(p), load_efficiency(EFFICIENCY))
+    assert _row(_sections(md)["Training throughput"], "Run", "sasrec_distilled")["Steps/s vs alone"] == "—"
+
+
+# ----------------------------------------------------------------------------- bench_inference
+
+
+@pytest.mark.unit
+def test_teacher_domains_from_run_config(tmp_path):
+    (tmp_path / "run" / "best").mkdir(parents=True)
+    (tmp_path / "run" / "config.yaml").write_text("data:\n  domains: [Scientific, Office14]\n  max_len: 20\n")
+    assert bench_inference.teacher_domains(tmp_path / "run" / "best", None, "X") == (["Scientific", "Office14"], 20)
+    assert bench_inference.teacher_domains(tmp_path / "run" / "best", ["A"], "X") == (["A"], 50)
+    assert bench_inference.teacher_domains(tmp_path / "other", None, "X") == (["X"], 50)
+    with pytest.raises(bench_inference.BenchError, match="NAME=CHECKPOINT_DIR"):
+        bench_inference.parse_named(["no_equals_sign"], "student")
+
+
+@pytest.mark.integration
+def test_bench_inference_tiny_student_and_fixture_teacher(tmp_path, data_dir, scientific_mm):
+    import torch
+
+    from student.models import build_student
+    from student.trainer import save_student
+    from teachers.fixture_teacher import make_fixture_checkpoint
+
+    ds = scientific_mm
+    students = {}
+    for kind, kwargs in {"sasrec": dict(hidden=16, layers=1, heads=1, dropout=0.0, attn_dropout=0.0, max_len=50),
+                         "fm": dict(hidden=16)}.items():
+        torch.manual_seed(0)
+        model = build_student(kind, ds, **kwargs)
+        save_student(model, tmp_path / kind / "best", {
+            "kind": kind, "kwargs": kwargs, "vocab_hash": ds.vocab_hash(), "vocab_size": ds.vocab_size,
+            "domains": ds.domain_names, "max_len": 50})
+        students[kind] = sum(p.numel() for p in model.parameters())
+    make_fixture_checkpoint(tmp_path / "teacher" / "best", num_items=ds.vocab_size, vocab_hash=ds.vocab_hash(),
+                            dim=32)
+    (tmp_path / "teacher" / "config.yaml").write_text("data:\n  domains: [ScientificMM]\n  max_len: 50\n")
+    out = tmp_path / "efficiency.json"
+    code = bench_inference.main(["--student", f"tiny_sasrec={tmp_path / 'sasrec' / 'best'}",
+                                 "--student", f"tiny_fm={tmp_path / 'fm' / 'best'}",
+                                 "--teacher", f"fixture={tmp_path / 'teacher' / 'best'}",
+                                 "--data-dir", str(data_dir), "--domain", "ScientificMM", "--users", "300",
+                                 "--repeats", "1", "--out", str(out)])
+    assert code == 0
+    res = json.loads(out.read_text())
+    assert {"machine", "commit", "created", "device", "models"} <= set(res) and res["device"] == "cpu"
+    m = res["models"]
+    assert list(m) == ["tiny_sasrec", "tiny_fm", "fixture"]
+    assert m["tiny_sasrec"]["params"] == students["sasrec"] and m["tiny_fm"]["params"] == students["fm"]
+    assert m["fixture"]["kind"] == "teacher" and m["fixture"]["params"] == ds.vocab_size * 32
+    for name, entry in m.items():
+        assert entry["users"] == 300 and entry["catalogue"] == ds.domain_range(0)[1] - ds.domain_range(0)[0]
+        for key in ("peak_memory_mb", "infer_ms_per_1000_users", "score_ms_per_1000_pairs"):
+            assert entry[key] > 0, (name, key, entry[key])
+        assert entry["checkpoint"].endswith("best")
+    # the report reads what the benchmark wrote
+    eff = load_efficiency(out)
+    assert [e.name for e in eff.models] == ["tiny_sasrec", "tiny_fm", "fixture"]
+    # a teacher trained on other domains is refused before anything is timed
+    (tmp_path / "teacher" / "config.yaml").write_text("data:\n  domains: [Scientific]\n")
+    assert bench_inference.main(["--teacher", f"fixture={tmp_path / 'teacher' / 'best'}", "--data-dir",
+                                 str(data_dir), "--domain", "ScientificMM", "--out", str(tmp_path / "x.json")]) == 2
