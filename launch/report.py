@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     if efficiency and not Path(efficiency).is_file():
         print(f"note: {efficiency} not found: no efficiency table, no figure", file=sys.stderr)
         efficiency = None
-    command = "python launch/report.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    given = argv if argv is not None else sys.argv[1:]
+    command = "python launch/report.py " + " ".join(shlex.quote(a) for a in given)
     try:
         written = build_report(args.experiments, efficiency, args.out, args.figure, args.domain, command.strip())
     except ReportError as exc:
