@@ -29,6 +29,21 @@ _TRUE = {"true", "yes", "1", "on"}
 _FALSE = {"false", "no", "0", "off"}
 
 
+@dataclasses.dataclass
+class DataConfig:
+    """Which domains to load and from where (shared by teacher and student runs)."""
+
+    data_dir: str = ""  # empty: --data-dir, else $CKD_DATA_DIR, else ../shared/data/amazon
+    domains: list[str] = dataclasses.field(default_factory=lambda: ["Scientific"])
+    max_len: int = 50
+
+    def validate(self) -> None:
+        if not self.domains:
+            raise ConfigError("data.domains: name at least one domain")
+        if self.max_len < 1:
+            raise ConfigError("data.max_len must be >= 1")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)

@@ -7,20 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ckd.config import ConfigError
-
-
-@dataclass
-class DataConfig:
-    data_dir: str = ""  # empty: $CKD_DATA_DIR, else ../shared/data/amazon
-    domains: list[str] = field(default_factory=lambda: ["Scientific"])
-    max_len: int = 50
-
-    def validate(self) -> None:
-        if not self.domains:
-            raise ConfigError("data.domains: name at least one domain")
-        if self.max_len < 1:
-            raise ConfigError("data.max_len must be >= 1")
+from ckd.config import ConfigError, DataConfig
 
 
 @dataclass

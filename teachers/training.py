@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ckd.config import default_data_dir, dump_config, json_dump
+from ckd.run_dir import git_sha
 from ckd.data.multidomain import MultiDomainDataset, SeqExamples, load_multidomain
 from ckd.metrics import evaluate_full_ranking, format_table
 from teachers.base import TEACHERS, Teacher, TeacherContractError, load_teacher, save_teacher
@@ -133,18 +133,6 @@ def epoch_batches(lengths: np.ndarray, batch_size: int, gen: torch.Generator,
         batches.extend(chunk[b: b + batch_size] for b in range(0, len(chunk), batch_size))
     perm = torch.randperm(len(batches), generator=gen).numpy()
     return [batches[i] for i in perm]
-
-
-def git_sha() -> str:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                             timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return (sha + ("-dirty" if dirty else "")) or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def setup_logging(run_dir: Path) -> logging.Logger:
