@@ -3,9 +3,9 @@
 # fine-tuning on Scientific in text+ID and text-only modes. Brings back weights without the frozen
 # text table (launch/restore_teacher.py recomputes it offline). Used for docs/teachers.md:
 #   PT_EPOCHS=4 CKD_DATA_DIR=... OUT=... bash launch/gpu_train_unisrec.sh
-set -e; PT_EPOCHS=${PT_EPOCHS:-4}; mkdir -p "$OUT"
+set -e; PT_EPOCHS=${PT_EPOCHS:-4}
 export CKD_CACHE_DIR=${CKD_CACHE_DIR:-.cache/ckd} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
-D=${CKD_DATA_DIR:-../shared/data/amazon}; R=${RUNS:-/tmp/unisrec_gpu}; OUT=${OUT:-$R/out}
+D=${CKD_DATA_DIR:-../shared/data/amazon}; R=${RUNS:-/tmp/unisrec_gpu}; OUT=${OUT:-$R/out}; mkdir -p "$OUT"
 C="--data-dir $D --set train.device=cuda --set train.threads=0 --set train.progress=false --set train.eval_batch_size=4096"
 nvidia-smi -L
 # pre-training on the text domains carried here (Scientific + Office14; Games' embeddings not carried)
