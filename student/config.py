@@ -30,6 +30,9 @@ class TrainConfig:
     seed: int = 2024
     eval_batch_size: int = 1024
     max_steps_per_epoch: int = 0  # 0 = the whole (paced) pool each epoch
+    # Batches of similar history length (sorted within pools of this many batches, batch order then
+    # shuffled): padding, and so student and teacher compute, follow the rows' real lengths. 0 = off.
+    length_bucket_batches: int = 50
     log_every: int = 50
     threads: int = 0  # torch intra-op threads per process; 0 = leave torch's default
     progress: bool = True

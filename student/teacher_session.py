@@ -137,7 +137,7 @@ class TeacherSession:
 
     def loss_fn(self, logits: torch.Tensor, pb: PreparedBatch, batch: StudentBatch, soft, trainer):
         dev = logits.device
-        scores = {t: (torch.from_numpy(np.ascontiguousarray(v)).to(dev) if v is not None else None)
+        scores = {t: (torch.from_numpy(np.array(v, dtype=np.float32)).to(dev) if v is not None else None)
                   for t, v in soft.items()}
         if all(v is None for v in scores.values()):
             self.kd_skipped_batches += 1

@@ -185,14 +185,31 @@ class Trainer:
         return True
 
     # -- training ------------------------------------------------------------------------------
-    def _batches(self, epoch: int) -> Iterator[PreparedBatch]:
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        """This rank's batches of ``epoch``: its curriculum shard, optionally length-bucketed (rows
+        sorted by length within pools of batches, then the batch order shuffled, all seeded)."""
         idx = self.sampler.epoch_indices(epoch)
         bs = self.cfg.train.batch_size
-        n_batches = len(idx) // bs if len(idx) >= bs else 1
+        n_batches = max(1, len(idx) // bs)
+        idx = idx[: n_batches * bs] if len(idx) >= bs else idx
+        pool = self.cfg.train.length_bucket_batches
+        if pool > 0:
+            lengths = self.dataset.splits["train"].lengths
+            rng = np.random.default_rng([self.cfg.train.seed, epoch, self.acc.process_index])
+            batches = []
+            for p in range(0, len(idx), pool * bs):
+                chunk = idx[p: p + pool * bs]
+                chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+                batches.extend(chunk[b: b + bs] for b in range(0, len(chunk), bs))
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        else:
+            batches = [idx[b * bs:(b + 1) * bs] for b in range(n_batches)]
         if self.cfg.train.max_steps_per_epoch:
-            n_batches = min(n_batches, self.cfg.train.max_steps_per_epoch)
-        for b in range(n_batches):
-            sel = idx[b * bs:(b + 1) * bs]
+            batches = batches[: self.cfg.train.max_steps_per_epoch]
+        return batches
+
+    def _batches(self, epoch: int) -> Iterator[PreparedBatch]:
+        for b, sel in enumerate(self.epoch_batches(epoch)):
             seed = (self.cfg.train.seed * 1_000_003 + epoch * 10_007 + b) * 97 + self.acc.process_index
             yield self.prepare(make_student_batch(self.dataset, "train", sel), seed)
 
