@@ -136,17 +136,18 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "CKD_DATA_DIR": data_dir}
 
     servers, dep = {}, None
-    base = ["--config", args.config, "--data-dir", data_dir] + [x for o in args.overrides for x in ("--set", o)]
+    base = ["--config", args.config, "--data-dir", data_dir, "--set", "train.progress=false"]
+    base += [x for o in args.overrides for x in ("--set", o)]
     needs_teachers = any("service.enabled=false" not in r[4] for r in runs)
     if needs_teachers:
         if not teachers:
             ap.error("the suite has distilled runs: give --teachers NAME=CKPT_DIR")
         if args.no_ray:
             endpoints, servers = serve_locally(teachers, args.device, data_dir, base_cfg.data.domains)
-            base += ["--set", f"service.endpoints={json.dumps(endpoints)}"]
+            base += ["--set", f"service.endpoints={json.dumps(endpoints)}", "--set", "service.spec="]
         else:
             address, dep = serve_on_ray(teachers, args.replicas)
-            base += ["--ray-address", address, "--set", "service.namespace=ckd-experiments"]
+            base += ["--ray-address", address, "--set", "service.namespace=ckd-experiments", "--set", "service.spec="]
         base += ["--set", f"service.teachers=[{','.join(teachers)}]"]
     out_path = Path(args.out)
     results = json.loads(out_path.read_text()) if out_path.is_file() else {"runs": {}}

@@ -72,7 +72,7 @@ class TeacherSession:
             names = names or list(svc.endpoints)
             pool = TeacherPool({n: svc.endpoints[n] for n in names}, **settings)
             return cls._checked(cfg, dataset, acc, pool, None)
-        if svc.spec:
+        if svc.spec and not svc.ray_address:
             from cluster.deploy import load_spec
 
             spec = load_spec(svc.spec)
