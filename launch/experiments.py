@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="applied to every run")
     ap.add_argument("--only", default="", help="comma list of run names to (re)run")
+    ap.add_argument("--teacher-row", action="append", default=[], metavar="NAME=RUN_DIR",
+                    help="add a teacher's own test row (its run dir's metrics.json) without serving it")
     ap.add_argument("--single-teacher-ablations", action="store_true", help="add one run per teacher alone")
     ap.add_argument("--no-ray", action="store_true", help="serve teachers with in-process gRPC servers")
     ap.add_argument("--device", default="cpu", help="device of in-process teacher servers (--no-ray)")
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = args.data_dir or default_data_dir()
     teachers = dict(t.split("=", 1) for t in args.teachers)
     base_cfg = load_config(DistillConfig, args.config, overrides=args.overrides)
-    runs = [r for s in args.suite.split(",") for r in SUITES[s]]
+    runs = [r for s in args.suite.split(",") if s for r in SUITES[s]]
     if args.single_teacher_ablations and len(teachers) > 1:
         runs += [(f"ablation_only_{n}", "ablation", "sasrec", f"only-{n}", [f"service.teachers=[{n}]"])
                  for n in teachers]
@@ -166,12 +168,14 @@ def main(argv: list[str] | None = None) -> int:
             s.stop(1.0)
         if dep is not None:
             dep.shutdown()
-    for n, p in teachers.items():
-        m = Path(p).parent / "metrics.json"
+    rows = {n: Path(p).parent for n, p in teachers.items()}
+    rows.update({n: Path(p) for n, p in (t.split("=", 1) for t in args.teacher_row)})
+    for n, run_dir in rows.items():
+        m = run_dir / "metrics.json"
         if m.is_file():
             results["runs"][f"teacher_{n}"] = {"group": "teacher", "model": n, "variant": "teacher",
-                                               "command": f"see {Path(p).parent}/run.json", "run_dir": str(Path(p).parent),
-                                               "metrics": json.loads(m.read_text())}
+                                               "command": f"see docs/teachers.md ({run_dir})",
+                                               "run_dir": str(run_dir), "metrics": json.loads(m.read_text())}
     results.update(machine=machine_description(args.device if args.no_ray else "cpu"), commit=git_sha(),
                    created=time.strftime("%Y-%m-%dT%H:%M:%S"))
     out_path.parent.mkdir(parents=True, exist_ok=True)
