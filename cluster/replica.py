@@ -22,6 +22,19 @@ from cluster.directory import DIRECTORY_NAME
 log = logging.getLogger(__name__)
 
 
+def _serve_at_normal_priority() -> None:
+    """Ray starts workers at niceness 15; a replica is a latency-critical server that students
+    wait on, so on a shared CPU host it must not yield to every training process. Raising the
+    priority back needs CAP_SYS_NICE; without it the replica keeps Ray's niceness."""
+    import os
+
+    try:
+        if os.getpriority(os.PRIO_PROCESS, 0) > 0:
+            os.setpriority(os.PRIO_PROCESS, 0, 0)
+    except (PermissionError, OSError):
+        pass
+
+
 class TeacherReplica:
     def __init__(self, teacher: str, checkpoint: str, replica_id: str, namespace: str,
                  directory: str = DIRECTORY_NAME, service: dict[str, Any] | None = None,
@@ -36,6 +49,7 @@ class TeacherReplica:
 
         if torch_threads:
             torch.set_num_threads(int(torch_threads))
+        _serve_at_normal_priority()
         gpus = ray.get_gpu_ids()
         self.device = "cuda" if gpus and torch.cuda.is_available() else "cpu"
         self.teacher_name, self.replica_id = teacher, replica_id
