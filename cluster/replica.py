@@ -26,8 +26,6 @@ def _serve_at_normal_priority() -> None:
     """Ray starts workers at niceness 15; a replica is a latency-critical server that students
     wait on, so on a shared CPU host it must not yield to every training process. Raising the
     priority back needs CAP_SYS_NICE; without it the replica keeps Ray's niceness."""
-    import os
-
     try:
         if os.getpriority(os.PRIO_PROCESS, 0) > 0:
             os.setpriority(os.PRIO_PROCESS, 0, 0)
