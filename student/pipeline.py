@@ -125,9 +125,9 @@ def run_distillation(cfg) -> dict[str, Any] | None:
         print(f"\nrun directory: {run_dir}")
         print(format_table({"valid": metrics["valid"], "test": metrics["test"]}))
         t = metrics["timing"]
-        print(f"best epoch {metrics['best_epoch']}  |  {t['steps_per_s']:.1f} steps/s  |  "
-              f"step {t['step_ms']:.1f} ms, waiting for soft labels {t['wait_ms']:.1f} ms  |  "
-              f"{metrics['num_parameters']:,} parameters")
+        speed = (f"{t['steps_per_s']:.1f} steps/s  |  step {t['step_ms']:.1f} ms, waiting for soft labels "
+                 f"{t['wait_ms']:.1f} ms" if t else "no steps run in this process")
+        print(f"best epoch {metrics['best_epoch']}  |  {speed}  |  {metrics['num_parameters']:,} parameters")
     acc.wait_for_everyone()
     acc.end_training()
     return metrics if acc.is_main_process else {"rank": acc.process_index, "config": to_dict(cfg)}

@@ -319,6 +319,17 @@ class Trainer:
             {"rank": self.acc.process_index, "world_size": self.acc.num_processes,
              "global_step": self.state["global_step"], "param_sha256": h.hexdigest()}))
 
+    def timing_summary(self) -> dict[str, float] | None:
+        """Step timings of the steps this process ran (None when it ran none, e.g. a run resumed
+        after its last epoch: timings are not carried across an interruption)."""
+        steps = self.timings["steps"]
+        if steps == 0:
+            return None
+        return {"step_ms": 1000 * self.timings["step_s"] / steps, "wait_ms": 1000 * self.timings["wait_s"] / steps,
+                "steps_per_s": steps / max(self.timings["step_s"] + self.timings["wait_s"], 1e-9),
+                "epoch_s": float(np.mean([h["train_s"] for h in self.state["history"]])),
+                "eval_s": self.timings["eval_s"], "steps_timed": steps}
+
     def finish(self) -> dict[str, Any]:
         """Evaluate the best checkpoint on valid and test (rank 0) and write metrics.json."""
         self.write_rank_fingerprint()
@@ -331,16 +342,10 @@ class Trainer:
                 model.load_state_dict(load_file(str(best)), strict=True)
             valid = evaluate(model, self.dataset, "valid", self.cfg.train.eval_batch_size, self.device)
             test = evaluate(model, self.dataset, "test", self.cfg.train.eval_batch_size, self.device)
-            steps = max(self.timings["steps"], 1)
             metrics = {"valid": valid, "test": test, "best_epoch": self.state["best_epoch"],
                        "epochs_run": self.state["epoch"], "global_step": self.state["global_step"],
                        "history": self.state["history"],
-                       "timing": {"step_ms": 1000 * self.timings["step_s"] / steps,
-                                  "wait_ms": 1000 * self.timings["wait_s"] / steps,
-                                  "steps_per_s": steps / max(self.timings["step_s"] + self.timings["wait_s"], 1e-9),
-                                  "epoch_s": float(np.mean([h["train_s"] for h in self.state["history"]]))
-                                  if self.state["history"] else 0.0,
-                                  "eval_s": self.timings["eval_s"]},
+                       "timing": self.timing_summary(),
                        "world_size": self.acc.num_processes,
                        "num_parameters": sum(p.numel() for p in model.parameters()),
                        "peak_memory_mb": peak_memory_mb(self.device)}
