@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -35,7 +35,6 @@ class PreparedBatch:
     candidates: torch.Tensor | None = None  # [C] global ids
     target_col: torch.Tensor | None = None  # [B]
     valid_mask: torch.Tensor | None = None  # [B, C]
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 def make_student_batch(dataset: MultiDomainDataset, split: str, idx: np.ndarray) -> StudentBatch:
@@ -366,7 +365,3 @@ def peak_memory_mb(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         out["cuda"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out
-
-
-def count_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
