@@ -316,10 +316,14 @@ class DistillLoss(nn.Module):
                 candidates: torch.Tensor | None = None, target_col: torch.Tensor | None = None,
                 valid_mask: torch.Tensor | None = None,
                 teacher_scores: Mapping[str, torch.Tensor | None] | None = None,
-                cand_logits: torch.Tensor | None = None,
+                cand_logits: torch.Tensor | None = None, kd_rows: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``full_logits`` [B, V] over global ids; candidates/target_col/valid_mask from
-        ``build_candidates``; ``cand_logits`` defaults to ``full_logits[:, candidates]``."""
+        ``build_candidates``; ``cand_logits`` defaults to ``full_logits[:, candidates]``.
+
+        ``kd_rows``: the rows the teachers cover (a multi-domain student whose teachers serve only
+        some domains); candidates, masks and teacher scores then describe those rows only, and KD is
+        their sum divided by B, i.e. uncovered rows contribute 0 to the batch mean."""
         terms: dict[str, torch.Tensor] = {}
         total = full_logits.new_zeros((), dtype=torch.float32)
         if self.enabled["ce"]:
@@ -334,11 +338,14 @@ class DistillLoss(nn.Module):
             if probs:
                 q, w, r = integrate(probs, target_col, self.integration, self.a, self.b,
                                     self.instance_weighting, self.gamma, self.r_max)
-                z = full_logits[:, candidates] if cand_logits is None else cand_logits
+                rows_logits = full_logits if kd_rows is None else full_logits[kd_rows]
+                z = rows_logits[:, candidates] if cand_logits is None else cand_logits
                 if self.in_batch_negatives:
                     kd = kd_loss(z, q, valid_mask, self.temperature, r)
                 else:
                     kd = kd_loss_positive(z, q, valid_mask, target_col, self.temperature, r)
+                if kd_rows is not None:
+                    kd = kd * (kd_rows.numel() / full_logits.shape[0])
                 total = total + self.weights["kd"] * kd
                 terms["kd"] = kd.detach()
                 terms["r_mean"], terms["r_min"] = r.mean().detach(), r.min().detach()

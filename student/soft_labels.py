@@ -50,7 +50,7 @@ class ReorderBuffer:
 class SoftLabelReader(Generic[T]):
     """Iterable of ``(batch, {teacher_name: float32 [B, C] or None})`` in input order."""
 
-    def __init__(self, batches: Iterable[T], pool: Any, make_request: Callable[[T], Request], window: int = 4,
+    def __init__(self, batches: Iterable[T], pool: Any, make_request: Callable[[T], Request | None], window: int = 4,
                  first_request_id: int = 0):
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
@@ -96,7 +96,8 @@ class SoftLabelReader(Generic[T]):
 
     def _fetch(self, buf: ReorderBuffer, rid: int, batch: T) -> None:
         try:
-            h, n, c = self.make_request(batch)
-            buf.put(rid, self.pool.score(h, n, c, request_id=rid))
+            req = self.make_request(batch)
+            # None: no row of this batch is covered by the teachers, so there is nothing to ask.
+            buf.put(rid, {} if req is None else self.pool.score(*req, request_id=rid))
         except BaseException as exc:  # noqa: BLE001 — delivered to the consumer in order
             buf.put(rid, exc, ok=False)

@@ -25,7 +25,7 @@ from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import grpc
 import numpy as np
@@ -343,16 +343,33 @@ class TeacherPool:
 
     def check_contract(self, vocab_hash: str, vocab_size: int) -> dict[str, TeacherInfo]:
         """Refuse teachers trained on another item vocabulary; later requests carry the hash."""
-        infos = self.describe()
-        for t, i in infos.items():
-            if i.vocab_hash != vocab_hash:
-                raise TeacherContractError(f"teacher {t} serves item vocabulary {i.vocab_hash[:16]}..., the student "
-                                           f"data has {vocab_hash[:16]}...: different domains or item ids")
-            if i.num_items != vocab_size:
-                raise TeacherContractError(f"teacher {t} has {i.num_items} item ids, the student data has "
-                                           f"{vocab_size} (both counting PAD)")
-        self._vocab_hash = vocab_hash
+        infos, _ = self.check_coverage([(vocab_hash, vocab_size)], require_all=True)
         return infos
+
+    def check_coverage(self, vocabularies: Sequence[tuple[str, int]], require_all: bool = False,
+                       ) -> tuple[dict[str, TeacherInfo], int]:
+        """Match every teacher to a prefix of the student's domains: ``vocabularies[k-1]`` is the
+        (hash, size with PAD) of the first k domains. Returns (infos, k) with k shared by all teachers;
+        a teacher of no prefix (or, with ``require_all``, of a shorter one) is refused."""
+        infos = self.describe()
+        full_hash, full_size = vocabularies[-1]
+        by_hash = {h: (k + 1, size) for k, (h, size) in enumerate(vocabularies)}
+        covered: dict[str, int] = {}
+        for t, i in infos.items():
+            if i.vocab_hash not in by_hash or (require_all and i.vocab_hash != full_hash):
+                raise TeacherContractError(f"teacher {t} serves item vocabulary {i.vocab_hash[:16]}..., the student "
+                                           f"data has {full_hash[:16]}...: different domains or item ids")
+            k, size = by_hash[i.vocab_hash]
+            if i.num_items != size:
+                raise TeacherContractError(f"teacher {t} has {i.num_items} item ids, the student data has "
+                                           f"{size} (both counting PAD)")
+            covered[t] = k
+        if len(set(covered.values())) > 1:
+            raise TeacherContractError(f"teachers cover different numbers of the student's domains: {covered}; "
+                                       "serve teachers of the same domains together")
+        k = next(iter(covered.values()))
+        self._vocab_hash = vocabularies[k - 1][0]
+        return infos, k
 
     # -- scoring ------------------------------------------------------------------------------
     def score(self, histories: np.ndarray, lengths: np.ndarray, candidates: np.ndarray,

@@ -55,6 +55,7 @@ class TeacherSession:
                                 integration=kd.integration, a=kd.alpha, b=kd.beta,
                                 instance_weighting=kd.instance_weighting, in_batch_negatives=kd.in_batch_negatives)
         self.kd_skipped_batches = 0
+        self.covered_domains = dataset.num_domains  # teachers serve the first k domains' id space
 
     # -- opening / closing ---------------------------------------------------------------------
     @classmethod
@@ -101,11 +102,17 @@ class TeacherSession:
     def _checked(cls, cfg, dataset: MultiDomainDataset, acc, pool, deployment) -> "TeacherSession":
         """Wait for every teacher, then refuse any trained on another item vocabulary."""
         pool.wait_ready(timeout=cfg.service.ready_timeout_s)
-        infos = pool.check_contract(dataset.vocab_hash(), dataset.vocab_size)
+        vocabularies = [(dataset.vocab_hash(k), dataset.prefix_vocab_size(k)) for k in range(1, dataset.num_domains + 1)]
+        infos, covered = pool.check_coverage(vocabularies)
         for n, i in infos.items():
             log.info("teacher %s: kind %s, %d replica(s), tau %.3f, checkpoint %s", n, i.kind, i.replicas,
                      i.temperature, i.checkpoint_sha256[:12])
-        return cls(cfg, dataset, acc, pool, infos, deployment)
+        if covered < dataset.num_domains:
+            log.info("teachers cover %s; rows of %s train on CE only", ",".join(dataset.domain_names[:covered]),
+                     ",".join(dataset.domain_names[covered:]))
+        session = cls(cfg, dataset, acc, pool, infos, deployment)
+        session.covered_domains = covered
+        return session
 
     def close(self) -> None:
         self.pool.close()
@@ -122,13 +129,23 @@ class TeacherSession:
     # -- trainer hooks -------------------------------------------------------------------------
     def prepare(self, batch: StudentBatch, seed: int) -> PreparedBatch:
         gen = torch.Generator().manual_seed(seed)
-        cands, tcol, vmask = build_candidates(batch.targets, batch.domains, self.cfg.kd.num_sampled,
-                                              self.domain_ranges, gen)
-        return PreparedBatch(batch, seed, cands, tcol, vmask)
+        kd_rows = None
+        targets, domains = batch.targets, batch.domains
+        if self.covered_domains < self.dataset.num_domains:
+            kd_rows = torch.nonzero(domains < self.covered_domains).squeeze(1)
+            targets, domains = targets[kd_rows], domains[kd_rows]
+        cands, tcol, vmask = build_candidates(targets, domains, self.cfg.kd.num_sampled, self.domain_ranges, gen)
+        return PreparedBatch(batch, seed, cands, tcol, vmask, kd_rows)
 
     @staticmethod
-    def make_request(pb: PreparedBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return pb.batch.histories.numpy(), pb.batch.lengths.numpy(), pb.candidates.numpy()
+    def make_request(pb: PreparedBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        hist, lens = pb.batch.histories, pb.batch.lengths
+        if pb.kd_rows is not None:
+            if len(pb.kd_rows) == 0:
+                return None
+            lens = lens[pb.kd_rows]
+            hist = hist[pb.kd_rows, : int(lens.max())]
+        return hist.numpy(), lens.numpy(), pb.candidates.numpy()
 
     def soft_labels(self, batches: Iterable[PreparedBatch]):
         from student.soft_labels import SoftLabelReader
@@ -139,10 +156,11 @@ class TeacherSession:
         dev = logits.device
         scores = {t: (torch.from_numpy(np.array(v, dtype=np.float32)).to(dev) if v is not None else None)
                   for t, v in soft.items()}
-        if all(v is None for v in scores.values()):
+        if soft and all(v is None for v in scores.values()):
             self.kd_skipped_batches += 1
+        kd_rows = pb.kd_rows.to(dev) if pb.kd_rows is not None else None
         total, terms = self.loss(logits, batch.targets, batch.domains, pb.candidates.to(dev),
-                                 pb.target_col.to(dev), pb.valid_mask.to(dev), scores)
+                                 pb.target_col.to(dev), pb.valid_mask.to(dev), scores, kd_rows=kd_rows)
         return total, {k: float(v) for k, v in terms.items()}
 
     def trainer_hooks(self) -> dict[str, Any]:

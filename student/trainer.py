@@ -34,7 +34,8 @@ class PreparedBatch:
     step_seed: int
     candidates: torch.Tensor | None = None  # [C] global ids
     target_col: torch.Tensor | None = None  # [B]
-    valid_mask: torch.Tensor | None = None  # [B, C]
+    valid_mask: torch.Tensor | None = None  # [B', C]
+    kd_rows: torch.Tensor | None = None  # rows the teachers cover (None = all B); B' = len(kd_rows)
 
 
 def make_student_batch(dataset: MultiDomainDataset, split: str, idx: np.ndarray) -> StudentBatch:

@@ -255,3 +255,22 @@ def test_distill_loss_switches_and_all_teachers_skipped():
         DistillLoss(RANGES, temps, use_ce=False, use_kd=False)
     with pytest.raises(DistillError, match="integration"):
         DistillLoss(RANGES, temps, integration="max")
+
+
+def test_kd_over_covered_rows_only_is_their_sum_over_the_whole_batch():
+    """Teachers serving domain 0 only: KD is computed on the domain-0 rows and divided by all B
+    rows (uncovered rows contribute 0); CE still covers every row."""
+    torch.manual_seed(0)
+    targets = torch.tensor([2, 12, 5, 14, 5])
+    domains = torch.tensor([0, 1, 0, 1, 0])
+    full = torch.randn(5, 16)
+    rows = torch.tensor([0, 2, 4])
+    cand, col, valid = build_candidates(targets[rows], domains[rows], 3, RANGES, torch.Generator().manual_seed(1))
+    scores = {"a": torch.randn(3, len(cand))}
+    loss = DistillLoss(RANGES, {"a": 1.0}, kd_weight=1.0, temperature=1.0, instance_weighting=False)
+    total, terms = loss(full, targets, domains, cand, col, valid, scores, kd_rows=rows)
+    q = torch.softmax(scores["a"], -1)
+    log_s = torch.log_softmax(full[rows][:, cand], -1)
+    by_hand = (q * (q.log() - log_s)).sum() / 5
+    assert terms["kd"].item() == pytest.approx(by_hand.item(), rel=1e-5)
+    assert total.item() == pytest.approx((domain_ce(full, targets, domains, RANGES) + by_hand).item(), rel=1e-5)

@@ -70,3 +70,37 @@ def test_other_student_families_distil_and_learn(kind, lr, scientific_mm, data_d
     hist = json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]
     assert all(h["kd"] > 0 for h in hist)
     assert hist[-1]["loss"] < hist[0]["loss"]
+
+
+def test_multidomain_student_distils_only_the_domains_its_teachers_cover(scientific_mm, data_dir, tmp_path):
+    """One student on ScientificMM + Office14 (mixed batches) with a teacher of ScientificMM only:
+    the teacher is accepted (its ids are the student's first domain), KD runs on the covered rows,
+    Office14 rows train on CE alone, and both domains are evaluated."""
+    server = _serve(tmp_path, scientific_mm, "a", scientific_mm.vocab_hash(), seed=1)
+    try:
+        proc = _distill(data_dir, tmp_path / "run", {"a": [server.address]},
+                        "--set", "data.domains=[ScientificMM,Office14]", "--set", "curriculum.enabled=false")
+    finally:
+        server.stop(0)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "teachers cover ScientificMM; rows of Office14 train on CE only" in proc.stderr
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(m["test"]) == {"ScientificMM", "Office14", "mean"}
+    h = m["history"][0]
+    assert h["kd"] > 0 and h["kd_teachers"] == 1
+    assert m["teacher_client"]["batches"] >= 4
+
+
+def test_teacher_of_a_later_domain_only_is_refused(data_dir, tmp_path):
+    """A teacher of Office14 alone does not share the id space of a [ScientificMM, Office14] student."""
+    from ckd.data.multidomain import load_multidomain
+
+    office = load_multidomain(data_dir, ["Office14"], max_len=50)
+    server = _serve(tmp_path, office, "b", office.vocab_hash(), seed=1)
+    try:
+        proc = _distill(data_dir, tmp_path / "run", {"b": [server.address]},
+                        "--set", "data.domains=[ScientificMM,Office14]")
+    finally:
+        server.stop(0)
+    assert proc.returncode != 0
+    assert "different domains or item ids" in proc.stderr

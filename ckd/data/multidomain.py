@@ -72,15 +72,26 @@ class MultiDomainDataset:
     def domain_index(self, name: str) -> int:
         return self.domain_names.index(name)
 
-    def vocab_hash(self) -> str:
-        """Item-id-space version: sha256 over domain names and item tokens in global order."""
+    def vocab_hash(self, num_domains: int | None = None) -> str:
+        """Item-id-space version: sha256 over domain names and item tokens in global order.
+
+        ``num_domains=k`` hashes the first k domains only: the id space of a dataset built from
+        those k domains alone, whose global ids are the same as here (domains are laid out in order).
+        """
+        k = self.num_domains if num_domains is None else int(num_domains)
+        if not 1 <= k <= self.num_domains:
+            raise ValueError(f"num_domains must be in [1, {self.num_domains}], got {k}")
         h = hashlib.sha256()
-        for name, dom in zip(self.domain_names, self.domains):
+        for name, dom in zip(self.domain_names[:k], self.domains[:k]):
             h.update(name.encode())
             h.update(b"\0")
             h.update("\n".join(dom.item_tokens).encode())
             h.update(b"\0")
         return h.hexdigest()
+
+    def prefix_vocab_size(self, num_domains: int) -> int:
+        """Item ids (with PAD) of the dataset built from the first ``num_domains`` domains."""
+        return self.domain_range(num_domains - 1)[1]
 
     def item_popularity(self) -> np.ndarray:
         """Training-split frequency of each global item (histories' last item and targets)."""

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from student.models.base import StudentBatch, StudentModel, register_student
+from student.models.transformer import CausalTransformer
 
 
 @register_student
@@ -22,9 +23,7 @@ class SASRec(StudentModel):
         self.max_len = max_len
         self.item_emb = nn.Embedding(vocab_size, hidden, padding_idx=0)
         self.pos_emb = nn.Embedding(max_len, hidden)
-        layer = nn.TransformerEncoderLayer(hidden, heads, inner or hidden * 4, dropout, activation="gelu",
-                                           batch_first=True, norm_first=False)
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.encoder = CausalTransformer(hidden, heads, inner or hidden * 4, layers, dropout, attn_dropout)
         self.norm = nn.LayerNorm(hidden, eps=1e-12)
         self.drop = nn.Dropout(dropout)
         self.register_buffer("causal", torch.triu(torch.ones(max_len, max_len, dtype=torch.bool), 1),
@@ -45,7 +44,7 @@ class SASRec(StudentModel):
         x = self.item_emb(histories) + self.pos_emb(pos)[None]
         x = self.drop(self.norm(x))
         pad = histories == 0
-        x = self.encoder(x, mask=self.causal[:L, :L], src_key_padding_mask=pad)
+        x = self.encoder(x, self.causal[:L, :L], pad)
         last = (lengths - 1).clamp(min=0).view(-1, 1, 1).expand(-1, 1, x.shape[-1])
         return x.gather(1, last).squeeze(1)
 
