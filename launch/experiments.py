@@ -35,6 +35,24 @@ SUITES: dict[str, list[tuple[str, str, str, str, list[str]]]] = {
         ("ablation_positive_only", "ablation", "sasrec", "positive-only", ["kd.in_batch_negatives=false"]),
         ("ablation_mean_integration", "ablation", "sasrec", "mean-integration", ["kd.integration=mean"]),
     ],
+    # Full budget (early stopping, patience 5). The alone baseline uses its own best settings
+    # (batch 2048, lr 1e-3: RecBole's); "no teachers" is the distilled run's settings without KD.
+    "full": [
+        ("sasrec_alone", "baseline", "sasrec", "alone",
+         ["service.enabled=false", "curriculum.enabled=false", "train.batch_size=2048", "train.lr=0.001",
+          "train.patience=10"]),
+        ("sasrec_distilled", "distilled", "sasrec", "distilled", []),
+        ("ablation_no_teachers", "ablation", "sasrec", "no teachers (same batch, lr)",
+         ["service.enabled=false", "curriculum.enabled=false"]),
+        ("ablation_no_curriculum", "ablation", "sasrec", "no-curriculum", ["curriculum.enabled=false"]),
+        ("ablation_in_batch_only", "ablation", "sasrec", "in-batch candidates only", ["kd.num_sampled=0"]),
+    ],
+    # One student for Scientific + Office14 (mixed batches); teachers of Scientific cover its rows.
+    "multidomain": [
+        ("sasrec_alone", "baseline", "sasrec", "alone",
+         ["service.enabled=false", "curriculum.enabled=false", "data.domains=[Scientific,Office14]"]),
+        ("sasrec_distilled", "distilled", "sasrec", "distilled", ["data.domains=[Scientific,Office14]"]),
+    ],
     "universality": [
         (f"{k}_{v}", "universality", k, v, (["service.enabled=false", "curriculum.enabled=false"] if v == "alone"
                                              else []) + [f"model.kind={k}"] + extra)
@@ -69,9 +87,14 @@ def serve_locally(teachers: dict[str, str], device: str, data_dir: str, domains:
     from teachers.base import load_teacher
     from teachers.server import start_server
 
-    vocab = load_multidomain(data_dir, domains).vocab_hash()
-    servers = {n: start_server(load_teacher(p, expected_vocab_hash=vocab, device=device), name=n)
-               for n, p in teachers.items()}
+    ds = load_multidomain(data_dir, domains)
+    prefixes = {ds.vocab_hash(k) for k in range(1, ds.num_domains + 1)}
+    servers = {}
+    for n, p in teachers.items():
+        teacher = load_teacher(p, device=device)
+        if teacher.vocab_hash not in prefixes:  # the students' contract check says the same, later
+            raise SystemExit(f"teacher {n} ({p}) was trained on none of {domains}'s leading domains")
+        servers[n] = start_server(teacher, name=n)
     return {n: [s.address] for n, s in servers.items()}, servers
 
 
