@@ -49,6 +49,7 @@ class Teacher(torch.nn.Module):
         self.temperature = temperature
         self.max_history = max_history
         self.checkpoint_sha256 = ""
+        self._item_cache: torch.Tensor | None = None  # item_embeddings of every id, eval mode only
 
     # -- to implement -------------------------------------------------------------------------
     def encode_histories(self, histories: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -74,7 +75,33 @@ class Teacher(torch.nn.Module):
     def score(self, histories: torch.Tensor, lengths: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """Raw scores float32 [B, C] of each history against the candidates."""
         seq = self.encode_histories(histories, lengths)
-        return self.similarity(seq, self.item_embeddings(candidates)).float()
+        return self.similarity(seq, self.candidate_embeddings(candidates)).float()
+
+    @torch.no_grad()
+    def candidate_embeddings(self, candidates: torch.Tensor) -> torch.Tensor:
+        """``item_embeddings(candidates)``; in eval mode read from a table of every item, built once.
+
+        A served teacher is frozen, and an item's representation does not depend on the request
+        (text teachers pass every item through an adaptor or a PLM), so a distillation request over
+        thousands of candidates costs one lookup instead of a forward pass per candidate. The table
+        is dropped by ``train()`` and ``load_state_dict``, so a teacher in training never reads a stale one.
+        """
+        if self.training:
+            return self.item_embeddings(candidates)
+        cache = self._item_cache
+        if cache is None or cache.device != candidates.device:
+            ids = torch.arange(self.num_items, device=candidates.device)
+            cache = torch.cat([self.item_embeddings(ids[i: i + 4096]) for i in range(0, self.num_items, 4096)])
+            self._item_cache = cache
+        return cache[candidates]
+
+    def train(self, mode: bool = True) -> "Teacher":
+        self._item_cache = None
+        return super().train(mode)
+
+    def load_state_dict(self, *args, **kwargs):
+        self._item_cache = None
+        return super().load_state_dict(*args, **kwargs)
 
     @torch.no_grad()
     def full_scores(self, histories: torch.Tensor, lengths: torch.Tensor, start: int, stop: int) -> torch.Tensor:

@@ -223,7 +223,7 @@ class Batcher:
             r = 0
             for j in jobs:
                 b = j.req.lengths.shape[0]
-                items = self.teacher.item_embeddings(self._t(j.req.candidates))
+                items = self.teacher.candidate_embeddings(self._t(j.req.candidates))
                 self._finish(j, self.teacher.similarity(seq[r:r + b], items).float())
                 r += b
         except Exception as exc:  # noqa: BLE001 — reported to each waiting caller, the thread lives on

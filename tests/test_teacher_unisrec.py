@@ -191,3 +191,17 @@ def test_text_encoder_matches_sentence_transformers():
     ours = ours / np.linalg.norm(ours, axis=1, keepdims=True)
     assert ours.shape == (1, 384)
     np.testing.assert_allclose(ours, ref, atol=1e-6)
+
+
+@pytest.mark.unit
+def test_served_item_table_equals_per_request_embeddings_and_is_dropped_by_training(scientific, trained):
+    """In eval mode candidates are read from a table of every item built once; it must equal the
+    per-request forward, and a teacher switched back to training must not keep a stale table."""
+    trained.eval()
+    cands = torch.tensor([[5, 1, 4385], [2, 2, 7]])
+    torch.testing.assert_close(trained.candidate_embeddings(cands), trained.item_embeddings(cands),
+                               rtol=1e-5, atol=1e-6)
+    assert trained._item_cache is not None and trained._item_cache.shape[0] == scientific.vocab_size
+    trained.train()
+    assert trained._item_cache is None
+    trained.eval()
