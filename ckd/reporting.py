@@ -325,10 +325,14 @@ def match_run(exp: Experiments, entry: ModelEfficiency) -> Run | None:
 
 
 def throughput_ratio(exp: Experiments, run: Run) -> float | None:
-    """steps/s of ``run`` over steps/s of the same student trained alone (same world size), or None."""
-    if run.group == "teacher" or run.variant == "alone":
+    """steps/s of ``run`` over steps/s of the same student trained without teachers (same world
+    size), or None. The reference is the run's no-teacher twin (an ablation whose variant starts
+    with "no teachers": same batch size and settings, so a step is the same work) when the
+    manifest has one, else the student alone (whose batch size may differ)."""
+    if run.group == "teacher" or run.variant == "alone" or run.variant.startswith("no teachers"):
         return None
-    base = alone_run(exp, run.model)
+    twins = [r for r in exp.runs if r.model == run.model and r.variant.startswith("no teachers")]
+    base = twins[0] if twins else alone_run(exp, run.model)
     if base is None or base.steps_per_s is None or run.steps_per_s is None or base.steps_per_s <= 0:
         return None
     if base.world_size is not None and run.world_size is not None and base.world_size != run.world_size:
@@ -598,6 +602,7 @@ def render_report(exp: Experiments, eff: Efficiency | None, domain: str = "Scien
             _source_block(exp.commit, exp.machine, exp.created,
                           [r.command for r in runs if r.metrics.get("timing")], exp.source), "",
             "Steps/s over the whole training (compute plus waiting for soft labels); the ratio compares a run "
-            "with the same student trained alone at the same world size.", "",
+            "with the same student trained without teachers at the same world size (its \"no teachers\" twin "
+            "when the manifest has one, else the student alone).", "",
             throughput_table(exp), ""]
     return "\n".join(out)

@@ -229,3 +229,22 @@ def test_bench_inference_tiny_student_and_fixture_teacher(tmp_path, data_dir, sc
     (tmp_path / "teacher" / "config.yaml").write_text("data:\n  domains: [Scientific]\n")
     assert bench_inference.main(["--teacher", f"fixture={tmp_path / 'teacher' / 'best'}", "--data-dir",
                                  str(data_dir), "--domain", "ScientificMM", "--out", str(tmp_path / "x.json")]) == 2
+
+
+@pytest.mark.unit
+def test_throughput_ratio_prefers_the_no_teacher_twin(tmp_path):
+    """A distilled run is compared with its same-settings run without teachers when there is one
+    (the alone baseline may use another batch size, so its steps are not the same work)."""
+    from ckd.reporting import throughput_ratio
+
+    raw = json.loads(EXPERIMENTS.read_text())
+    twin = copy.deepcopy(raw["runs"]["sasrec_alone"])
+    twin.update(group="ablation", variant="no teachers (same batch, lr)")
+    twin["metrics"]["timing"]["steps_per_s"] = 25.0
+    raw["runs"]["ablation_no_teachers"] = twin
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(raw))
+    exp = load_experiments(path)
+    distilled = next(r for r in exp.runs if r.name == "sasrec_distilled")
+    assert throughput_ratio(exp, distilled) == pytest.approx(distilled.steps_per_s / 25.0)
+    assert throughput_ratio(exp, next(r for r in exp.runs if r.name == "ablation_no_teachers")) is None
