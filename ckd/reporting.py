@@ -346,8 +346,14 @@ def throughput_ratio(exp: Experiments, run: Run) -> float | None:
 def full_table(exp: Experiments, domain: str) -> str:
     """One row per run (grouped): test Recall/NDCG@10/50 on ``domain`` (or 'mean')."""
     headers = ["Group", "Run", "Model", "Variant"] + [METRIC_LABELS[m] for m in METRICS]
-    rows = [[r.group, r.name, r.model, r.variant] + [fmt_metric(r.test(domain, m)) for m in METRICS]
-            for r in ordered_runs(exp)]
+    domains = [d for d in domains_of(exp) if d != MEAN]
+    rows = []
+    for r in ordered_runs(exp):
+        # A run's own "mean" averages only its domains: beside runs over more domains it is not
+        # the same quantity, so it is left blank rather than compared.
+        partial = domain == MEAN and any(d not in r.metrics["test"] for d in domains)
+        rows.append([r.group, r.name, r.model, r.variant]
+                    + [fmt_metric(None if partial else r.test(domain, m)) for m in METRICS])
     return markdown_table(headers, rows, align=["l"] * 4 + ["r"] * len(METRICS))
 
 

@@ -248,3 +248,22 @@ def test_throughput_ratio_prefers_the_no_teacher_twin(tmp_path):
     distilled = next(r for r in exp.runs if r.name == "sasrec_distilled")
     assert throughput_ratio(exp, distilled) == pytest.approx(distilled.steps_per_s / 25.0)
     assert throughput_ratio(exp, next(r for r in exp.runs if r.name == "ablation_no_teachers")) is None
+
+
+@pytest.mark.unit
+def test_mean_row_is_blank_for_a_run_missing_some_domains(tmp_path):
+    """Teachers of two domains beside a student of three: their own 'mean' averages fewer domains,
+    so the mean table leaves it blank instead of comparing unlike quantities."""
+    from ckd.reporting import MEAN, full_table
+
+    raw = json.loads(EXPERIMENTS.read_text())
+    run = copy.deepcopy(raw["runs"]["sasrec_alone"])
+    dom = next(d for d in run["metrics"]["test"] if d != MEAN)
+    run["metrics"]["test"]["Games"] = dict(run["metrics"]["test"][dom])
+    raw["runs"]["two_domain_alone"] = dict(run, variant="with Games")
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(raw))
+    rows = {r["Run"]: r for r in parse_markdown_tables(full_table(load_experiments(path), MEAN))[0]}
+    teacher = next(n for n, r in raw["runs"].items() if r["group"] == "teacher")
+    assert rows[teacher]["NDCG@10"] == "—"
+    assert rows["two_domain_alone"]["NDCG@10"] != "—"
