@@ -331,8 +331,9 @@ def throughput_ratio(exp: Experiments, run: Run) -> float | None:
     manifest has one, else the student alone (whose batch size may differ)."""
     if run.group == "teacher" or run.variant == "alone" or run.variant.startswith("no teachers"):
         return None
-    twins = [r for r in exp.runs if r.model == run.model and r.variant.startswith("no teachers")]
-    base = twins[0] if twins else alone_run(exp, run.model)
+    twin = _unique([r for r in exp.runs if r.model == run.model and r.variant.startswith("no teachers")],
+                   f"{run.model} without teachers")
+    base = twin or alone_run(exp, run.model)
     if base is None or base.steps_per_s is None or run.steps_per_s is None or base.steps_per_s <= 0:
         return None
     if base.world_size is not None and run.world_size is not None and base.world_size != run.world_size:
@@ -346,7 +347,7 @@ def throughput_ratio(exp: Experiments, run: Run) -> float | None:
 def full_table(exp: Experiments, domain: str) -> str:
     """One row per run (grouped): test Recall/NDCG@10/50 on ``domain`` (or 'mean')."""
     headers = ["Group", "Run", "Model", "Variant"] + [METRIC_LABELS[m] for m in METRICS]
-    domains = [d for d in domains_of(exp) if d != MEAN]
+    domains = domains_of(exp)
     rows = []
     for r in ordered_runs(exp):
         # A run's own "mean" averages only its domains: beside runs over more domains it is not

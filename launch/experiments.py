@@ -85,8 +85,7 @@ def serve_locally(teachers: dict[str, str], device: str, data_dir: str, domains:
     from teachers.base import load_teacher
     from teachers.server import start_server
 
-    ds = load_multidomain(data_dir, domains)
-    prefixes = {ds.vocab_hash(k) for k in range(1, ds.num_domains + 1)}
+    prefixes = {h for h, _ in load_multidomain(data_dir, domains).prefix_vocabularies()}
     servers = {}
     for n, p in teachers.items():
         teacher = load_teacher(p, device=device)

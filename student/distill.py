@@ -338,8 +338,12 @@ class DistillLoss(nn.Module):
             if probs:
                 q, w, r = integrate(probs, target_col, self.integration, self.a, self.b,
                                     self.instance_weighting, self.gamma, self.r_max)
-                rows_logits = full_logits if kd_rows is None else full_logits[kd_rows]
-                z = rows_logits[:, candidates] if cand_logits is None else cand_logits
+                if cand_logits is not None:
+                    z = cand_logits
+                elif kd_rows is None:
+                    z = full_logits[:, candidates]
+                else:  # one [B', C] gather, not a [B', V] copy first
+                    z = full_logits[kd_rows.unsqueeze(1), candidates.unsqueeze(0)]
                 if self.in_batch_negatives:
                     kd = kd_loss(z, q, valid_mask, self.temperature, r)
                 else:

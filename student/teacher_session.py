@@ -44,7 +44,8 @@ def _broadcast_str(acc, text: str) -> str:
 
 
 class TeacherSession:
-    def __init__(self, cfg, dataset: MultiDomainDataset, acc, pool, infos: dict[str, Any], deployment=None):
+    def __init__(self, cfg, dataset: MultiDomainDataset, acc, pool, infos: dict[str, Any], deployment=None,
+                 covered_domains: int | None = None):
         self.cfg, self.dataset, self.acc, self.pool = cfg, dataset, acc, pool
         self.infos = infos
         self.deployment = deployment
@@ -55,7 +56,8 @@ class TeacherSession:
                                 integration=kd.integration, a=kd.alpha, b=kd.beta,
                                 instance_weighting=kd.instance_weighting, in_batch_negatives=kd.in_batch_negatives)
         self.kd_skipped_batches = 0
-        self.covered_domains = dataset.num_domains  # teachers serve the first k domains' id space
+        # The teachers serve the first k domains' id space; rows of later domains get no KD.
+        self.covered_domains = dataset.num_domains if covered_domains is None else covered_domains
 
     # -- opening / closing ---------------------------------------------------------------------
     @classmethod
@@ -102,17 +104,14 @@ class TeacherSession:
     def _checked(cls, cfg, dataset: MultiDomainDataset, acc, pool, deployment) -> "TeacherSession":
         """Wait for every teacher, then refuse any trained on another item vocabulary."""
         pool.wait_ready(timeout=cfg.service.ready_timeout_s)
-        vocabularies = [(dataset.vocab_hash(k), dataset.prefix_vocab_size(k)) for k in range(1, dataset.num_domains + 1)]
-        infos, covered = pool.check_coverage(vocabularies)
+        infos, covered = pool.check_coverage(dataset.prefix_vocabularies())
         for n, i in infos.items():
             log.info("teacher %s: kind %s, %d replica(s), tau %.3f, checkpoint %s", n, i.kind, i.replicas,
                      i.temperature, i.checkpoint_sha256[:12])
         if covered < dataset.num_domains:
             log.info("teachers cover %s; rows of %s train on CE only", ",".join(dataset.domain_names[:covered]),
                      ",".join(dataset.domain_names[covered:]))
-        session = cls(cfg, dataset, acc, pool, infos, deployment)
-        session.covered_domains = covered
-        return session
+        return cls(cfg, dataset, acc, pool, infos, deployment, covered_domains=covered)
 
     def close(self) -> None:
         self.pool.close()

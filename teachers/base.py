@@ -77,7 +77,6 @@ class Teacher(torch.nn.Module):
         seq = self.encode_histories(histories, lengths)
         return self.similarity(seq, self.candidate_embeddings(candidates)).float()
 
-    @torch.no_grad()
     def candidate_embeddings(self, candidates: torch.Tensor) -> torch.Tensor:
         """``item_embeddings(candidates)``; in eval mode read from a table of every item, built once.
 
@@ -91,7 +90,8 @@ class Teacher(torch.nn.Module):
         cache = self._item_cache
         if cache is None or cache.device != candidates.device:
             ids = torch.arange(self.num_items, device=candidates.device)
-            cache = torch.cat([self.item_embeddings(ids[i: i + 4096]) for i in range(0, self.num_items, 4096)])
+            with torch.no_grad():
+                cache = torch.cat([self.item_embeddings(ids[i: i + 4096]) for i in range(0, self.num_items, 4096)])
             self._item_cache = cache
         return cache[candidates]
 

@@ -145,3 +145,6 @@ def test_build_multidomain_ids(data_dir, scientific):
     assert ds.vocab_hash() != scientific.vocab_hash()
     assert ds.vocab_hash() != build_multidomain([o14, sci]).vocab_hash()
     assert len(ds.vocab_hash()) == 64
+    # prefix vocabularies: the first entry is Scientific built alone (what its teachers carry)
+    assert ds.prefix_vocabularies() == [(scientific.vocab_hash(), scientific.vocab_size),
+                                        (ds.vocab_hash(), ds.vocab_size)]

@@ -204,4 +204,5 @@ def test_served_item_table_equals_per_request_embeddings_and_is_dropped_by_train
     assert trained._item_cache is not None and trained._item_cache.shape[0] == scientific.vocab_size
     trained.train()
     assert trained._item_cache is None
+    assert trained.candidate_embeddings(cands).requires_grad  # training reads the live forward
     trained.eval()

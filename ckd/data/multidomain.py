@@ -72,26 +72,23 @@ class MultiDomainDataset:
     def domain_index(self, name: str) -> int:
         return self.domain_names.index(name)
 
-    def vocab_hash(self, num_domains: int | None = None) -> str:
-        """Item-id-space version: sha256 over domain names and item tokens in global order.
+    def vocab_hash(self) -> str:
+        """Item-id-space version: sha256 over domain names and item tokens in global order."""
+        return self.prefix_vocabularies()[-1][0]
 
-        ``num_domains=k`` hashes the first k domains only: the id space of a dataset built from
-        those k domains alone, whose global ids are the same as here (domains are laid out in order).
-        """
-        k = self.num_domains if num_domains is None else int(num_domains)
-        if not 1 <= k <= self.num_domains:
-            raise ValueError(f"num_domains must be in [1, {self.num_domains}], got {k}")
+    def prefix_vocabularies(self) -> list[tuple[str, int]]:
+        """(vocab_hash, vocab_size with PAD) of the dataset built from the first k domains, for
+        k = 1..num_domains, in one pass. Domains are laid out in order, so such a dataset's global
+        ids are the same as here: a teacher of a prefix can score this dataset's rows of it."""
         h = hashlib.sha256()
-        for name, dom in zip(self.domain_names[:k], self.domains[:k]):
+        out = []
+        for d, (name, dom) in enumerate(zip(self.domain_names, self.domains)):
             h.update(name.encode())
             h.update(b"\0")
             h.update("\n".join(dom.item_tokens).encode())
             h.update(b"\0")
-        return h.hexdigest()
-
-    def prefix_vocab_size(self, num_domains: int) -> int:
-        """Item ids (with PAD) of the dataset built from the first ``num_domains`` domains."""
-        return self.domain_range(num_domains - 1)[1]
+            out.append((h.copy().hexdigest(), self.domain_range(d)[1]))
+        return out
 
     def item_popularity(self) -> np.ndarray:
         """Training-split frequency of each global item (histories' last item and targets)."""
