@@ -99,11 +99,13 @@ def test_full_scores_and_candidate_forms_agree(scientific, kind):
 
 
 @pytest.mark.unit
-def test_fm_matches_textbook_formula():
-    """score = w0 + sum_f w_f + sum_{f<g} <e_f, e_g> over the four field embeddings."""
+@pytest.mark.parametrize("last_item", [True, False])
+def test_fm_matches_textbook_formula(last_item):
+    """score = w0 + sum_f w_f + sum_{f<g} <e_f, e_g> over the field embeddings (history mean,
+    last history item when enabled, user domain, item, item domain)."""
     torch.manual_seed(2)
     item_domain = np.array([-1, 0, 0, 1, 1, 1])
-    m = FM(6, 2, hidden=4, item_domain=item_domain).eval()
+    m = FM(6, 2, hidden=4, item_domain=item_domain, last_item=last_item).eval()
     with torch.no_grad():
         for p in m.parameters():
             p.normal_()
@@ -114,6 +116,7 @@ def test_fm_matches_textbook_formula():
     with torch.no_grad():
         got = m.score(b, cand)
     f = m.fields
+    assert hasattr(f, "last") == last_item
     for r in range(2):
         h = hist[r][hist[r] > 0]
         ud = int(item_domain[int(h[0])])
@@ -122,7 +125,11 @@ def test_fm_matches_textbook_formula():
             embs = [f.hist.weight[h].mean(0), f.udom.weight[ud], f.item.weight[c], f.cdom.weight[cd]]
             first = (f.bias + f.hist_w.weight[h, 0].mean() + f.udom_w.weight[ud, 0]
                      + f.item_w.weight[c, 0] + f.cdom_w.weight[cd, 0])
-            pairs = sum(float(embs[x].detach() @ embs[y].detach()) for x in range(4) for y in range(x + 1, 4))
+            if last_item:  # the most recent item: 2 for row 0, 4 for row 1
+                embs.append(f.last.weight[int(h[-1])])
+                first = first + f.last_w.weight[int(h[-1]), 0]
+            n = len(embs)
+            pairs = sum(float(embs[x].detach() @ embs[y].detach()) for x in range(n) for y in range(x + 1, n))
             assert float(got[r, j]) == pytest.approx(float(first.detach()) + pairs, rel=1e-5, abs=1e-5)
 
 

@@ -1,5 +1,5 @@
 """DeepFM student (Guo et al., 2017): the FM of student.models.fm plus an MLP over the
-concatenated field embeddings [e_hist, e_udom, e_item, e_cdom], sharing the embeddings.
+concatenated field embeddings [e_hist, (e_last,) e_udom, e_item, e_cdom], sharing the embeddings.
 
 The MLP runs per (user, candidate) pair, so it is the expensive part of full-catalogue scoring.
 Its first layer is linear in the concatenation and splits into a user half and an item half
@@ -27,7 +27,7 @@ class DeepFM(StudentModel):
     def __init__(self, vocab_size: int, num_domains: int = 1, hidden: int = 64,
                  item_domain: np.ndarray | torch.Tensor | None = None, mlp: Sequence[int] = (32,),
                  dropout: float = 0.0, init_std: float = 0.05, chunk: int = 1024,
-                 domain_ranges: Sequence[tuple[int, int]] | None = None):
+                 domain_ranges: Sequence[tuple[int, int]] | None = None, last_item: bool = True):
         super().__init__()
         if not mlp:
             raise ValueError("DeepFM needs at least one hidden MLP layer (mlp=(32,) for example)")
@@ -38,9 +38,9 @@ class DeepFM(StudentModel):
         self.chunk = int(chunk)
         # [start, stop) global ids per domain: forward() runs the MLP only on each row's domain.
         self.domain_ranges = [tuple(map(int, r)) for r in domain_ranges] if domain_ranges else None
-        self.fields = FieldEmbeddings(vocab_size, num_domains, hidden, item_domain, init_std)
+        self.fields = FieldEmbeddings(vocab_size, num_domains, hidden, item_domain, init_std, last_item)
         self.drop = nn.Dropout(dropout)
-        self.user_proj = nn.Linear(2 * hidden, mlp[0])
+        self.user_proj = nn.Linear(self.fields.num_user_fields * hidden, mlp[0])
         self.item_proj = nn.Linear(2 * hidden, mlp[0], bias=False)
         layers: list[nn.Module] = []
         for a, b in zip(mlp[:-1], mlp[1:]):
@@ -66,12 +66,12 @@ class DeepFM(StudentModel):
         return torch.cat(parts, dim=1)
 
     def score(self, batch: StudentBatch, candidates: torch.Tensor) -> torch.Tensor:
-        e_hist, e_udom, w_user = self.fields.user_side(batch)
-        e_hist = self.drop(e_hist)
+        fields, first = self.fields.user_side(batch)
+        user = ([self.drop(e) for e in fields[:-1]] + fields[-1:], first)
         item = self.fields.item_side(candidates)
-        u = self.user_proj(torch.cat([e_hist, e_udom], -1))
-        i = self.item_proj(torch.cat([item[0], item[1]], -1))
-        return fm_scores((e_hist, e_udom, w_user), item) + self._deep(u, i)
+        u = self.user_proj(torch.cat(user[0], -1))
+        i = self.item_proj(torch.cat(item[0], -1))
+        return fm_scores(user, item) + self._deep(u, i)
 
     def forward(self, batch: StudentBatch) -> torch.Tensor:
         """[B, vocab] logits; with ``domain_ranges`` the per-pair MLP runs only on each row's own

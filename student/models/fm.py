@@ -1,11 +1,13 @@
-"""FM student (Rendle, 2010) over four fields of a (user, candidate) pair.
+"""FM student (Rendle, 2010) over the fields of a (user, candidate) pair.
 
-Fields: the history as one pooled field (mean of its items' embeddings), the user's domain, the
-candidate's item id and the candidate's domain. Each field has its own embedding table and
-first-order weight. Split into a user side U = {history, user domain} and an item side
-I = {item, candidate domain}, the FM second-order sum over field pairs is
+User-side fields: the history as one pooled field (mean of its items' embeddings), the most recent
+history item (on by default; FM with a last-item field is FPMC, Rendle et al. 2010, the classic way
+to give a factorization model the order that a mean pool throws away), and the user's domain.
+Item-side fields: the candidate's item id and the candidate's domain. Each field has its own
+embedding table and first-order weight. With s_U and s_I the sums of the user-side and item-side
+embeddings, the FM second-order sum over all field pairs splits as
 
-    sum_{f<g} <e_f, e_g> = <e_hist, e_udom> + <e_item, e_cdom> + <e_hist + e_udom, e_item + e_cdom>
+    sum_{f<g} <e_f, e_g> = pairs(U) + pairs(I) + <s_U, s_I>,   pairs(S) = (|s_S|^2 - sum_S |e_f|^2) / 2
 
 so scoring C candidates is one [B, D] x [D, C] matmul plus per-row and per-candidate terms.
 
@@ -36,12 +38,17 @@ def item_domain_buffer(vocab_size: int, num_domains: int,
     return torch.where(dom < 0, torch.full_like(dom, num_domains), dom)
 
 
+# Embeddings of one side's fields ([..., D] each) and that side's first-order terms [...].
+Side = tuple[list[torch.Tensor], torch.Tensor]
+
+
 class FieldEmbeddings(nn.Module):
-    """Embedding tables and first-order weights of the four fields (shared by FM and DeepFM)."""
+    """Embedding tables and first-order weights of the fields (shared by FM and DeepFM)."""
 
     def __init__(self, vocab_size: int, num_domains: int, hidden: int,
-                 item_domain: np.ndarray | torch.Tensor | None, init_std: float):
+                 item_domain: np.ndarray | torch.Tensor | None, init_std: float, last_item: bool = True):
         super().__init__()
+        self.last_item = bool(last_item)
         self.hist = nn.Embedding(vocab_size, hidden, padding_idx=0)
         self.item = nn.Embedding(vocab_size, hidden, padding_idx=0)
         self.udom = nn.Embedding(num_domains + 1, hidden)
@@ -50,45 +57,67 @@ class FieldEmbeddings(nn.Module):
         self.item_w = nn.Embedding(vocab_size, 1, padding_idx=0)
         self.udom_w = nn.Embedding(num_domains + 1, 1)
         self.cdom_w = nn.Embedding(num_domains + 1, 1)
+        tables, weights = [self.hist, self.item, self.udom, self.cdom], [self.hist_w, self.item_w,
+                                                                          self.udom_w, self.cdom_w]
+        if self.last_item:
+            self.last = nn.Embedding(vocab_size, hidden, padding_idx=0)
+            self.last_w = nn.Embedding(vocab_size, 1, padding_idx=0)
+            tables.append(self.last)
+            weights.append(self.last_w)
         self.bias = nn.Parameter(torch.zeros(()))
-        for emb in (self.hist, self.item, self.udom, self.cdom):
+        for emb in tables:
             nn.init.normal_(emb.weight, std=init_std)
-        for emb in (self.hist_w, self.item_w, self.udom_w, self.cdom_w):
+        for emb in weights:
             nn.init.zeros_(emb.weight)
         with torch.no_grad():
-            self.hist.weight[0].zero_()
-            self.item.weight[0].zero_()
+            for emb in tables:
+                if emb.padding_idx is not None:
+                    emb.weight[0].zero_()
         # Derived from the dataset, rebuilt by the builder: not part of the checkpoint.
         self.register_buffer("item_domain", item_domain_buffer(vocab_size, num_domains, item_domain),
                              persistent=False)
 
-    def user_side(self, batch: StudentBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(e_hist [B, D], e_udom [B, D], first-order user terms + bias [B])."""
+    @property
+    def num_user_fields(self) -> int:
+        return 3 if self.last_item else 2
+
+    def user_side(self, batch: StudentBatch) -> Side:
+        """([e_hist, (e_last,) e_udom] each [B, D], first-order user terms + bias [B])."""
         h = batch.histories
         # Mask PAD explicitly rather than trusting its embedding row to stay zero.
         mask = (h != 0).unsqueeze(-1).to(self.hist.weight.dtype)  # [B, L, 1]
         n = mask.sum(1).clamp(min=1)  # [B, 1]
         e_hist = (self.hist(h) * mask).sum(1) / n
-        w_hist = ((self.hist_w(h) * mask).sum(1) / n).squeeze(-1)
+        first = ((self.hist_w(h) * mask).sum(1) / n).squeeze(-1) + self.bias
         udom = self.item_domain[h[:, 0]]
-        return e_hist, self.udom(udom), w_hist + self.udom_w(udom).squeeze(-1) + self.bias
+        fields = [e_hist]
+        if self.last_item:
+            last = h.gather(1, (batch.lengths - 1).clamp(min=0)[:, None]).squeeze(1)
+            fields.append(self.last(last))
+            first = first + self.last_w(last).squeeze(-1)
+        fields.append(self.udom(udom))
+        return fields, first + self.udom_w(udom).squeeze(-1)
 
-    def item_side(self, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(e_item [..., D], e_cdom [..., D], first-order item terms [...]) for any id shape."""
+    def item_side(self, candidates: torch.Tensor) -> Side:
+        """([e_item, e_cdom] each [..., D], first-order item terms [...]) for any id shape."""
         cdom = self.item_domain[candidates]
-        return (self.item(candidates), self.cdom(cdom),
+        return ([self.item(candidates), self.cdom(cdom)],
                 (self.item_w(candidates) + self.cdom_w(cdom)).squeeze(-1))
 
 
-def fm_scores(user: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-              item: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def _within(fields: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the fields, sum over their pairs of <e_f, e_g>)."""
+    total = torch.stack(fields).sum(0)
+    squares = sum((e * e).sum(-1) for e in fields)
+    return total, 0.5 * ((total * total).sum(-1) - squares)
+
+
+def fm_scores(user: Side, item: Side) -> torch.Tensor:
     """FM logits [B, C] from user_side() and item_side() outputs (items [C, D] or [B, C, D])."""
-    e_hist, e_udom, w_user = user
-    e_item, e_cdom, w_item = item
-    s_u = e_hist + e_udom
-    s_i = e_item + e_cdom
-    row = w_user + (e_hist * e_udom).sum(-1)  # [B]
-    col = w_item + (e_item * e_cdom).sum(-1)  # [C] or [B, C]
+    s_u, pairs_u = _within(user[0])
+    s_i, pairs_i = _within(item[0])
+    row = user[1] + pairs_u  # [B]
+    col = item[1] + pairs_i  # [C] or [B, C]
     cross = s_u @ s_i.T if s_i.dim() == 2 else torch.einsum("bd,bcd->bc", s_u, s_i)
     return cross + row[:, None] + (col[None, :] if col.dim() == 1 else col)
 
@@ -99,16 +128,17 @@ class FM(StudentModel):
 
     def __init__(self, vocab_size: int, num_domains: int = 1, hidden: int = 64,
                  item_domain: np.ndarray | torch.Tensor | None = None, dropout: float = 0.0,
-                 init_std: float = 0.05):
+                 init_std: float = 0.05, last_item: bool = True):
         super().__init__()
         self.vocab_size = vocab_size
         self.num_domains = num_domains
-        self.fields = FieldEmbeddings(vocab_size, num_domains, hidden, item_domain, init_std)
+        self.fields = FieldEmbeddings(vocab_size, num_domains, hidden, item_domain, init_std, last_item)
         self.drop = nn.Dropout(dropout)
 
-    def user_side(self, batch: StudentBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        e_hist, e_udom, w = self.fields.user_side(batch)
-        return self.drop(e_hist), e_udom, w
+    def user_side(self, batch: StudentBatch) -> Side:
+        """User fields with dropout on the item-derived ones (history pool, last item)."""
+        fields, first = self.fields.user_side(batch)
+        return [self.drop(e) for e in fields[:-1]] + fields[-1:], first
 
     def score(self, batch: StudentBatch, candidates: torch.Tensor) -> torch.Tensor:
         return fm_scores(self.user_side(batch), self.fields.item_side(candidates))
