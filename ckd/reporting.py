@@ -140,6 +140,33 @@ def load_experiments(path: str | os.PathLike[str]) -> Experiments:
                        created=str(raw.get("created", "")), runs=runs, source=str(p))
 
 
+def merge_experiments(parts: Sequence[Experiments]) -> Experiments:
+    """One manifest from several (e.g. one per domain or per suite). Run names must be unique,
+    except teacher rows for the same run directory, which every suite that served that teacher
+    repeats and which are kept once. Commits, machines and sources are listed in order."""
+    if not parts:
+        raise ReportError("no experiment manifest given")
+    runs: list[Run] = []
+    seen: dict[str, tuple[Run, str]] = {}
+    for part in parts:
+        for r in part.runs:
+            if r.name in seen:
+                first, where = seen[r.name]
+                if r.group == first.group == "teacher" and r.run_dir == first.run_dir:
+                    continue
+                raise ReportError(f"run {r.name!r} is in both {where} and {part.source}; "
+                                  "give one of them another name (launch/experiments.py --name-suffix)")
+            seen[r.name] = (r, part.source)
+            runs.append(r)
+
+    def listed(values: Iterable[str]) -> str:
+        return ", ".join(dict.fromkeys(v for v in values if v))
+
+    return Experiments(machine=listed(p.machine for p in parts), commit=listed(p.commit for p in parts),
+                       created=max(p.created for p in parts), runs=runs,
+                       source=" + ".join(p.source for p in parts))
+
+
 def load_efficiency(path: str | os.PathLike[str]) -> Efficiency:
     """Read and validate results/efficiency.json."""
     p = Path(path)
@@ -288,16 +315,28 @@ def _unique(runs: list[Run], what: str) -> Run | None:
     return runs[0] if runs else None
 
 
-def alone_run(exp: Experiments, model: str) -> Run | None:
-    """The student ``model`` trained without teachers."""
+def run_domains(run: Run) -> frozenset[str]:
+    """The domains ``run`` has test results for ('mean' excluded)."""
+    return frozenset(d for d in run.metrics.get("test", {}) if d != MEAN)
+
+
+def _on(run: Run, domain: str | None, like: Run | None) -> bool:
+    """Whether ``run`` has results on ``domain`` and covers the same domains as ``like`` (each
+    check skipped when None): a manifest may hold one run per domain of the same student."""
+    return ((domain is None or domain in run_domains(run))
+            and (like is None or run_domains(run) == run_domains(like)))
+
+
+def alone_run(exp: Experiments, model: str, domain: str | None = None, like: Run | None = None) -> Run | None:
+    """The student ``model`` trained without teachers (on ``domain`` / on ``like``'s domains)."""
     return _unique([r for r in exp.runs if r.model == model and r.variant == "alone"
-                    and r.group in ("baseline", "universality")], f"{model} alone")
+                    and r.group in ("baseline", "universality") and _on(r, domain, like)], f"{model} alone")
 
 
-def distilled_run(exp: Experiments, model: str) -> Run | None:
-    """The student ``model`` trained with the full method."""
+def distilled_run(exp: Experiments, model: str, domain: str | None = None) -> Run | None:
+    """The student ``model`` trained with the full method (on ``domain``)."""
     return _unique([r for r in exp.runs if r.model == model and r.variant == "distilled"
-                    and r.group in ("distilled", "universality")], f"{model} distilled")
+                    and r.group in ("distilled", "universality") and _on(r, domain, None)], f"{model} distilled")
 
 
 def student_families(exp: Experiments) -> list[str]:
@@ -331,9 +370,9 @@ def throughput_ratio(exp: Experiments, run: Run) -> float | None:
     manifest has one, else the student alone (whose batch size may differ)."""
     if run.group == "teacher" or run.variant == "alone" or run.variant.startswith("no teachers"):
         return None
-    twin = _unique([r for r in exp.runs if r.model == run.model and r.variant.startswith("no teachers")],
-                   f"{run.model} without teachers")
-    base = twin or alone_run(exp, run.model)
+    twin = _unique([r for r in exp.runs if r.model == run.model and r.variant.startswith("no teachers")
+                    and _on(r, None, run)], f"{run.model} without teachers")
+    base = twin or alone_run(exp, run.model, like=run)
     if base is None or base.steps_per_s is None or run.steps_per_s is None or base.steps_per_s <= 0:
         return None
     if base.world_size is not None and run.world_size is not None and base.world_size != run.world_size:
@@ -359,9 +398,13 @@ def full_table(exp: Experiments, domain: str) -> str:
 
 
 def ablation_rows(exp: Experiments) -> tuple[Run | None, list[Run]]:
-    full = _unique([r for r in exp.runs if r.group == "distilled" and r.model == "sasrec"
-                    and r.variant == "distilled"], "distilled SASRec")
-    return full, [r for r in exp.runs if r.group == "ablation"]
+    """The distilled SASRec that has ablations, and those ablations (runs on the same domains).
+    With no ablation in the manifest, the unique distilled SASRec (or None)."""
+    ablations = [r for r in exp.runs if r.group == "ablation"]
+    fulls = [r for r in exp.runs if r.group == "distilled" and r.model == "sasrec" and r.variant == "distilled"]
+    if ablations:
+        fulls = [r for r in fulls if all(_on(a, None, r) for a in ablations)]
+    return _unique(fulls, "distilled SASRec"), ablations
 
 
 def ablation_table(exp: Experiments) -> str:
@@ -375,7 +418,7 @@ def ablation_table(exp: Experiments) -> str:
     for d in cols:
         headers += [f"NDCG@10 {d}", f"Δ {d}"]
     rows = []
-    reference = alone_run(exp, "sasrec")
+    reference = alone_run(exp, "sasrec", like=full)
     for r in [full, *ablations] + ([reference] if reference else []):
         row = [r.name, r.variant + (" (reference)" if r is reference else "")]
         for d in cols:
@@ -399,8 +442,10 @@ def universality_table(exp: Experiments) -> str:
                "NDCG@10 distilled", "NDCG@10 gain"]
     rows = []
     for model in student_families(exp):
-        a, d = alone_run(exp, model), distilled_run(exp, model)
         for dom in cols:
+            a, d = alone_run(exp, model, dom), distilled_run(exp, model, dom)
+            if a is None and d is None:
+                continue
             na = a.test(dom, "ndcg@10") if a else None
             nd = d.test(dom, "ndcg@10") if d else None
             rows.append([model, dom, fmt_metric(a.test(dom, "recall@10") if a else None),
@@ -581,7 +626,7 @@ def render_report(exp: Experiments, eff: Efficiency | None, domain: str = "Scien
     if full is None:
         out += ["No distilled SASRec run in the manifest: no ablation table.", ""]
     else:
-        ref = alone_run(exp, "sasrec")
+        ref = alone_run(exp, "sasrec", like=full)
         cmds = [r.command for r in [full, *ablations] + ([ref] if ref else [])]
         out += [_source_block(exp.commit, exp.machine, exp.created, cmds, exp.source), "",
                 "Δ = NDCG@10 of the row minus NDCG@10 of the full method (negative: the removed part helps).", "",
@@ -589,7 +634,8 @@ def render_report(exp: Experiments, eff: Efficiency | None, domain: str = "Scien
 
     out += ["## 3. Universality (each student family alone vs distilled)", ""]
     fams = student_families(exp)
-    cmds = [r.command for m in fams for r in (alone_run(exp, m), distilled_run(exp, m)) if r is not None]
+    cmds = [r.command for r in exp.runs if r.model in fams and r.variant in ("alone", "distilled")
+            and r.group in ("baseline", "distilled", "universality")]
     out += [_source_block(exp.commit, exp.machine, exp.created, cmds, exp.source), "",
             "Gain = (distilled − alone) / alone, on test NDCG@10.", "", universality_table(exp), ""]
 

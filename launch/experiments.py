@@ -138,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parallel", type=int, default=1, help="runs at once (a GPU box can take several)")
     ap.add_argument("--runs-root", default="runs/experiments")
     ap.add_argument("--out", default="results/experiments.json")
+    ap.add_argument("--name-suffix", default="",
+                    help="appended to every run name (and run directory), e.g. _scientificmm, so that one "
+                         "manifest can hold the same suite on several domains")
     args = ap.parse_args(argv)
 
     from ckd.config import default_data_dir, load_config
@@ -153,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         keep = set(args.only.split(","))
         runs = [r for r in runs if r[0] in keep]
+    runs = [(name + args.name_suffix, *rest) for name, *rest in runs]
     out_root = Path(args.runs_root)
     out_root.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "CKD_DATA_DIR": data_dir}

@@ -1,7 +1,9 @@
 """Write docs/results.md and Figure 1 (PNG + JSON sidecar) from the result JSON files alone.
 
-    python launch/report.py [--experiments results/experiments.json] [--efficiency results/efficiency.json]
+    python launch/report.py [--experiments results/experiments.json ...] [--efficiency results/efficiency.json]
                             [--out docs/results.md] [--figure docs/figure1.png] [--domain Scientific]
+
+Several --experiments manifests (one per suite or per domain) are merged into one page.
 
 Tables: test Recall/NDCG@10/50 per domain (one row per run, grouped), ablations (NDCG@10 deltas to
 the full method), universality (each student alone vs distilled, relative gain), efficiency
@@ -22,15 +24,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ckd.reporting import (ReportError, draw_figure, figure_points, load_efficiency,  # noqa: E402
-                           load_experiments, render_report)
+                           load_experiments, merge_experiments, render_report)
 
 
-def build_report(experiments: str | Path, efficiency: str | Path | None, out: str | Path,
+def build_report(experiments: str | Path | list[str | Path], efficiency: str | Path | None, out: str | Path,
                  figure: str | Path | None, domain: str = "Scientific",
                  command: str = "python launch/report.py") -> dict[str, Path]:
     """Write the page (and the figure with its sidecar when there are efficiency results);
     returns the paths written."""
-    exp = load_experiments(experiments)
+    paths = experiments if isinstance(experiments, list) else [experiments]
+    exp = merge_experiments([load_experiments(p) for p in paths])
     eff = load_efficiency(efficiency) if efficiency else None
     out = Path(out)
     written = {"page": out}
@@ -50,7 +53,8 @@ def build_report(experiments: str | Path, efficiency: str | Path | None, out: st
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--experiments", default="results/experiments.json")
+    ap.add_argument("--experiments", action="append", default=None,
+                    help="experiment manifest (repeatable: the runs are merged; default results/experiments.json)")
     ap.add_argument("--efficiency", default="results/efficiency.json",
                     help="inference benchmark JSON; a missing file is reported and skipped")
     ap.add_argument("--out", default="docs/results.md")
@@ -64,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     given = argv if argv is not None else sys.argv[1:]
     command = "python launch/report.py " + " ".join(shlex.quote(a) for a in given)
     try:
-        written = build_report(args.experiments, efficiency, args.out, args.figure, args.domain, command.strip())
+        written = build_report(args.experiments or ["results/experiments.json"], efficiency, args.out, args.figure, args.domain, command.strip())
     except ReportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

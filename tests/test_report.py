@@ -267,3 +267,59 @@ def test_mean_row_is_blank_for_a_run_missing_some_domains(tmp_path):
     teacher = next(n for n, r in raw["runs"].items() if r["group"] == "teacher")
     assert rows[teacher]["NDCG@10"] == "—"
     assert rows["two_domain_alone"]["NDCG@10"] != "—"
+
+
+@pytest.mark.unit
+def test_one_run_per_domain_of_the_same_student(tmp_path):
+    """A manifest may hold the same student trained separately on each domain (teachers exist per
+    domain): the universality table pairs alone and distilled within each domain, and a run's
+    throughput is compared with the alone run on its own domains."""
+    from ckd.reporting import throughput_ratio, universality_table
+
+    raw = json.loads(EXPERIMENTS.read_text())
+    for variant, ndcg, rate in (("alone", 0.0300, 10.0), ("distilled", 0.0360, 4.0)):
+        run = copy.deepcopy(raw["runs"][f"fm_{variant}"])
+        m = {"recall@10": 0.05, "ndcg@10": ndcg, "recall@50": 0.1, "ndcg@50": ndcg + 0.01}
+        run["metrics"]["test"] = {"Games": m, "mean": m}
+        run["metrics"]["timing"] = {"steps_per_s": rate}
+        raw["runs"][f"fm_{variant}_games"] = run
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(raw))
+    exp = load_experiments(path)
+    rows = parse_markdown_tables(universality_table(exp))[0]
+    games = _row([r for r in rows if r["Student"] == "fm"], "Domain", "Games")
+    assert (games["NDCG@10 alone"], games["NDCG@10 distilled"], games["NDCG@10 gain"]) == ("0.0300", "0.0360",
+                                                                                            "+20.0%")
+    sci = _row([r for r in rows if r["Student"] == "fm"], "Domain", "Scientific")
+    assert sci["NDCG@10 alone"] == _row(parse_markdown_tables(
+        render_report(exp, None).split("### Scientific", 1)[1])[0], "Run", "fm_alone")["NDCG@10"]
+    games_distilled = next(r for r in exp.runs if r.name == "fm_distilled_games")
+    assert throughput_ratio(exp, games_distilled) == pytest.approx(0.4)
+
+
+@pytest.mark.unit
+def test_manifests_merge_into_one_page(tmp_path):
+    """Two suites' manifests make one page: runs of both, a shared teacher row once, and a run name
+    in both is a named error."""
+    raw = json.loads(EXPERIMENTS.read_text())
+    teacher = next(n for n, r in raw["runs"].items() if r["group"] == "teacher")
+    second = {"runs": {"fm_alone_other": copy.deepcopy(raw["runs"]["fm_alone"]),
+                       teacher: copy.deepcopy(raw["runs"][teacher])},
+              "machine": "other-box", "commit": "feedface", "created": "2099-01-01T00:00:00"}
+    second["runs"]["fm_alone_other"]["metrics"]["test"]["Scientific"]["ndcg@10"] = 0.0123
+    second["runs"]["fm_alone_other"]["variant"] = "alone, other settings"
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(raw))
+    b.write_text(json.dumps(second))
+    out = tmp_path / "page.md"
+    assert report.main(["--experiments", str(a), "--experiments", str(b), "--efficiency", "",
+                        "--out", str(out)]) == 0
+    md = out.read_text()
+    sci = _sections(md)["Scientific"]
+    assert _row(sci, "Run", "fm_alone_other")["NDCG@10"] == "0.0123"
+    assert len([r for r in sci if r["Run"] == teacher]) == 1
+    assert "other-box" in md and "feedface" in md
+    second["runs"]["sasrec_alone"] = raw["runs"]["sasrec_alone"]
+    b.write_text(json.dumps(second))
+    assert report.main(["--experiments", str(a), "--experiments", str(b), "--efficiency", "",
+                        "--out", str(out)]) == 2
