@@ -397,23 +397,30 @@ def full_table(exp: Experiments, domain: str) -> str:
     return markdown_table(headers, rows, align=["l"] * 4 + ["r"] * len(METRICS))
 
 
-def ablation_rows(exp: Experiments) -> tuple[Run | None, list[Run]]:
-    """The distilled SASRec that has ablations, and those ablations (runs on the same domains).
-    With no ablation in the manifest, the unique distilled SASRec (or None)."""
+def ablation_sets(exp: Experiments) -> list[tuple[Run, list[Run]]]:
+    """Each distilled SASRec with the ablations run on its domains (a manifest may hold a suite per
+    domain), in manifest order; sets without ablations are left out. An ablation with no distilled
+    SASRec on its domains is an error (its deltas would have nothing to be measured against)."""
     ablations = [r for r in exp.runs if r.group == "ablation"]
     fulls = [r for r in exp.runs if r.group == "distilled" and r.model == "sasrec" and r.variant == "distilled"]
-    if ablations:
-        fulls = [r for r in fulls if all(_on(a, None, r) for a in ablations)]
-    return _unique(fulls, "distilled SASRec"), ablations
+    sets = []
+    for full in fulls:
+        mine = [a for a in ablations if _on(a, None, full)]
+        if mine:
+            sets.append((full, mine))
+    for a in ablations:
+        matches = [f.name for f, mine in sets if a in mine]
+        if len(matches) != 1:
+            raise ReportError(f"ablation {a.name!r}: {len(matches)} distilled SASRec runs on its domains "
+                              f"{sorted(run_domains(a))} ({', '.join(matches) or 'none'}); need exactly one")
+    return sets
 
 
-def ablation_table(exp: Experiments) -> str:
+def ablation_table(exp: Experiments, full: Run, ablations: list[Run]) -> str:
     """The full method vs each ablation (and SASRec alone for reference): test NDCG@10 per domain
     and mean, with the difference to the full method."""
-    full, ablations = ablation_rows(exp)
-    if full is None:
-        raise ReportError("ablation table: no run with group 'distilled', model 'sasrec', variant 'distilled'")
-    cols = domains_of(exp) + ([MEAN] if len(domains_of(exp)) > 1 else [])
+    doms = [d for d in domains_of(exp) if d in run_domains(full)]
+    cols = doms + ([MEAN] if len(doms) > 1 else [])
     headers = ["Run", "Variant"]
     for d in cols:
         headers += [f"NDCG@10 {d}", f"Δ {d}"]
@@ -621,16 +628,18 @@ def render_report(exp: Experiments, eff: Efficiency | None, domain: str = "Scien
     for d in domains + ([MEAN] if len(domains) > 1 else []):
         out += [f"### {d if d != MEAN else 'Mean over domains'}", "", full_table(exp, d), ""]
 
-    full, ablations = ablation_rows(exp)
     out += ["## 2. Ablations (distilled SASRec vs each ablation)", ""]
-    if full is None:
-        out += ["No distilled SASRec run in the manifest: no ablation table.", ""]
-    else:
+    sets = ablation_sets(exp)
+    if not sets:
+        out += ["No ablation run in the manifest: no ablation table.", ""]
+    for i, (full, ablations) in enumerate(sets):
         ref = alone_run(exp, "sasrec", like=full)
         cmds = [r.command for r in [full, *ablations] + ([ref] if ref else [])]
+        if i:  # later sets (other domains) get their own heading
+            out += [f"### Ablations on {', '.join(sorted(run_domains(full)))}", ""]
         out += [_source_block(exp.commit, exp.machine, exp.created, cmds, exp.source), "",
                 "Δ = NDCG@10 of the row minus NDCG@10 of the full method (negative: the removed part helps).", "",
-                ablation_table(exp), ""]
+                ablation_table(exp, full, ablations), ""]
 
     out += ["## 3. Universality (each student family alone vs distilled)", ""]
     fams = student_families(exp)

@@ -296,6 +296,18 @@ def test_one_run_per_domain_of_the_same_student(tmp_path):
     games_distilled = next(r for r in exp.runs if r.name == "fm_distilled_games")
     assert throughput_ratio(exp, games_distilled) == pytest.approx(0.4)
 
+    # the same SASRec suite on Games: its ablation is measured against the Games distilled run
+    for name, ndcg in (("sasrec_distilled", 0.0500), ("ablation_no_curriculum", 0.0450)):
+        run = copy.deepcopy(raw["runs"][name])
+        m = {"recall@10": 0.05, "ndcg@10": ndcg, "recall@50": 0.1, "ndcg@50": ndcg + 0.01}
+        run["metrics"]["test"] = {"Games": m, "mean": m}
+        raw["runs"][f"{name}_games"] = run
+    path.write_text(json.dumps(raw))
+    md = render_report(load_experiments(path), None)
+    games_ablations = _sections(md)["Ablations on Games"]
+    assert _row(games_ablations, "Run", "ablation_no_curriculum_games")["Δ Games"] == "-0.0050"
+    assert "ablation_no_curriculum_games" not in md.split("## 2.", 1)[1].split("### Ablations on Games")[0]
+
 
 @pytest.mark.unit
 def test_manifests_merge_into_one_page(tmp_path):
