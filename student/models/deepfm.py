@@ -66,8 +66,7 @@ class DeepFM(StudentModel):
         return torch.cat(parts, dim=1)
 
     def score(self, batch: StudentBatch, candidates: torch.Tensor) -> torch.Tensor:
-        fields, first = self.fields.user_side(batch)
-        user = ([self.drop(e) for e in fields[:-1]] + fields[-1:], first)
+        user = self.fields.user_side(batch, self.drop)
         item = self.fields.item_side(candidates)
         u = self.user_proj(torch.cat(user[0], -1))
         i = self.item_proj(torch.cat(item[0], -1))

@@ -81,8 +81,9 @@ class FieldEmbeddings(nn.Module):
     def num_user_fields(self) -> int:
         return 3 if self.last_item else 2
 
-    def user_side(self, batch: StudentBatch) -> Side:
-        """([e_hist, (e_last,) e_udom] each [B, D], first-order user terms + bias [B])."""
+    def user_side(self, batch: StudentBatch, drop: nn.Module | None = None) -> Side:
+        """([e_hist, (e_last,) e_udom] each [B, D], first-order user terms + bias [B]); ``drop``
+        (dropout) applies to the item-derived fields, the history pool and the last item."""
         h = batch.histories
         # Mask PAD explicitly rather than trusting its embedding row to stay zero.
         mask = (h != 0).unsqueeze(-1).to(self.hist.weight.dtype)  # [B, L, 1]
@@ -95,6 +96,8 @@ class FieldEmbeddings(nn.Module):
             last = h.gather(1, (batch.lengths - 1).clamp(min=0)[:, None]).squeeze(1)
             fields.append(self.last(last))
             first = first + self.last_w(last).squeeze(-1)
+        if drop is not None:
+            fields = [drop(e) for e in fields]
         fields.append(self.udom(udom))
         return fields, first + self.udom_w(udom).squeeze(-1)
 
@@ -107,7 +110,7 @@ class FieldEmbeddings(nn.Module):
 
 def _within(fields: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of the fields, sum over their pairs of <e_f, e_g>)."""
-    total = torch.stack(fields).sum(0)
+    total = sum(fields[1:], fields[0])  # no [F, ..., D] stack: item sides can be [B, C, D]
     squares = sum((e * e).sum(-1) for e in fields)
     return total, 0.5 * ((total * total).sum(-1) - squares)
 
@@ -135,10 +138,5 @@ class FM(StudentModel):
         self.fields = FieldEmbeddings(vocab_size, num_domains, hidden, item_domain, init_std, last_item)
         self.drop = nn.Dropout(dropout)
 
-    def user_side(self, batch: StudentBatch) -> Side:
-        """User fields with dropout on the item-derived ones (history pool, last item)."""
-        fields, first = self.fields.user_side(batch)
-        return [self.drop(e) for e in fields[:-1]] + fields[-1:], first
-
     def score(self, batch: StudentBatch, candidates: torch.Tensor) -> torch.Tensor:
-        return fm_scores(self.user_side(batch), self.fields.item_side(candidates))
+        return fm_scores(self.fields.user_side(batch, self.drop), self.fields.item_side(candidates))
