@@ -391,7 +391,7 @@ def full_table(exp: Experiments, domain: str) -> str:
     for r in ordered_runs(exp):
         # A run's own "mean" averages only its domains: beside runs over more domains it is not
         # the same quantity, so it is left blank rather than compared.
-        partial = domain == MEAN and any(d not in r.metrics["test"] for d in domains)
+        partial = domain == MEAN and not set(domains) <= run_domains(r)
         rows.append([r.group, r.name, r.model, r.variant]
                     + [fmt_metric(None if partial else r.test(domain, m)) for m in METRICS])
     return markdown_table(headers, rows, align=["l"] * 4 + ["r"] * len(METRICS))
@@ -530,9 +530,10 @@ FIGURE_DPI = 150
 MAX_AREA_PT2 = 2500.0
 
 
-def draw_figure(sidecar: dict[str, Any], path: str | os.PathLike[str]) -> None:
+def draw_figure(sidecar: dict[str, Any], path: str | os.PathLike[str]) -> list[tuple[float, ...]]:
     """Draw the Figure-1-style bubble chart from ``figure_points``' dict: x = inference ms per 1,000
-    users (log), y = test NDCG@10, circle area proportional to peak memory."""
+    users (log), y = test NDCG@10, circle area proportional to peak memory. Returns the label boxes
+    (pixels, ``pts`` order)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -555,10 +556,6 @@ def draw_figure(sidecar: dict[str, Any], path: str | os.PathLike[str]) -> None:
                    edgecolors=color, linewidths=1.5, label=label, zorder=2)
         # A centre mark keeps tiny-memory models visible whatever the area ratio.
         ax.scatter(xs, ys, s=12, color=color, marker="o", zorder=3)
-    for p in pts:
-        ax.annotate(f"{p['label']}\n{fmt_metric(p['ndcg@10'])} · {fmt_mb(p['peak_memory_mb'])} MB",
-                    (p["infer_ms_per_1000_users"], p["ndcg@10"]), xytext=(8, 6), textcoords="offset points",
-                    fontsize=8, zorder=4)
     ax.set_xscale("log")
     xs = [p["infer_ms_per_1000_users"] for p in pts]
     ys = [p["ndcg@10"] for p in pts]
@@ -575,9 +572,48 @@ def draw_figure(sidecar: dict[str, Any], path: str | os.PathLike[str]) -> None:
     foot = f"device: {sidecar.get('device', '')}  ·  machine: {sidecar.get('machine', '')}"
     fig.text(0.01, 0.01, foot[:140], fontsize=6, color="0.4")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
+    boxes = place_labels(fig, ax, pts, avoid=[leg])
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=FIGURE_DPI, metadata={"Software": None})
     plt.close(fig)
+    return boxes
+
+
+# Label offsets (points) tried in order: right-above first, as before, then the other corners and
+# further out, so close points (SASRec, DeepFM and the UniSRec teachers) get readable labels.
+LABEL_OFFSETS = [(8, 6), (8, -26), (-8, 6), (-8, -26), (8, 22), (8, -42), (-8, 22), (-8, -42),
+                 (8, 38), (8, -58), (-8, 38), (-8, -58)]
+
+
+def place_labels(fig: Any, ax: Any, pts: list[dict[str, Any]], avoid: Sequence[Any] = ()) -> list[tuple[float, ...]]:
+    """Annotate each point at the first offset of ``LABEL_OFFSETS`` whose text box stays inside the
+    axes and overlaps neither an earlier label nor an ``avoid`` artist (the legend); the first
+    offset when none fits. Returns the label boxes in pixels, (x0, y0, x1, y1), in ``pts`` order."""
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    taken = [a.get_window_extent(renderer) for a in avoid]
+
+    def annotate(p: dict[str, Any], dx: int, dy: int) -> Any:
+        return ax.annotate(f"{p['label']}\n{fmt_metric(p['ndcg@10'])} · {fmt_mb(p['peak_memory_mb'])} MB",
+                           (p["infer_ms_per_1000_users"], p["ndcg@10"]), xytext=(dx, dy),
+                           textcoords="offset points", fontsize=8, zorder=4,
+                           ha="left" if dx >= 0 else "right", va="bottom")
+
+    boxes = []
+    # Highest-scoring points first: they are the ones a reader looks for.
+    for i in sorted(range(len(pts)), key=lambda i: -pts[i]["ndcg@10"]):
+        for dx, dy in LABEL_OFFSETS:
+            ann = annotate(pts[i], dx, dy)
+            bb = ann.get_window_extent(renderer)
+            inside = frame.x0 <= bb.x0 and bb.x1 <= frame.x1 and frame.y0 <= bb.y0 and bb.y1 <= frame.y1
+            if inside and not any(bb.overlaps(t) for t in taken):
+                break
+            ann.remove()
+        else:
+            bb = annotate(pts[i], *LABEL_OFFSETS[0]).get_window_extent(renderer)
+        taken.append(bb)
+        boxes.append((i, tuple(float(v) for v in bb.extents)))
+    return [b for _, b in sorted(boxes)]
 
 
 def png_size(path: str | os.PathLike[str]) -> tuple[int, int]:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from ckd.reporting import (ReportError, expected_png_size, fmt_mb, fmt_metric, fmt_ms, load_efficiency,
-                           load_experiments, parse_markdown_tables, png_size, render_report)
+from ckd.reporting import (ReportError, draw_figure, expected_png_size, fmt_mb, fmt_metric, fmt_ms,
+                           load_efficiency, load_experiments, parse_markdown_tables, png_size, render_report)
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -133,6 +133,23 @@ def test_figure_png_and_sidecar_match_tables(built):
         assert fmt_mb(p["peak_memory_mb"]) == row["Peak memory (MB)"]
         assert fmt_metric(p["ndcg@10"]) == row["Test NDCG@10 Scientific"]
         assert fmt_metric(p["ndcg@10"]) == _row(sci, "Run", p["run"])["NDCG@10"]
+
+
+@pytest.mark.unit
+def test_figure_labels_of_crowded_points_do_not_overlap(tmp_path):
+    # Four models within 10% of each other on both axes (as SASRec, DeepFM and the two UniSRec
+    # teachers sit on the real page): with one fixed offset their labels would pile up.
+    pts = [{"label": f"model_{i}", "role": role, "ndcg@10": 0.064 + 0.0003 * i,
+            "infer_ms_per_1000_users": 1000.0 * (1 + 0.03 * i), "peak_memory_mb": 90.0 + i}
+           for i, role in enumerate(["teacher", "teacher", "distilled", "alone"])]
+    pts.append({"label": "far", "role": "distilled", "ndcg@10": 0.040, "infer_ms_per_1000_users": 30.0,
+                "peak_memory_mb": 40.0})
+    boxes = draw_figure({"domain": "Scientific", "points": pts}, tmp_path / "f.png")
+    assert len(boxes) == len(pts) and png_size(tmp_path / "f.png") == expected_png_size()
+    for i in range(len(boxes)):
+        for j in range(i + 1, len(boxes)):
+            (a0, b0, a1, b1), (c0, d0, c1, d1) = boxes[i], boxes[j]
+            assert a1 <= c0 or c1 <= a0 or b1 <= d0 or d1 <= b0, (pts[i]["label"], pts[j]["label"])
 
 
 @pytest.mark.unit
