@@ -5,7 +5,7 @@ so a model that scores all items alike earns nothing.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -37,17 +37,14 @@ ScoreFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int], torch.T
 
 
 @torch.no_grad()
-def evaluate_full_ranking(score_fn: ScoreFn, dataset, split: str, batch_size: int = 512,
-                          device: str | torch.device = "cpu",
-                          domains: list[str] | None = None,
-                          mask_history: bool = False) -> dict[str, dict[str, float]]:
-    """Per-domain metrics (and their unweighted mean under "mean") for ``split``.
-
-    Each example is ranked against all items of its own domain. ``mask_history`` removes items
-    already in the history from the ranking; it is off by default, as in UniSRec/RecBole.
-    """
+def full_ranking_ranks(score_fn: ScoreFn, dataset, split: str, batch_size: int = 512,
+                       device: str | torch.device = "cpu", domains: list[str] | None = None,
+                       mask_history: bool = False) -> dict[str, np.ndarray]:
+    """0-based rank of each example's target among all items of its own domain, per domain, in
+    the split's order. ``mask_history`` removes items already in the history from the ranking; it
+    is off by default, as in UniSRec/RecBole."""
     ex = dataset.splits[split]
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, np.ndarray] = {}
     for d, name in enumerate(dataset.domain_names):
         if domains is not None and name not in domains:
             continue
@@ -67,9 +64,48 @@ def evaluate_full_ranking(score_fn: ScoreFn, dataset, split: str, batch_size: in
                 scores = scores.scatter(1, torch.where(valid, cols, tgt.view(-1, 1)),
                                         torch.where(valid, float("-inf"), scores.gather(1, tgt.view(-1, 1))))
             ranks.append(target_ranks(scores, tgt).cpu().numpy())
-        out[name] = metrics_from_ranks(np.concatenate(ranks) if ranks else np.zeros(0))
+        out[name] = np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64)
+    return out
+
+
+def metrics_by_domain(ranks: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """Per-domain metrics from :func:`full_ranking_ranks`, plus their unweighted mean under "mean"."""
+    out = {name: metrics_from_ranks(r) for name, r in ranks.items()}
     if out:
-        out["mean"] = {m: float(np.mean([v[m] for k, v in out.items()])) for m in METRIC_NAMES}
+        out["mean"] = {m: float(np.mean([v[m] for v in out.values()])) for m in METRIC_NAMES}
+    return out
+
+
+def evaluate_full_ranking(score_fn: ScoreFn, dataset, split: str, batch_size: int = 512,
+                          device: str | torch.device = "cpu",
+                          domains: list[str] | None = None,
+                          mask_history: bool = False) -> dict[str, dict[str, float]]:
+    """Per-domain metrics (and their unweighted mean under "mean") for ``split``: each example is
+    ranked against all items of its own domain (see :func:`full_ranking_ranks`)."""
+    return metrics_by_domain(full_ranking_ranks(score_fn, dataset, split, batch_size, device, domains,
+                                                mask_history))
+
+
+def bootstrap_ci(ranks: np.ndarray, ks: Iterable[int] = KS, n_boot: int = 1000, level: float = 0.95,
+                 seed: int = 0) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap interval of each metric over users (resampled with replacement):
+    how far a metric measured on this many users can move by the luck of which users were drawn."""
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"bootstrap_ci: level must lie in (0, 1), got {level}")
+    ranks = np.asarray(ranks, dtype=np.float64)
+    if ranks.size == 0:
+        raise ValueError("bootstrap_ci: no ranks to resample")
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, ranks.size, size=(n_boot, ranks.size))
+    lo_q, hi_q = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+    out: dict[str, tuple[float, float]] = {}
+    for k in ks:
+        hit = ranks < k
+        per_user = {f"recall@{k}": hit.astype(np.float64),
+                    f"ndcg@{k}": np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0)}
+        for name, values in per_user.items():
+            means = values[draws].mean(axis=1)
+            out[name] = (float(np.percentile(means, lo_q)), float(np.percentile(means, hi_q)))
     return out
 
 
@@ -82,4 +118,15 @@ def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
             continue
         for dom, vals in per_domain.items():
             lines.append(f"{split:<6} {dom:<14} " + " ".join(f"{vals[m]:>10.4f}" for m in METRIC_NAMES))
+    return "\n".join(lines)
+
+
+def format_ci_table(values: dict[str, dict[str, float]], intervals: dict[str, dict[str, Any]]) -> str:
+    """Render each domain's metric as "value [lo, hi]" from {domain: {metric: value}} and
+    {domain: {metric: (lo, hi)}} (domains without an interval, such as "mean", are left out)."""
+    header = f"{'domain':<14} " + " ".join(f"{m:>24}" for m in METRIC_NAMES)
+    lines = [header, "-" * len(header)]
+    for dom, ci in intervals.items():
+        cells = [f"{values[dom][m]:.4f} [{ci[m][0]:.4f}, {ci[m][1]:.4f}]" for m in METRIC_NAMES]
+        lines.append(f"{dom:<14} " + " ".join(f"{c:>24}" for c in cells))
     return "\n".join(lines)

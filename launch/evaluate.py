@@ -1,8 +1,10 @@
 """Evaluate a saved student checkpoint (full ranking, Recall/NDCG@10/50 per domain).
 
-    python launch/evaluate.py runs/<run>/best [--data-dir D] [--out DIR]
+    python launch/evaluate.py runs/<run>/best [--data-dir D] [--out DIR] [--ci N]
 
 Writes <out>/metrics.json ({"valid": {...}, "test": {...}, "best_epoch": n}) and prints the table.
+With --ci N it also prints and writes ("test_ci") a 95% bootstrap interval of each test metric over
+N resamples of the users: how much of a difference to a published number is sampling luck.
 """
 from __future__ import annotations
 
@@ -22,15 +24,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", default=None, help="where to write metrics.json (default: the checkpoint's run dir)")
     ap.add_argument("--batch-size", type=int, default=1024)
+    ap.add_argument("--ci", type=int, default=0, metavar="N",
+                    help="also a 95%% bootstrap interval of each test metric from N user resamples")
     ap.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
 
     import torch
 
     from ckd.data.multidomain import load_multidomain
-    from ckd.metrics import format_table
+    from ckd.metrics import bootstrap_ci, format_ci_table, format_table, metrics_by_domain
     from student.checkpoint import StudentCheckpointError, load_student, read_student_config
-    from student.trainer import evaluate
+    from student.trainer import evaluate_ranks
 
     ckpt = Path(args.checkpoint)
     try:
@@ -41,7 +45,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     device = torch.device(args.device)
-    results = {s: evaluate(model, dataset, s, args.batch_size, device) for s in ("valid", "test")}
+    ranks = {s: evaluate_ranks(model, dataset, s, args.batch_size, device) for s in ("valid", "test")}
+    results = {s: metrics_by_domain(r) for s, r in ranks.items()}
+    extra = {}
+    if args.ci > 0:
+        extra["test_ci"] = {d: {m: list(v) for m, v in bootstrap_ci(r, n_boot=args.ci).items()}
+                            for d, r in ranks["test"].items()}
+        extra["ci"] = {"level": 0.95, "resamples": args.ci, "method": "percentile bootstrap over users"}
     out_dir = Path(args.out) if args.out else ckpt.parent
     best_epoch = -1
     state = ckpt.parent / "metrics.json"
@@ -49,8 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         best_epoch = json.loads(state.read_text()).get("best_epoch", -1)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / ("metrics.json" if args.out else "eval_metrics.json")
-    json_dump({**results, "best_epoch": best_epoch, "checkpoint": str(ckpt)}, target)
+    json_dump({**results, "best_epoch": best_epoch, "checkpoint": str(ckpt), **extra}, target)
     print(format_table(results))
+    if extra:
+        print(f"\ntest, 95% bootstrap interval over users ({args.ci} resamples)")
+        print(format_ci_table(results["test"], extra["test_ci"]))
     print(f"\nwritten: {target}")
     return 0
 

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ckd.data.multidomain import MultiDomainDataset
-from ckd.metrics import evaluate_full_ranking, format_table
+from ckd.metrics import format_table, full_ranking_ranks, metrics_by_domain
 from student.distill import domain_ce
 from student.models.base import StudentBatch, StudentModel
 
@@ -62,15 +62,22 @@ def model_score_fn(model: StudentModel, device: torch.device):
 
 
 @torch.no_grad()
-def evaluate(model: StudentModel, dataset: MultiDomainDataset, split: str, batch_size: int,
-             device: torch.device) -> dict[str, dict[str, float]]:
+def evaluate_ranks(model: StudentModel, dataset: MultiDomainDataset, split: str, batch_size: int,
+                   device: torch.device) -> dict[str, np.ndarray]:
+    """Each ``split`` example's 0-based target rank over its domain's items, per domain (eval mode)."""
     was_training = model.training
     model.eval()
     try:
-        return evaluate_full_ranking(model_score_fn(model, device), dataset, split, batch_size=batch_size,
-                                     device=device)
+        return full_ranking_ranks(model_score_fn(model, device), dataset, split, batch_size=batch_size,
+                                  device=device)
     finally:
         model.train(was_training)
+
+
+def evaluate(model: StudentModel, dataset: MultiDomainDataset, split: str, batch_size: int,
+             device: torch.device) -> dict[str, dict[str, float]]:
+    """Full-ranking Recall/NDCG@10/50 per domain and their mean."""
+    return metrics_by_domain(evaluate_ranks(model, dataset, split, batch_size, device))
 
 
 def save_student(model: StudentModel, directory: Path, config: dict[str, Any]) -> None:

@@ -7,7 +7,7 @@ import torch
 
 from ckd.data.multidomain import build_multidomain
 from ckd.data.unisrec import DomainData, Split
-from ckd.metrics import evaluate_full_ranking, metrics_from_ranks, target_ranks
+from ckd.metrics import bootstrap_ci, evaluate_full_ranking, metrics_from_ranks, target_ranks
 
 pytestmark = pytest.mark.unit
 
@@ -62,3 +62,25 @@ def test_history_masking_switch():
     masked = evaluate_full_ranking(score_fn, ds, "test", domains=["B"], mask_history=True)
     assert plain["B"]["ndcg@10"] == pytest.approx(1 / math.log2(5))
     assert masked["B"]["ndcg@10"] == pytest.approx(1 / math.log2(3))
+
+
+def test_bootstrap_interval_matches_the_binomial_width():
+    # 1,000 users, half of them hit at rank 0 (NDCG 1), half miss (rank 100): Recall@10 = 0.5,
+    # whose 95% interval is 0.5 +- 1.96 * sqrt(0.25 / 1000) = 0.5 +- 0.031.
+    ranks = np.array([0] * 500 + [100] * 500)
+    ci = bootstrap_ci(ranks, n_boot=2000, seed=1)
+    for m in ("recall@10", "ndcg@10"):  # NDCG of a rank-0 hit is 1, so both metrics coincide here
+        lo, hi = ci[m]
+        assert lo < 0.5 < hi
+        assert (hi - lo) == pytest.approx(2 * 1.96 * math.sqrt(0.25 / 1000), rel=0.1)
+    assert ci["recall@50"] == ci["recall@10"]  # rank 100 misses @50 too
+    assert bootstrap_ci(ranks, n_boot=2000, seed=1) == ci  # seeded: the same interval again
+    # every user a hit: no luck in the draw, a zero-width interval
+    assert bootstrap_ci(np.zeros(50, dtype=int), n_boot=100)["ndcg@10"] == (1.0, 1.0)
+
+
+def test_bootstrap_interval_rejects_bad_input():
+    with pytest.raises(ValueError, match="no ranks"):
+        bootstrap_ci(np.zeros(0))
+    with pytest.raises(ValueError, match="level"):
+        bootstrap_ci(np.zeros(3), level=1.5)

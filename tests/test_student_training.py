@@ -39,6 +39,19 @@ def test_short_run_learns_and_writes_its_run_directory(data_dir, tmp_path):
         assert (tmp_path / "run" / f).is_file(), f
     assert "recall@10" in proc.stdout  # the results table
 
+    # launch/evaluate.py re-scores the best checkpoint to the trainer's numbers, with intervals
+    env = {**os.environ, "CKD_DATA_DIR": str(data_dir), "OMP_NUM_THREADS": "1"}
+    ev = subprocess.run([sys.executable, str(REPO / "launch" / "evaluate.py"), str(tmp_path / "run" / "best"),
+                         "--ci", "200", "--out", str(tmp_path / "ev"), "--device", "cpu"],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert ev.returncode == 0, ev.stdout[-3000:] + ev.stderr[-3000:]
+    again = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    for m, v in metrics["test"]["ScientificMM"].items():
+        assert again["test"]["ScientificMM"][m] == pytest.approx(v, abs=1e-9)
+        lo, hi = again["test_ci"]["ScientificMM"][m]
+        assert lo <= v <= hi and lo < hi
+    assert "bootstrap interval" in ev.stdout
+
 
 def test_interrupted_run_resumes_to_the_same_result(data_dir, tmp_path):
     straight, _ = run_distill(data_dir, tmp_path / "a", "--set", "train.epochs=3")
