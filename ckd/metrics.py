@@ -20,15 +20,20 @@ def target_ranks(scores: torch.Tensor, target_cols: torch.Tensor) -> torch.Tenso
     return (scores >= tgt).sum(dim=1) - 1
 
 
-def metrics_from_ranks(ranks: np.ndarray, ks: Iterable[int] = KS) -> dict[str, float]:
-    """Recall@k (hit rate: one target per user) and NDCG@k averaged over users."""
+def per_user_metrics(ranks: np.ndarray, ks: Iterable[int] = KS) -> dict[str, np.ndarray]:
+    """Each user's Recall@k (hit) and NDCG@k from its 0-based target rank (one target per user)."""
     ranks = np.asarray(ranks, dtype=np.float64)
-    out: dict[str, float] = {}
+    out: dict[str, np.ndarray] = {}
     for k in ks:
         hit = ranks < k
-        out[f"recall@{k}"] = float(hit.mean()) if ranks.size else 0.0
-        out[f"ndcg@{k}"] = float(np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0).mean()) if ranks.size else 0.0
+        out[f"recall@{k}"] = hit.astype(np.float64)
+        out[f"ndcg@{k}"] = np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0)
     return out
+
+
+def metrics_from_ranks(ranks: np.ndarray, ks: Iterable[int] = KS) -> dict[str, float]:
+    """Recall@k (hit rate: one target per user) and NDCG@k averaged over users (0 with no users)."""
+    return {m: float(v.mean()) if v.size else 0.0 for m, v in per_user_metrics(ranks, ks).items()}
 
 
 # score_fn(users [B], histories [B, L], lengths [B], start, stop) -> scores [B, stop - start]
@@ -96,18 +101,12 @@ def bootstrap_ci(ranks: np.ndarray, ks: Iterable[int] = KS, n_boot: int = 1000, 
     if ranks.size == 0:
         raise ValueError("bootstrap_ci: no ranks to resample")
     rng = np.random.default_rng(seed)
-    draws = rng.integers(0, ranks.size, size=(n_boot, ranks.size))
-    lo_q, hi_q = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+    draws = rng.integers(0, ranks.size, size=(n_boot, ranks.size))  # users of each resample
     out: dict[str, tuple[float, float]] = {}
-    for k in ks:
-        hit = ranks < k
-        per_user = {f"recall@{k}": hit.astype(np.float64),
-                    f"ndcg@{k}": np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0)}
-        for name, values in per_user.items():
-            means = values[draws].mean(axis=1)
-            out[name] = (float(np.percentile(means, lo_q)), float(np.percentile(means, hi_q)))
+    for name, values in per_user_metrics(ranks, ks).items():
+        lo, hi = np.percentile(values[draws].mean(axis=1), [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+        out[name] = (float(lo), float(hi))
     return out
-
 
 def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
     """Render {split: {domain: {metric: value}}} as a fixed-width table."""

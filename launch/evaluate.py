@@ -18,6 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ckd.config import default_data_dir, json_dump  # noqa: E402
 
 
+CI_LEVEL = 0.95
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", help="a student checkpoint folder (model.safetensors + config.json)")
@@ -49,9 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     results = {s: metrics_by_domain(r) for s, r in ranks.items()}
     extra = {}
     if args.ci > 0:
-        extra["test_ci"] = {d: {m: list(v) for m, v in bootstrap_ci(r, n_boot=args.ci).items()}
+        extra["test_ci"] = {d: {m: list(v) for m, v in bootstrap_ci(r, n_boot=args.ci, level=CI_LEVEL).items()}
                             for d, r in ranks["test"].items()}
-        extra["ci"] = {"level": 0.95, "resamples": args.ci, "method": "percentile bootstrap over users"}
+        extra["ci"] = {"level": CI_LEVEL, "resamples": args.ci, "method": "percentile bootstrap over users"}
     out_dir = Path(args.out) if args.out else ckpt.parent
     best_epoch = -1
     state = ckpt.parent / "metrics.json"
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     json_dump({**results, "best_epoch": best_epoch, "checkpoint": str(ckpt), **extra}, target)
     print(format_table(results))
     if extra:
-        print(f"\ntest, 95% bootstrap interval over users ({args.ci} resamples)")
+        print(f"\ntest, {CI_LEVEL:.0%} bootstrap interval over users ({args.ci} resamples)")
         print(format_ci_table(results["test"], extra["test_ci"]))
     print(f"\nwritten: {target}")
     return 0
