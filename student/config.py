@@ -27,6 +27,10 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     patience: int = 10  # epochs without a better valid NDCG@10 before stopping
+    # Step decay on a valid plateau: after every lr_decay_patience epochs in a row without a better
+    # valid NDCG@10, lr *= lr_decay_factor. 0 = constant lr (RecBole's setting).
+    lr_decay_patience: int = 0
+    lr_decay_factor: float = 0.5
     seed: int = 2024
     eval_batch_size: int = 1024
     max_steps_per_epoch: int = 0  # 0 = the whole (paced) pool each epoch
@@ -43,6 +47,10 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 1")
         if self.lr <= 0:
             raise ConfigError("train.lr must be > 0")
+        if self.lr_decay_patience < 0:
+            raise ConfigError("train.lr_decay_patience must be >= 0 (0 = constant lr)")
+        if not 0 < self.lr_decay_factor < 1:
+            raise ConfigError("train.lr_decay_factor must be in (0, 1)")
 
 
 @dataclass

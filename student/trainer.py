@@ -47,6 +47,14 @@ def make_student_batch(dataset: MultiDomainDataset, split: str, idx: np.ndarray)
                         torch.as_tensor(ex.targets[idx]))
 
 
+def plateau_lr(lr: float, bad_epochs: int, decay_patience: int, factor: float) -> float:
+    """The lr for the next epoch: ``lr * factor`` when ``bad_epochs`` (epochs in a row without a
+    better valid NDCG@10) has just reached a multiple of ``decay_patience``, else ``lr``."""
+    if decay_patience > 0 and bad_epochs > 0 and bad_epochs % decay_patience == 0:
+        return lr * factor
+    return lr
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
@@ -129,7 +137,7 @@ class Trainer:
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.domain_ranges = [dataset.domain_range(d) for d in range(dataset.num_domains)]
         self.state = {"epoch": 0, "global_step": 0, "best_ndcg10": -1.0, "best_epoch": -1, "bad_epochs": 0,
-                      "history": []}
+                      "lr": cfg.train.lr, "history": []}
         self.timings: dict[str, float] = {"step_s": 0.0, "wait_s": 0.0, "eval_s": 0.0, "steps": 0}
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -274,13 +282,15 @@ class Trainer:
         cfg = self.cfg
         self.try_resume()
         start = self.state["epoch"]
+        self.set_lr(self.state["lr"])
         for epoch in range(start, cfg.train.epochs):
             if self.state["bad_epochs"] >= cfg.train.patience:
                 break
             t0 = time.perf_counter()
             train_terms = self.train_epoch(epoch)
             epoch_s = time.perf_counter() - t0
-            stop = torch.zeros(1, device=self.device)
+            # [stop, next lr]: decided on rank 0, summed with the other ranks' zeros.
+            decision = torch.zeros(2, dtype=torch.float64, device=self.device)
             if self.is_main:
                 t1 = time.perf_counter()
                 valid = evaluate(unwrap(self.model), self.dataset, "valid", cfg.train.eval_batch_size, self.device)
@@ -292,24 +302,36 @@ class Trainer:
                     save_student(unwrap(self.model), self.run_dir / "best", self.model_config)
                 else:
                     self.state["bad_epochs"] += 1
-                self.state["history"].append({"epoch": epoch, "train_s": round(epoch_s, 3),
+                self.state["history"].append({"epoch": epoch, "train_s": round(epoch_s, 3), "lr": self.state["lr"],
                                               **{k: round(v, 6) for k, v in train_terms.items()},
                                               "valid_ndcg@10": round(ndcg, 6),
                                               "valid_recall@10": round(valid["mean"]["recall@10"], 6)})
                 log.info("epoch %d  %.1fs  loss %.4f  valid recall@10 %.4f ndcg@10 %.4f%s", epoch, epoch_s,
                          train_terms.get("loss", float("nan")), valid["mean"]["recall@10"], ndcg,
                          "  *best*" if improved else "")
-                if self.state["bad_epochs"] >= cfg.train.patience:
-                    stop.fill_(1)
+                decision[0] = float(self.state["bad_epochs"] >= cfg.train.patience)
+                decision[1] = plateau_lr(self.state["lr"], self.state["bad_epochs"], cfg.train.lr_decay_patience,
+                                         cfg.train.lr_decay_factor)
             self.state["epoch"] = epoch + 1
-            # Every rank must agree on the early-stop decision taken on rank 0.
+            # Every rank must agree on the early-stop and lr decisions taken on rank 0.
             if self.acc.num_processes > 1:
-                stop = self.acc.reduce(stop, reduction="sum")
-                self.state["bad_epochs"] = cfg.train.patience if float(stop) > 0 else 0
+                decision = self.acc.reduce(decision, reduction="sum")
+                self.state["bad_epochs"] = cfg.train.patience if float(decision[0]) > 0 else 0
+            stop, next_lr = float(decision[0]) > 0, float(decision[1])
+            if next_lr != self.state["lr"]:
+                log.info("valid NDCG@10 flat for %d epochs: lr %.3g -> %.3g", cfg.train.lr_decay_patience,
+                         self.state["lr"], next_lr)
+                self.set_lr(next_lr)
             self.save_last()
-            if float(stop) > 0:
+            if stop:
                 break
         return self.finish()
+
+    def set_lr(self, lr: float) -> None:
+        """Set every parameter group's lr (and record it, so resume continues at the same lr)."""
+        self.state["lr"] = lr
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
     def write_rank_fingerprint(self) -> None:
         """Each rank records world size and a digest of its final parameters, so a run can prove
@@ -324,7 +346,8 @@ class Trainer:
         out.mkdir(parents=True, exist_ok=True)
         (out / f"rank{self.acc.process_index}.json").write_text(json.dumps(
             {"rank": self.acc.process_index, "world_size": self.acc.num_processes,
-             "global_step": self.state["global_step"], "param_sha256": h.hexdigest()}))
+             "global_step": self.state["global_step"], "lr": self.optimizer.param_groups[0]["lr"],
+             "param_sha256": h.hexdigest()}))
 
     def timing_summary(self) -> dict[str, float] | None:
         """Step timings of the steps this process ran (None when it ran none, e.g. a run resumed

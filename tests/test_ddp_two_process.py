@@ -35,3 +35,24 @@ def test_two_processes_train_in_sync(data_dir, tmp_path):
     assert ranks[0]["param_sha256"] == ranks[1]["param_sha256"]
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and "ScientificMM" in metrics["test"]
+
+
+def test_two_processes_agree_on_plateau_lr_decay(data_dir, tmp_path):
+    # lr 1e-12 leaves the weights (and so valid NDCG@10) flat: every epoch after the first is a
+    # plateau epoch, so rank 0 halves the lr each time and rank 1 must follow.
+    launch_two(data_dir, tmp_path / "ddp", "--set", "train.epochs=3", "--set", "train.lr=1e-12",
+               "--set", "train.lr_decay_patience=1", "--set", "train.lr_decay_factor=0.5")
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    from student.trainer import plateau_lr
+
+    lr, best, bad, expected = 1e-12, -1.0, 0, []
+    for h in metrics["history"]:
+        expected.append(lr)
+        bad = 0 if h["valid_ndcg@10"] > best else bad + 1
+        best = max(best, h["valid_ndcg@10"])
+        lr = plateau_lr(lr, bad, 1, 0.5)
+    assert [h["lr"] for h in metrics["history"]] == pytest.approx(expected, rel=1e-12)
+    assert lr < 1e-12  # it did decay
+    ranks = [json.loads((tmp_path / "ddp" / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["lr"] == ranks[1]["lr"] == pytest.approx(lr, rel=1e-12)
+    assert ranks[0]["param_sha256"] == ranks[1]["param_sha256"]

@@ -53,6 +53,13 @@ def test_short_run_learns_and_writes_its_run_directory(data_dir, tmp_path):
     assert "bootstrap interval" in ev.stdout
 
 
+def test_plateau_lr_decays_only_on_a_multiple_of_its_patience():
+    from student.trainer import plateau_lr
+
+    assert [plateau_lr(1.0, bad, 2, 0.5) for bad in range(5)] == [1.0, 1.0, 0.5, 1.0, 0.5]
+    assert plateau_lr(1.0, 3, 0, 0.5) == 1.0  # 0 = constant lr
+
+
 def test_interrupted_run_resumes_to_the_same_result(data_dir, tmp_path):
     straight, _ = run_distill(data_dir, tmp_path / "a", "--set", "train.epochs=3")
     run_distill(data_dir, tmp_path / "b", "--set", "train.epochs=1")  # "interrupted" after epoch 0
