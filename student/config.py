@@ -31,6 +31,9 @@ class TrainConfig:
     # valid NDCG@10, lr *= lr_decay_factor. 0 = constant lr (RecBole's setting).
     lr_decay_patience: int = 0
     lr_decay_factor: float = 0.5
+    # > 0: keep an exponential moving average of the weights (updated every step with this decay);
+    # validation, the best checkpoint and the final metrics use the average. 0 = off.
+    ema_decay: float = 0.0
     seed: int = 2024
     eval_batch_size: int = 1024
     max_steps_per_epoch: int = 0  # 0 = the whole (paced) pool each epoch
@@ -51,6 +54,8 @@ class TrainConfig:
             raise ConfigError("train.lr_decay_patience must be >= 0 (0 = constant lr)")
         if not 0 < self.lr_decay_factor < 1:
             raise ConfigError("train.lr_decay_factor must be in (0, 1)")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError("train.ema_decay must be in [0, 1) (0 = no weight averaging)")
 
 
 @dataclass

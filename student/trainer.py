@@ -135,10 +135,20 @@ class Trainer:
             ds_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
             ds_plugin.deepspeed_config["zero_allow_untested_optimizer"] = True
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.ema = None
+        if cfg.train.ema_decay > 0:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.ema = AveragedModel(unwrap(self.model), multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay))
         self.domain_ranges = [dataset.domain_range(d) for d in range(dataset.num_domains)]
         self.state = {"epoch": 0, "global_step": 0, "best_ndcg10": -1.0, "best_epoch": -1, "bad_epochs": 0,
                       "lr": cfg.train.lr, "history": []}
         self.timings: dict[str, float] = {"step_s": 0.0, "wait_s": 0.0, "eval_s": 0.0, "steps": 0}
+
+    @property
+    def eval_model(self) -> StudentModel:
+        """The weights that are validated and kept as best: the moving average when on, else the live model."""
+        return self.ema.module if self.ema is not None else unwrap(self.model)
 
     # -- checkpoints ---------------------------------------------------------------------------
     @property
@@ -164,6 +174,9 @@ class Trainer:
         save_file(rng_state(), str(tmp / f"rng_rank{self.acc.process_index}.safetensors"))
         if self.is_main:
             save_student(unwrap(self.model), tmp, self.model_config)
+            if self.ema is not None:
+                save_file({k: v.detach().contiguous().cpu() for k, v in self.ema.state_dict().items()},
+                          str(tmp / "ema.safetensors"))
             if not self._deepspeed():
                 torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             sampler_state = self.sampler.state_dict() if hasattr(self.sampler, "state_dict") else {}
@@ -185,6 +198,11 @@ class Trainer:
         sampler_state = state.pop("sampler", {})
         self.state.update(state)
         unwrap(self.model).load_state_dict(load_file(str(last / "model.safetensors")), strict=True)
+        if self.ema is not None:
+            if not (last / "ema.safetensors").is_file():
+                raise RuntimeError(f"{last} has no ema.safetensors: it was saved with train.ema_decay=0, "
+                                   "so this run cannot resume it with weight averaging on")
+            self.ema.load_state_dict(load_file(str(last / "ema.safetensors"), device=str(self.device)))
         if self._deepspeed():
             self.acc.load_state(str(last / "accelerate"))
         else:
@@ -244,6 +262,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.acc.backward(loss)
         self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update_parameters(unwrap(self.model))
         return {"loss": float(loss.detach()), **terms}
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
@@ -293,13 +313,13 @@ class Trainer:
             decision = torch.zeros(2, dtype=torch.float64, device=self.device)
             if self.is_main:
                 t1 = time.perf_counter()
-                valid = evaluate(unwrap(self.model), self.dataset, "valid", cfg.train.eval_batch_size, self.device)
+                valid = evaluate(self.eval_model, self.dataset, "valid", cfg.train.eval_batch_size, self.device)
                 self.timings["eval_s"] += time.perf_counter() - t1
                 ndcg = valid["mean"]["ndcg@10"]
                 improved = ndcg > self.state["best_ndcg10"]
                 if improved:
                     self.state.update(best_ndcg10=ndcg, best_epoch=epoch, bad_epochs=0)
-                    save_student(unwrap(self.model), self.run_dir / "best", self.model_config)
+                    save_student(self.eval_model, self.run_dir / "best", self.model_config)
                 else:
                     self.state["bad_epochs"] += 1
                 self.state["history"].append({"epoch": epoch, "train_s": round(epoch_s, 3), "lr": self.state["lr"],

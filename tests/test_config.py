@@ -26,7 +26,7 @@ def test_unknown_key_is_an_error(tmp_path):
 
 @pytest.mark.parametrize("override", ["curriculum.enabled=maybe", "train.epochs=2.5", "kd.integration=max",
                                       "service.failure_policy=ignore", "train.lr_decay_factor=1.5",
-                                      "train.lr_decay_patience=-1"])
+                                      "train.lr_decay_patience=-1", "train.ema_decay=1.0"])
 def test_bad_values_are_named(override):
     with pytest.raises(ConfigError, match=override.split("=")[0].split(".")[-1]):
         load_config(DistillConfig, None, overrides=[override])

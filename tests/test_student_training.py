@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
@@ -60,10 +61,18 @@ def test_plateau_lr_decays_only_on_a_multiple_of_its_patience():
     assert plateau_lr(1.0, 3, 0, 0.5) == 1.0  # 0 = constant lr
 
 
-def test_interrupted_run_resumes_to_the_same_result(data_dir, tmp_path):
-    straight, _ = run_distill(data_dir, tmp_path / "a", "--set", "train.epochs=3")
-    run_distill(data_dir, tmp_path / "b", "--set", "train.epochs=1")  # "interrupted" after epoch 0
-    resumed, proc = run_distill(data_dir, tmp_path / "b", "--set", "train.epochs=3")
+@pytest.mark.parametrize("ema", ["0.0", "0.9"])
+def test_interrupted_run_resumes_to_the_same_result(data_dir, tmp_path, ema):
+    opt = ["--set", f"train.ema_decay={ema}"]
+    straight, _ = run_distill(data_dir, tmp_path / "a", "--set", "train.epochs=3", *opt)
+    run_distill(data_dir, tmp_path / "b", "--set", "train.epochs=1", *opt)  # "interrupted" after epoch 0
+    # After one epoch the best checkpoint is that epoch's weights: the live ones, or their average.
+    from safetensors.torch import load_file
+
+    best, live = (load_file(str(tmp_path / "b" / d / "model.safetensors")) for d in ("best", "last"))
+    same = all(torch.equal(best[k], live[k]) for k in live)
+    assert same == (ema == "0.0")
+    resumed, proc = run_distill(data_dir, tmp_path / "b", "--set", "train.epochs=3", *opt)
     assert "resumed from" in proc.stderr
     assert fingerprint(tmp_path / "a")["param_sha256"] == fingerprint(tmp_path / "b")["param_sha256"]
     assert [h["loss"] for h in resumed["history"]] == pytest.approx([h["loss"] for h in straight["history"]], abs=1e-6)
