@@ -108,6 +108,7 @@ def bootstrap_ci(ranks: np.ndarray, ks: Iterable[int] = KS, n_boot: int = 1000, 
         out[name] = (float(lo), float(hi))
     return out
 
+
 def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
     """Render {split: {domain: {metric: value}}} as a fixed-width table."""
     header = f"{'split':<6} {'domain':<14} " + " ".join(f"{m:>10}" for m in METRIC_NAMES)

@@ -142,7 +142,7 @@ class Trainer:
             self.ema = AveragedModel(unwrap(self.model), multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay))
         self.domain_ranges = [dataset.domain_range(d) for d in range(dataset.num_domains)]
         self.state = {"epoch": 0, "global_step": 0, "best_ndcg10": -1.0, "best_epoch": -1, "bad_epochs": 0,
-                      "lr": cfg.train.lr, "history": []}
+                      "history": []}
         self.timings: dict[str, float] = {"step_s": 0.0, "wait_s": 0.0, "eval_s": 0.0, "steps": 0}
 
     @property
@@ -302,7 +302,6 @@ class Trainer:
         cfg = self.cfg
         self.try_resume()
         start = self.state["epoch"]
-        self.set_lr(self.state["lr"])
         for epoch in range(start, cfg.train.epochs):
             if self.state["bad_epochs"] >= cfg.train.patience:
                 break
@@ -322,7 +321,7 @@ class Trainer:
                     save_student(self.eval_model, self.run_dir / "best", self.model_config)
                 else:
                     self.state["bad_epochs"] += 1
-                self.state["history"].append({"epoch": epoch, "train_s": round(epoch_s, 3), "lr": self.state["lr"],
+                self.state["history"].append({"epoch": epoch, "train_s": round(epoch_s, 3), "lr": self.lr,
                                               **{k: round(v, 6) for k, v in train_terms.items()},
                                               "valid_ndcg@10": round(ndcg, 6),
                                               "valid_recall@10": round(valid["mean"]["recall@10"], 6)})
@@ -330,28 +329,30 @@ class Trainer:
                          train_terms.get("loss", float("nan")), valid["mean"]["recall@10"], ndcg,
                          "  *best*" if improved else "")
                 decision[0] = float(self.state["bad_epochs"] >= cfg.train.patience)
-                decision[1] = plateau_lr(self.state["lr"], self.state["bad_epochs"], cfg.train.lr_decay_patience,
+                decision[1] = plateau_lr(self.lr, self.state["bad_epochs"], cfg.train.lr_decay_patience,
                                          cfg.train.lr_decay_factor)
             self.state["epoch"] = epoch + 1
             # Every rank must agree on the early-stop and lr decisions taken on rank 0.
             if self.acc.num_processes > 1:
                 decision = self.acc.reduce(decision, reduction="sum")
-                self.state["bad_epochs"] = cfg.train.patience if float(decision[0]) > 0 else 0
             stop, next_lr = float(decision[0]) > 0, float(decision[1])
-            if next_lr != self.state["lr"]:
+            if not self.is_main:
+                # Only rank 0 counts plateau epochs; the others just need to know a stop happened.
+                self.state["bad_epochs"] = cfg.train.patience if stop else 0
+            if next_lr != self.lr:
                 log.info("valid NDCG@10 flat for %d epochs: lr %.3g -> %.3g", cfg.train.lr_decay_patience,
-                         self.state["lr"], next_lr)
-                self.set_lr(next_lr)
+                         self.lr, next_lr)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = next_lr
             self.save_last()
             if stop:
                 break
         return self.finish()
 
-    def set_lr(self, lr: float) -> None:
-        """Set every parameter group's lr (and record it, so resume continues at the same lr)."""
-        self.state["lr"] = lr
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+    @property
+    def lr(self) -> float:
+        """The optimizer's current lr (resume restores it with the optimizer state)."""
+        return self.optimizer.param_groups[0]["lr"]
 
     def write_rank_fingerprint(self) -> None:
         """Each rank records world size and a digest of its final parameters, so a run can prove
@@ -366,7 +367,7 @@ class Trainer:
         out.mkdir(parents=True, exist_ok=True)
         (out / f"rank{self.acc.process_index}.json").write_text(json.dumps(
             {"rank": self.acc.process_index, "world_size": self.acc.num_processes,
-             "global_step": self.state["global_step"], "lr": self.optimizer.param_groups[0]["lr"],
+             "global_step": self.state["global_step"], "lr": self.lr,
              "param_sha256": h.hexdigest()}))
 
     def timing_summary(self) -> dict[str, float] | None:
