@@ -34,6 +34,12 @@ class TrainConfig:
     # > 0: keep an exponential moving average of the weights (updated every step with this decay);
     # validation, the best checkpoint and the final metrics use the average. 0 = off.
     ema_decay: float = 0.0
+    # Per-step lr schedule on top of train.lr: linear warm-up over warmup_steps, then "constant" or
+    # "cosine" (half a cosine from lr down to 0 at the end of schedule_epochs, flat at 0 after;
+    # schedule_epochs 0 = train.epochs). Early stopping still picks the best epoch.
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    schedule_epochs: int = 0
     seed: int = 2024
     eval_batch_size: int = 1024
     max_steps_per_epoch: int = 0  # 0 = the whole (paced) pool each epoch
@@ -56,6 +62,13 @@ class TrainConfig:
             raise ConfigError("train.lr_decay_factor must be in (0, 1)")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError("train.ema_decay must be in [0, 1) (0 = no weight averaging)")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ConfigError(f"train.lr_schedule must be 'constant' or 'cosine', not {self.lr_schedule!r}")
+        if self.warmup_steps < 0 or self.schedule_epochs < 0:
+            raise ConfigError("train.warmup_steps and train.schedule_epochs must be >= 0")
+        if self.lr_decay_patience > 0 and (self.lr_schedule != "constant" or self.warmup_steps > 0):
+            # Both would write the optimizer's lr; one rule per run keeps the recorded lr explainable.
+            raise ConfigError("train.lr_decay_patience cannot be combined with train.lr_schedule/warmup_steps")
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -52,6 +53,17 @@ def plateau_lr(lr: float, bad_epochs: int, decay_patience: int, factor: float) -
     better valid NDCG@10) has just reached a multiple of ``decay_patience``, else ``lr``."""
     if decay_patience > 0 and bad_epochs > 0 and bad_epochs % decay_patience == 0:
         return lr * factor
+    return lr
+
+
+def scheduled_lr(base_lr: float, step: int, progress: float, warmup_steps: int, schedule: str) -> float:
+    """The lr of optimizer step ``step`` (0-based, counted over the whole run) at ``progress``
+    (epochs done, fractional, over the schedule's horizon in epochs): a linear warm-up factor over
+    the first ``warmup_steps`` steps times, for "cosine", a half cosine that reaches 0 at progress 1
+    and stays there. Progress is measured in epochs so a curriculum's growing epochs need no step count."""
+    lr = base_lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else base_lr
+    if schedule == "cosine":
+        lr *= 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
     return lr
 
 
@@ -241,8 +253,8 @@ class Trainer:
             batches = batches[: self.cfg.train.max_steps_per_epoch]
         return batches
 
-    def _batches(self, epoch: int) -> Iterator[PreparedBatch]:
-        for b, sel in enumerate(self.epoch_batches(epoch)):
+    def _batches(self, epoch: int, selections: list[np.ndarray]) -> Iterator[PreparedBatch]:
+        for b, sel in enumerate(selections):
             seed = (self.cfg.train.seed * 1_000_003 + epoch * 10_007 + b) * 97 + self.acc.process_index
             yield self.prepare(make_student_batch(self.dataset, "train", sel), seed)
 
@@ -269,7 +281,8 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()
         self.sampler.set_epoch(epoch)
-        batches: Iterable = self._batches(epoch)
+        selections = self.epoch_batches(epoch)
+        batches: Iterable = self._batches(epoch, selections)
         stream = self.soft_labels(batches) if self.soft_labels else ((b, None) for b in batches)
         totals: dict[str, float] = {}
         n = 0
@@ -282,6 +295,7 @@ class Trainer:
         for pb, soft in stream:
             t0 = time.perf_counter()
             self.timings["wait_s"] += t0 - t_wait
+            self.apply_lr_schedule(epoch + n / len(selections))
             terms = self.step(pb, soft)
             t_wait = time.perf_counter()
             self.timings["step_s"] += t_wait - t0
@@ -348,6 +362,17 @@ class Trainer:
             if stop:
                 break
         return self.finish()
+
+    def apply_lr_schedule(self, epochs_done: float) -> None:
+        """Set this step's lr from ``train.lr_schedule``/``warmup_steps`` (no-op when both are off,
+        so the constant and plateau-decay paths keep the optimizer's own lr)."""
+        t = self.cfg.train
+        if t.lr_schedule == "constant" and t.warmup_steps == 0:
+            return
+        horizon = t.schedule_epochs or t.epochs
+        lr = scheduled_lr(t.lr, self.state["global_step"], epochs_done / horizon, t.warmup_steps, t.lr_schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
     @property
     def lr(self) -> float:

@@ -26,10 +26,16 @@ def test_unknown_key_is_an_error(tmp_path):
 
 @pytest.mark.parametrize("override", ["curriculum.enabled=maybe", "train.epochs=2.5", "kd.integration=max",
                                       "service.failure_policy=ignore", "train.lr_decay_factor=1.5",
-                                      "train.lr_decay_patience=-1", "train.ema_decay=1.0"])
+                                      "train.lr_decay_patience=-1", "train.ema_decay=1.0",
+                                      "train.lr_schedule=linear", "train.warmup_steps=-5"])
 def test_bad_values_are_named(override):
     with pytest.raises(ConfigError, match=override.split("=")[0].split(".")[-1]):
         load_config(DistillConfig, None, overrides=[override])
+
+
+def test_plateau_decay_and_a_schedule_are_exclusive():
+    with pytest.raises(ConfigError, match="lr_decay_patience cannot be combined"):
+        load_config(DistillConfig, None, overrides=["train.lr_decay_patience=2", "train.lr_schedule=cosine"])
 
 
 def test_yaml_tags_do_not_execute(tmp_path):

@@ -61,9 +61,33 @@ def test_plateau_lr_decays_only_on_a_multiple_of_its_patience():
     assert plateau_lr(1.0, 3, 0, 0.5) == 1.0  # 0 = constant lr
 
 
-@pytest.mark.parametrize("ema", ["0.0", "0.9"])
-def test_interrupted_run_resumes_to_the_same_result(data_dir, tmp_path, ema):
-    opt = ["--set", f"train.ema_decay={ema}"]
+def test_scheduled_lr_warms_up_linearly_then_follows_half_a_cosine():
+    from student.trainer import scheduled_lr
+
+    assert [scheduled_lr(2.0, s, 0.0, 4, "constant") for s in range(6)] == [0.5, 1.0, 1.5, 2.0, 2.0, 2.0]
+    assert [scheduled_lr(2.0, 9, p, 0, "cosine") for p in (0.0, 0.5, 1.0, 1.7)] == pytest.approx([2.0, 1.0, 0.0, 0.0])
+    assert scheduled_lr(2.0, 0, 0.5, 2, "cosine") == pytest.approx(0.5)  # half warmed up, half decayed
+
+
+def test_cosine_schedule_sets_each_epochs_lr(data_dir, tmp_path):
+    from student.trainer import scheduled_lr
+
+    metrics, _ = run_distill(data_dir, tmp_path / "run", "--set", "train.epochs=3", "--set", "train.lr=0.004",
+                             "--set", "train.lr_schedule=cosine", "--set", "train.warmup_steps=3",
+                             "--set", "train.schedule_epochs=4", "--set", "curriculum.enabled=false")
+    # The lr recorded after an epoch is the one its last step (6 steps an epoch) trained with.
+    expected = [scheduled_lr(0.004, 6 * e + 5, (e + 5 / 6) / 4, 3, "cosine") for e in range(3)]
+    assert [h["lr"] for h in metrics["history"]] == pytest.approx(expected, rel=1e-9)
+    assert expected[0] > expected[1] > expected[2] > 0
+
+
+@pytest.mark.parametrize("opt", [["--set", "train.ema_decay=0.0"], ["--set", "train.ema_decay=0.9"],
+                                 # The horizon is pinned: the "interruption" below is simulated with a smaller train.epochs.
+                                 ["--set", "train.lr_schedule=cosine", "--set", "train.warmup_steps=4",
+                                  "--set", "train.schedule_epochs=3"]],
+                         ids=["plain", "ema", "cosine"])
+def test_interrupted_run_resumes_to_the_same_result(data_dir, tmp_path, opt):
+    ema = "0.9" if "train.ema_decay=0.9" in opt else "0.0"
     straight, _ = run_distill(data_dir, tmp_path / "a", "--set", "train.epochs=3", *opt)
     run_distill(data_dir, tmp_path / "b", "--set", "train.epochs=1", *opt)  # "interrupted" after epoch 0
     # After one epoch the best checkpoint is that epoch's weights: the live ones, or their average.
