@@ -356,8 +356,7 @@ class Trainer:
             if next_lr != self.lr:
                 log.info("valid NDCG@10 flat for %d epochs: lr %.3g -> %.3g", cfg.train.lr_decay_patience,
                          self.lr, next_lr)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = next_lr
+                self.lr = next_lr
             self.save_last()
             if stop:
                 break
@@ -370,14 +369,17 @@ class Trainer:
         if t.lr_schedule == "constant" and t.warmup_steps == 0:
             return
         horizon = t.schedule_epochs or t.epochs
-        lr = scheduled_lr(t.lr, self.state["global_step"], epochs_done / horizon, t.warmup_steps, t.lr_schedule)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        self.lr = scheduled_lr(t.lr, self.state["global_step"], epochs_done / horizon, t.warmup_steps, t.lr_schedule)
 
     @property
     def lr(self) -> float:
-        """The optimizer's current lr (resume restores it with the optimizer state)."""
+        """The optimizer's current lr, the one place it lives (resume restores it with the optimizer state)."""
         return self.optimizer.param_groups[0]["lr"]
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = value
 
     def write_rank_fingerprint(self) -> None:
         """Each rank records world size and a digest of its final parameters, so a run can prove
