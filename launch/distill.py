@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def resolve_config(args: argparse.Namespace):
-    from student.config import DistillConfig
+    from student.config import DistillConfig, check_run
 
     extra: dict = {}
     if args.data_dir:
@@ -52,6 +52,7 @@ def resolve_config(args: argparse.Namespace):
             cfg.service.enabled = False
         else:
             cfg.service.teachers = [t.strip() for t in args.teachers.split(",") if t.strip()]
+    check_run(cfg)
     return cfg
 
 

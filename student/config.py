@@ -40,6 +40,11 @@ class TrainConfig:
     lr_schedule: str = "constant"
     warmup_steps: int = 0
     schedule_epochs: int = 0
+    # "last": one instance per train row, loss at its last position (RecBole's prefix rows).
+    # "all_positions": the same (history, next item) pairs regrouped into one row per chain of
+    # prefixes, with the loss at every position of it (SASRec's original training; batch_size then
+    # counts chains). SASRec alone only: distillation and the curriculum score one instance per row.
+    objective: str = "last"
     seed: int = 2024
     eval_batch_size: int = 1024
     max_steps_per_epoch: int = 0  # 0 = the whole (paced) pool each epoch
@@ -66,6 +71,8 @@ class TrainConfig:
             raise ConfigError(f"train.lr_schedule must be 'constant' or 'cosine', not {self.lr_schedule!r}")
         if self.warmup_steps < 0 or self.schedule_epochs < 0:
             raise ConfigError("train.warmup_steps and train.schedule_epochs must be >= 0")
+        if self.objective not in ("last", "all_positions"):
+            raise ConfigError(f"train.objective must be 'last' or 'all_positions', not {self.objective!r}")
         if self.lr_decay_patience > 0 and (self.lr_schedule != "constant" or self.warmup_steps > 0):
             # Both would write the optimizer's lr; one rule per run keeps the recorded lr explainable.
             raise ConfigError("train.lr_decay_patience cannot be combined with train.lr_schedule/warmup_steps")
@@ -139,3 +146,17 @@ class DistillConfig:
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     kd: KDConfig = field(default_factory=KDConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
+
+
+def check_run(cfg: DistillConfig) -> None:
+    """Checks across sections, once the command line has decided whether teachers take part."""
+    if cfg.train.objective == "all_positions":
+        if cfg.model.kind != "sasrec":
+            raise ConfigError(f"train.objective=all_positions needs model.kind=sasrec (got {cfg.model.kind!r}): "
+                              "only a sequence encoder has a state at every position")
+        if cfg.curriculum.enabled:
+            raise ConfigError("train.objective=all_positions cannot be combined with curriculum.enabled: "
+                              "the curriculum ranks one (history, target) instance per row, not chains")
+        if cfg.service.active:
+            raise ConfigError("train.objective=all_positions trains SASRec alone: teachers score the last "
+                              "position of each row, so run it with --teachers none")

@@ -79,6 +79,9 @@ def build_sampler(cfg, dataset: MultiDomainDataset, acc):
 
 def run_distillation(cfg) -> dict[str, Any] | None:
     """Run one student training job described by a resolved DistillConfig."""
+    from student.config import check_run
+
+    check_run(cfg)
     acc = make_accelerator()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -87,6 +90,10 @@ def run_distillation(cfg) -> dict[str, Any] | None:
     cfg.run_dir = str(run_dir)
     setup_logging(run_dir, acc.process_index)
     dataset = load_multidomain(cfg.data.data_dir, cfg.data.domains, max_len=cfg.data.max_len)
+    if cfg.train.objective == "all_positions":
+        from student.sequence_targets import every_position_view
+
+        dataset.splits["train"] = every_position_view(dataset.splits["train"])
     backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
     log.info("data: %s, %d items, %d train rows; world size %d on %s, process group backend %s, %s",
              ",".join(dataset.domain_names), dataset.vocab_size - 1, len(dataset.splits["train"]),

@@ -43,9 +43,10 @@ def make_student_batch(dataset: MultiDomainDataset, split: str, idx: np.ndarray)
     ex = dataset.splits[split]
     # Trim padding columns no row in this batch uses: attention cost follows the longest row.
     L = int(ex.lengths[idx].max())
+    pos = None if ex.position_targets is None else torch.as_tensor(ex.position_targets[idx, :L])
     return StudentBatch(torch.as_tensor(ex.users[idx]), torch.as_tensor(ex.domains[idx]),
                         torch.as_tensor(ex.histories[idx, :L]), torch.as_tensor(ex.lengths[idx]),
-                        torch.as_tensor(ex.targets[idx]))
+                        torch.as_tensor(ex.targets[idx]), pos)
 
 
 def plateau_lr(lr: float, bad_epochs: int, decay_patience: int, factor: float) -> float:
@@ -259,8 +260,13 @@ class Trainer:
             yield self.prepare(make_student_batch(self.dataset, "train", sel), seed)
 
     def ce_loss(self, logits: torch.Tensor, batch: StudentBatch) -> torch.Tensor:
-        """Full-softmax CE over the items of each instance's own domain."""
-        return domain_ce(logits, batch.targets, batch.domains, self.domain_ranges)
+        """Full-softmax CE over the items of each instance's own domain (each supervised position's,
+        averaged over positions, when the batch carries position targets)."""
+        if batch.position_targets is None:
+            return domain_ce(logits, batch.targets, batch.domains, self.domain_ranges)
+        keep = batch.position_targets != 0
+        domains = batch.domains[:, None].expand_as(batch.position_targets)[keep]
+        return domain_ce(logits, batch.position_targets[keep], domains, self.domain_ranges)
 
     def step(self, pb: PreparedBatch, soft: Any) -> dict[str, float]:
         batch = pb.batch.to(self.device)

@@ -27,7 +27,8 @@ def test_unknown_key_is_an_error(tmp_path):
 @pytest.mark.parametrize("override", ["curriculum.enabled=maybe", "train.epochs=2.5", "kd.integration=max",
                                       "service.failure_policy=ignore", "train.lr_decay_factor=1.5",
                                       "train.lr_decay_patience=-1", "train.ema_decay=1.0",
-                                      "train.lr_schedule=linear", "train.warmup_steps=-5"])
+                                      "train.lr_schedule=linear", "train.warmup_steps=-5",
+                                      "train.objective=every"])
 def test_bad_values_are_named(override):
     with pytest.raises(ConfigError, match=override.split("=")[0].split(".")[-1]):
         load_config(DistillConfig, None, overrides=[override])
@@ -36,6 +37,21 @@ def test_bad_values_are_named(override):
 def test_plateau_decay_and_a_schedule_are_exclusive():
     with pytest.raises(ConfigError, match="lr_decay_patience cannot be combined"):
         load_config(DistillConfig, None, overrides=["train.lr_decay_patience=2", "train.lr_schedule=cosine"])
+
+
+@pytest.mark.parametrize("extra, problem", [
+    (["--set", "model.kind=fm", "--teachers", "none"], "needs model.kind=sasrec"),
+    (["--set", "curriculum.enabled=true", "--teachers", "none"], "curriculum.enabled"),
+    (["--set", "service.spec=configs/serve_quickstart.yaml"], "--teachers none"),
+])
+def test_every_position_objective_is_for_sasrec_alone(extra, problem):
+    from launch.distill import parse_args, resolve_config
+
+    base = ["--set", "train.objective=all_positions", "--set", "curriculum.enabled=false"]
+    with pytest.raises(ConfigError, match=problem):
+        resolve_config(parse_args(base + extra))
+    cfg = resolve_config(parse_args(base + ["--teachers", "none"]))  # SASRec alone is fine
+    assert cfg.train.objective == "all_positions" and not cfg.service.active
 
 
 def test_yaml_tags_do_not_execute(tmp_path):

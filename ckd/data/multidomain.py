@@ -26,13 +26,17 @@ class SeqExamples:
     histories: np.ndarray  # int64 [N, L], PAD after `lengths`
     lengths: np.ndarray  # int64 [N], 1..L
     targets: np.ndarray  # int64 [N] global item ids
+    # int64 [N, L] or None: the item each position should predict (PAD = no loss there), for
+    # training at every position (student.sequence_targets); None = the last position only.
+    position_targets: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.targets.shape[0])
 
     def subset(self, idx: np.ndarray) -> "SeqExamples":
+        pos = None if self.position_targets is None else self.position_targets[idx]
         return SeqExamples(self.users[idx], self.domains[idx], self.histories[idx],
-                           self.lengths[idx], self.targets[idx])
+                           self.lengths[idx], self.targets[idx], pos)
 
 
 @dataclass

@@ -19,10 +19,14 @@ class StudentBatch:
     histories: torch.Tensor  # int64 [B, L] global item ids, oldest first, 0-padded on the right
     lengths: torch.Tensor  # int64 [B]
     targets: torch.Tensor  # int64 [B] global item ids
+    # int64 [B, L] or None: each position's next item, PAD where it has no loss (train.objective
+    # all_positions); forward() then returns logits for those positions only.
+    position_targets: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> "StudentBatch":
+        pos = None if self.position_targets is None else self.position_targets.to(device, non_blocking=True)
         return StudentBatch(*(t.to(device, non_blocking=True) for t in
-                              (self.users, self.domains, self.histories, self.lengths, self.targets)))
+                              (self.users, self.domains, self.histories, self.lengths, self.targets)), pos)
 
     def __len__(self) -> int:
         return int(self.targets.shape[0])
@@ -37,6 +41,9 @@ class StudentModel(nn.Module):
     def forward(self, batch: StudentBatch) -> torch.Tensor:
         """Logits over the whole vocabulary [B, vocab_size] (PAD and other domains included;
         the loss masks them)."""
+        if batch.position_targets is not None:
+            raise NotImplementedError(f"the {self.kind} student predicts at the last position only "
+                                      "(train.objective=all_positions needs a sequence encoder)")
         return self.full_scores(batch, 0, self.vocab_size)
 
     def score(self, batch: StudentBatch, candidates: torch.Tensor) -> torch.Tensor:

@@ -37,16 +37,28 @@ class SASRec(StudentModel):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def seq_repr(self, histories: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """[B, L] right-padded ids -> [B, D] representation at the last real position."""
+    def sequence_states(self, histories: torch.Tensor) -> torch.Tensor:
+        """[B, L] right-padded ids -> [B, L, D]: position k's state has seen items 0..k."""
         L = histories.shape[1]
         pos = torch.arange(L, device=histories.device)
         x = self.item_emb(histories) + self.pos_emb(pos)[None]
         x = self.drop(self.norm(x))
         pad = histories == 0
-        x = self.encoder(x, self.causal[:L, :L], pad)
+        return self.encoder(x, self.causal[:L, :L], pad)
+
+    def seq_repr(self, histories: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """[B, L] right-padded ids -> [B, D] representation at the last real position."""
+        x = self.sequence_states(histories)
         last = (lengths - 1).clamp(min=0).view(-1, 1, 1).expand(-1, 1, x.shape[-1])
         return x.gather(1, last).squeeze(1)
+
+    def forward(self, batch: StudentBatch) -> torch.Tensor:
+        """Logits over the vocabulary: [B, V] at each row's last position, or, with
+        ``position_targets``, [P, V] at the P supervised positions in row-major order."""
+        if batch.position_targets is None:
+            return super().forward(batch)
+        states = self.sequence_states(batch.histories)
+        return states[batch.position_targets != 0] @ self.item_emb.weight.T
 
     def score(self, batch: StudentBatch, candidates: torch.Tensor) -> torch.Tensor:
         seq = self.seq_repr(batch.histories, batch.lengths)
