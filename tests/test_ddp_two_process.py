@@ -53,3 +53,20 @@ def test_two_processes_agree_on_plateau_lr_decay_and_early_stop(data_dir, tmp_pa
     assert ranks[0]["lr"] == ranks[1]["lr"] == pytest.approx(0.5e-12, rel=1e-12)
     assert ranks[0]["global_step"] == ranks[1]["global_step"] == 12
     assert ranks[0]["param_sha256"] == ranks[1]["param_sha256"]
+
+
+def test_two_processes_follow_the_same_schedule_on_every_position_chains(data_dir, tmp_path):
+    # Each rank sets the cosine lr from its own step count and epoch progress (nothing is broadcast),
+    # on its own shard of the chains: both ranks must land on the rule's lr at the same step.
+    import math
+
+    proc = launch_two(data_dir, tmp_path / "ddp", "--set", "train.lr=0.002", "--set", "train.lr_schedule=cosine",
+                      "--set", "train.schedule_epochs=4", "--set", "train.objective=all_positions",
+                      "--set", "curriculum.enabled=false")
+    assert "train rows regrouped into" in proc.stderr  # rank 0 logs it; rank 1 logs warnings only
+    ranks = [json.loads((tmp_path / "ddp" / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] == 8
+    # The last step is epoch 1's fourth of four: progress (1 + 3/4) / 4 of the horizon.
+    expected = 0.002 * (1 + math.cos(math.pi * 1.75 / 4)) / 2
+    assert ranks[0]["lr"] == ranks[1]["lr"] == pytest.approx(expected, rel=1e-12)
+    assert ranks[0]["param_sha256"] == ranks[1]["param_sha256"]
