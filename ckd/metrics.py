@@ -55,10 +55,14 @@ def full_ranking_ranks(score_fn: ScoreFn, dataset, split: str, batch_size: int =
             continue
         start, stop = dataset.domain_range(d)
         idx = np.nonzero(ex.domains == d)[0]
-        ranks = []
+        # Batches of similar history length, each trimmed to its longest row: a model's cost follows
+        # the real lengths instead of the padded width. Ranks go back to the split's order.
+        order = np.argsort(ex.lengths[idx], kind="stable")
+        ranks = np.zeros(len(idx), dtype=np.int64)
         for b in range(0, len(idx), batch_size):
-            sel = idx[b: b + batch_size]
-            hist = torch.as_tensor(ex.histories[sel], device=device)
+            pos = order[b: b + batch_size]
+            sel = idx[pos]
+            hist = torch.as_tensor(ex.histories[sel, : int(ex.lengths[sel].max())], device=device)
             lens = torch.as_tensor(ex.lengths[sel], device=device)
             users = torch.as_tensor(ex.users[sel], device=device)
             tgt = torch.as_tensor(ex.targets[sel], device=device) - start
@@ -68,8 +72,8 @@ def full_ranking_ranks(score_fn: ScoreFn, dataset, split: str, batch_size: int =
                 valid = (hist >= start) & (hist < stop) & (cols != tgt.view(-1, 1))
                 scores = scores.scatter(1, torch.where(valid, cols, tgt.view(-1, 1)),
                                         torch.where(valid, float("-inf"), scores.gather(1, tgt.view(-1, 1))))
-            ranks.append(target_ranks(scores, tgt).cpu().numpy())
-        out[name] = np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64)
+            ranks[pos] = target_ranks(scores, tgt).cpu().numpy()
+        out[name] = ranks
     return out
 
 

@@ -64,6 +64,46 @@ def test_history_masking_switch():
     assert masked["B"]["ndcg@10"] == pytest.approx(1 / math.log2(3))
 
 
+def test_batches_are_trimmed_to_their_rows_and_ranks_come_back_in_split_order():
+    from ckd.metrics import full_ranking_ranks
+
+    # Five users of one 8-item domain, history lengths 3, 1, 4, 1, 2, all with target local item 6.
+    # Item i scores -i, and user u's target scores 0.5 - u: exactly items 0..u-1 score above it.
+    hists = [[0, 1, 2], [3], [0, 1, 2, 3], [4], [5, 6]]
+    sp = Split(np.arange(5), [np.asarray(h) for h in hists], np.full(5, 6))
+    ds = build_multidomain([DomainData("A", [f"i{i}" for i in range(8)], 5, sp, sp, sp,
+                                       [f"t{i}" for i in range(8)])], max_len=6)
+    widths = []
+
+    def score_fn(users, hist, lens, start, stop):
+        widths.append((hist.shape[1], lens.tolist()))
+        assert bool((hist[torch.arange(len(lens)), lens - 1] > 0).all())  # real items up to each length
+        scores = -torch.arange(stop - start, dtype=torch.float32).repeat(len(users), 1)
+        scores[:, 6] = 0.5 - users.float()
+        return scores
+
+    ranks = full_ranking_ranks(score_fn, ds, "test", batch_size=2)["A"]
+    assert ranks.tolist() == [0, 1, 2, 3, 4]  # user u's rank is u, whatever order the batches took
+    assert widths == [(1, [1, 1]), (3, [2, 3]), (4, [4])]  # sorted by length, each trimmed to its longest
+
+
+def test_trimmed_batches_rank_as_the_padded_width_does(scientific_mm):
+    from ckd.metrics import full_ranking_ranks
+    from student.models.sasrec import SASRec
+    from student.trainer import model_score_fn
+
+    torch.manual_seed(0)
+    model = SASRec(scientific_mm.vocab_size, max_len=50, hidden=32, dropout=0.5).eval()
+    trimmed = model_score_fn(model, torch.device("cpu"))
+
+    def padded(users, hist, lens, start, stop):  # what every batch looked like before: width 50
+        return trimmed(users, torch.nn.functional.pad(hist, (0, 50 - hist.shape[1])), lens, start, stop)
+
+    a = full_ranking_ranks(trimmed, scientific_mm, "test", batch_size=256)["ScientificMM"]
+    b = full_ranking_ranks(padded, scientific_mm, "test", batch_size=256)["ScientificMM"]
+    assert len(a) == len(scientific_mm.splits["test"]) and np.array_equal(a, b)
+
+
 def test_bootstrap_interval_matches_the_binomial_width():
     # 1,000 users, half of them hit at rank 0 (NDCG 1), half miss (rank 100): Recall@10 = 0.5,
     # whose 95% interval is 0.5 +- 1.96 * sqrt(0.25 / 1000) = 0.5 +- 0.031.
