@@ -22,11 +22,14 @@ log = logging.getLogger("ckd")
 def every_position_view(train: SeqExamples) -> SeqExamples:
     """``train`` as chain rows with ``position_targets`` [N', L] (PAD where no pair is trained).
 
-    Raises ValueError when the pairs of the view are not exactly the rows of ``train`` (duplicate
-    rows), so a run never silently trains on a different set of pairs.
+    Raises ValueError when the pairs of the view are not exactly the rows of ``train`` (a repeated
+    row, or a row whose target is not the next item of a longer row's history), so a run never
+    silently trains on a different set of pairs.
     """
     n, L = train.histories.shape
-    row_keys = {(int(train.users[i]), train.histories[i, : train.lengths[i]].tobytes()) for i in range(n)}
+    # (user, history) -> target of that row
+    row_keys = {(int(train.users[i]), train.histories[i, : train.lengths[i]].tobytes()): int(train.targets[i])
+                for i in range(n)}
     heads = []
     for i in range(n):
         length = int(train.lengths[i])
@@ -44,7 +47,7 @@ def every_position_view(train: SeqExamples) -> SeqExamples:
         nxt = np.append(train.histories[i, 1:length], train.targets[i])
         user = int(train.users[i])
         for k in range(length):
-            if (user, train.histories[i, : k + 1].tobytes()) in row_keys:
+            if row_keys.get((user, train.histories[i, : k + 1].tobytes())) == nxt[k]:
                 pos[r, k] = nxt[k]
     view.position_targets = pos
     supervised = int((pos != PAD).sum())

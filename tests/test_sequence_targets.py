@@ -48,6 +48,13 @@ def test_prefix_rows_become_one_chain_per_user_and_capped_windows_train_their_la
     assert pairs(view) == pairs(examples(rows, max_len=3))
 
 
+def test_a_row_whose_target_breaks_the_chain_keeps_its_own_pair():
+    # [1] -> 5 although the longer row's history continues [1, 2]: that position must not train "2".
+    rows = [(0, [1, 2], 3), (0, [1], 5)]
+    view = every_position_view(examples(rows, max_len=4))
+    assert pairs(view) == pairs(examples(rows, max_len=4)) == [(0, (1,), 5), (0, (1, 2), 3)]
+
+
 def test_a_repeated_row_is_a_named_error():
     rows = [(0, [1, 2], 3), (0, [1], 2), (0, [1], 2)]
     with pytest.raises(ValueError, match="repeats a .user, history. row"):
