@@ -51,6 +51,11 @@ class TrainConfig:
     # Batches of similar history length (sorted within pools of this many batches, batch order then
     # shuffled): padding, and so student and teacher compute, follow the rows' real lengths. 0 = off.
     length_bucket_batches: int = 50
+    # > 1: compute each batch in this many pieces of similar history length (each trimmed to its
+    # longest row), accumulating gradients, so a uniformly random batch (length_bucket_batches=0)
+    # costs about what a bucketed one does; the step is the batch's. CE only (no teachers, last
+    # position), not under DeepSpeed. 0 or 1 = one pass.
+    length_sorted_pieces: int = 0
     log_every: int = 50
     threads: int = 0  # torch intra-op threads per process; 0 = leave torch's default
     progress: bool = True
@@ -71,6 +76,8 @@ class TrainConfig:
             raise ConfigError(f"train.lr_schedule must be 'constant' or 'cosine', not {self.lr_schedule!r}")
         if self.warmup_steps < 0 or self.schedule_epochs < 0:
             raise ConfigError("train.warmup_steps and train.schedule_epochs must be >= 0")
+        if self.length_sorted_pieces < 0:
+            raise ConfigError("train.length_sorted_pieces must be >= 0 (0 or 1 = one pass per batch)")
         if self.objective not in ("last", "all_positions"):
             raise ConfigError(f"train.objective must be 'last' or 'all_positions', not {self.objective!r}")
         if self.lr_decay_patience > 0 and (self.lr_schedule != "constant" or self.warmup_steps > 0):
@@ -150,6 +157,9 @@ class DistillConfig:
 
 def check_run(cfg: DistillConfig) -> None:
     """Checks across sections, once the command line has decided whether teachers take part."""
+    if cfg.train.length_sorted_pieces > 1 and (cfg.service.active or cfg.train.objective != "last"):
+        raise ConfigError("train.length_sorted_pieces splits a batch's rows for the CE loss at their last "
+                          "position only: run it with --teachers none and train.objective=last")
     if cfg.train.objective == "all_positions":
         if cfg.model.kind != "sasrec":
             raise ConfigError(f"train.objective=all_positions needs model.kind=sasrec (got {cfg.model.kind!r}): "

@@ -147,6 +147,9 @@ class Trainer:
             # a plain torch optimizer is allowed (DeepSpeedCPUAdam would JIT-compile for ~40 s).
             ds_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
             ds_plugin.deepspeed_config["zero_allow_untested_optimizer"] = True
+        if ds_plugin is not None and cfg.train.length_sorted_pieces > 1:
+            raise ValueError("train.length_sorted_pieces accumulates gradients over several backward passes "
+                             "per step, which DeepSpeed's engine counts as steps: use DDP or one process")
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.ema = None
         if cfg.train.ema_decay > 0:
@@ -269,20 +272,45 @@ class Trainer:
         return domain_ce(logits, batch.position_targets[keep], domains, self.domain_ranges)
 
     def step(self, pb: PreparedBatch, soft: Any) -> dict[str, float]:
-        batch = pb.batch.to(self.device)
-        # Through the wrapper's forward: DDP/DeepSpeed synchronise gradients only there.
-        logits = self.model(batch)
-        if self.loss_fn is not None:
-            loss, terms = self.loss_fn(logits, pb, batch, soft, self)
-        else:
-            loss = self.ce_loss(logits, batch)
-            terms = {"ce": float(loss.detach())}
         self.optimizer.zero_grad(set_to_none=True)
-        self.acc.backward(loss)
+        if self.cfg.train.length_sorted_pieces > 1:
+            loss = self.backward_in_length_sorted_pieces(pb.batch, self.cfg.train.length_sorted_pieces)
+            terms = {"ce": float(loss)}
+        else:
+            batch = pb.batch.to(self.device)
+            # Through the wrapper's forward: DDP/DeepSpeed synchronise gradients only there.
+            logits = self.model(batch)
+            if self.loss_fn is not None:
+                loss, terms = self.loss_fn(logits, pb, batch, soft, self)
+            else:
+                loss = self.ce_loss(logits, batch)
+                terms = {"ce": float(loss.detach())}
+            self.acc.backward(loss)
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update_parameters(unwrap(self.model))
         return {"loss": float(loss.detach()), **terms}
+
+    def backward_in_length_sorted_pieces(self, batch: StudentBatch, pieces: int) -> torch.Tensor:
+        """Accumulate the gradient of the batch's mean CE from ``pieces`` forward/backward passes over
+        its rows sorted by history length, each trimmed to its longest row; returns the batch's loss.
+        Each piece's loss is its CE sum over the batch size, so the gradients add up to the batch's.
+        DDP synchronises only on the last piece."""
+        import contextlib
+
+        order = torch.argsort(batch.lengths, stable=True)
+        chunks = [c for c in torch.tensor_split(order, pieces) if len(c)]
+        total = torch.zeros((), dtype=torch.float64)
+        for i, rows in enumerate(chunks):
+            L = int(batch.lengths[rows].max())
+            piece = StudentBatch(batch.users[rows], batch.domains[rows], batch.histories[rows, :L],
+                                 batch.lengths[rows], batch.targets[rows]).to(self.device)
+            sync = i == len(chunks) - 1 or self.acc.num_processes == 1
+            with contextlib.nullcontext() if sync else self.acc.no_sync(self.model):
+                loss = self.ce_loss(self.model(piece), piece) * (len(rows) / len(batch))
+                self.acc.backward(loss)
+            total += float(loss.detach())
+        return total
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()

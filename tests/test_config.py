@@ -28,7 +28,7 @@ def test_unknown_key_is_an_error(tmp_path):
                                       "service.failure_policy=ignore", "train.lr_decay_factor=1.5",
                                       "train.lr_decay_patience=-1", "train.ema_decay=1.0",
                                       "train.lr_schedule=linear", "train.warmup_steps=-5",
-                                      "train.objective=every"])
+                                      "train.objective=every", "train.length_sorted_pieces=-1"])
 def test_bad_values_are_named(override):
     with pytest.raises(ConfigError, match=override.split("=")[0].split(".")[-1]):
         load_config(DistillConfig, None, overrides=[override])
@@ -52,6 +52,16 @@ def test_every_position_objective_is_for_sasrec_alone(extra, problem):
         resolve_config(parse_args(base + extra))
     cfg = resolve_config(parse_args(base + ["--teachers", "none"]))  # SASRec alone is fine
     assert cfg.train.objective == "all_positions" and not cfg.service.active
+
+
+def test_length_sorted_pieces_are_for_the_ce_loss_alone():
+    from launch.distill import parse_args, resolve_config
+
+    with pytest.raises(ConfigError, match="length_sorted_pieces splits"):
+        resolve_config(parse_args(["--set", "train.length_sorted_pieces=4",
+                                   "--set", "service.spec=configs/serve_quickstart.yaml"]))
+    cfg = resolve_config(parse_args(["--set", "train.length_sorted_pieces=4", "--teachers", "none"]))
+    assert cfg.train.length_sorted_pieces == 4
 
 
 def test_yaml_tags_do_not_execute(tmp_path):

@@ -26,8 +26,11 @@ def launch_two(data_dir, run_dir, *extra, timeout=600):
     return proc
 
 
-def test_two_processes_train_in_sync(data_dir, tmp_path):
-    launch_two(data_dir, tmp_path / "ddp")
+@pytest.mark.parametrize("extra", [[], ["--set", "train.length_sorted_pieces=3"]], ids=["one_pass", "pieces"])
+def test_two_processes_train_in_sync(data_dir, tmp_path, extra):
+    # With pieces, gradients are synchronised on each step's last piece only: a wrong no_sync
+    # would leave the replicas apart.
+    launch_two(data_dir, tmp_path / "ddp", *extra)
     ranks = [json.loads((tmp_path / "ddp" / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert ranks[0]["global_step"] == ranks[1]["global_step"] == 8
