@@ -22,9 +22,9 @@ log = logging.getLogger("ckd")
 def every_position_view(train: SeqExamples) -> SeqExamples:
     """``train`` as chain rows with ``position_targets`` [N', L] (PAD where no pair is trained).
 
-    Raises ValueError when the pairs of the view are not exactly the rows of ``train`` (a repeated
-    row, or a row whose target is not the next item of a longer row's history), so a run never
-    silently trains on a different set of pairs.
+    A row whose target is not the next item of a longer row's history heads a chain of its own, so it
+    keeps its pair. Raises ValueError when the view still does not train exactly the rows' pairs (a
+    repeated row), so a run never silently trains on a different set of pairs.
     """
     n, L = train.histories.shape
     # (user, history) -> target of that row
@@ -32,13 +32,9 @@ def every_position_view(train: SeqExamples) -> SeqExamples:
                 for i in range(n)}
     heads = []
     for i in range(n):
-        length = int(train.lengths[i])
-        if length < L:
-            extended = train.histories[i].copy()
-            extended[length] = train.targets[i]
-            if (int(train.users[i]), extended[: length + 1].tobytes()) in row_keys:
-                continue  # this pair is a position of a longer row of the same chain
-        heads.append(i)
+        extended = np.append(train.histories[i, : train.lengths[i]], train.targets[i])
+        if (int(train.users[i]), extended.tobytes()) not in row_keys:  # else a position of a longer row
+            heads.append(i)
     rows = np.asarray(heads, dtype=np.int64)
     view = train.subset(rows)
     pos = np.full((len(rows), L), PAD, dtype=np.int64)

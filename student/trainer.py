@@ -6,6 +6,7 @@ valid NDCG@10, best/last checkpoints and exact resume at an epoch boundary.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -275,7 +276,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.cfg.train.length_sorted_pieces > 1:
             loss = self.backward_in_length_sorted_pieces(pb.batch, self.cfg.train.length_sorted_pieces)
-            terms = {"ce": float(loss)}
+            terms = {"ce": loss}
         else:
             batch = pb.batch.to(self.device)
             # Through the wrapper's forward: DDP/DeepSpeed synchronise gradients only there.
@@ -286,27 +287,23 @@ class Trainer:
                 loss = self.ce_loss(logits, batch)
                 terms = {"ce": float(loss.detach())}
             self.acc.backward(loss)
+            loss = float(loss.detach())
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update_parameters(unwrap(self.model))
-        return {"loss": float(loss.detach()), **terms}
+        return {"loss": loss, **terms}
 
-    def backward_in_length_sorted_pieces(self, batch: StudentBatch, pieces: int) -> torch.Tensor:
+    def backward_in_length_sorted_pieces(self, batch: StudentBatch, pieces: int) -> float:
         """Accumulate the gradient of the batch's mean CE from ``pieces`` forward/backward passes over
         its rows sorted by history length, each trimmed to its longest row; returns the batch's loss.
         Each piece's loss is its CE sum over the batch size, so the gradients add up to the batch's.
         DDP synchronises only on the last piece."""
-        import contextlib
-
-        order = torch.argsort(batch.lengths, stable=True)
-        chunks = [c for c in torch.tensor_split(order, pieces) if len(c)]
-        total = torch.zeros((), dtype=torch.float64)
+        chunks = [c for c in torch.tensor_split(torch.argsort(batch.lengths, stable=True), pieces) if len(c)]
+        total = 0.0
         for i, rows in enumerate(chunks):
-            L = int(batch.lengths[rows].max())
-            piece = StudentBatch(batch.users[rows], batch.domains[rows], batch.histories[rows, :L],
-                                 batch.lengths[rows], batch.targets[rows]).to(self.device)
-            sync = i == len(chunks) - 1 or self.acc.num_processes == 1
-            with contextlib.nullcontext() if sync else self.acc.no_sync(self.model):
+            piece = batch.select(rows).to(self.device)
+            last = i == len(chunks) - 1
+            with contextlib.nullcontext() if last else self.acc.no_sync(self.model):
                 loss = self.ce_loss(self.model(piece), piece) * (len(rows) / len(batch))
                 self.acc.backward(loss)
             total += float(loss.detach())

@@ -28,6 +28,13 @@ class StudentBatch:
         return StudentBatch(*(t.to(device, non_blocking=True) for t in
                               (self.users, self.domains, self.histories, self.lengths, self.targets)), pos)
 
+    def select(self, rows: torch.Tensor) -> "StudentBatch":
+        """These rows of the batch, histories (and position targets) trimmed to their longest row."""
+        L = int(self.lengths[rows].max())
+        pos = None if self.position_targets is None else self.position_targets[rows, :L]
+        return StudentBatch(self.users[rows], self.domains[rows], self.histories[rows, :L], self.lengths[rows],
+                            self.targets[rows], pos)
+
     def __len__(self) -> int:
         return int(self.targets.shape[0])
 

@@ -84,9 +84,7 @@ class DeepFM(StudentModel):
             rows = (rows_dom == d).nonzero().squeeze(1)
             if rows.numel() == 0:
                 continue
-            sub = StudentBatch(*(t[rows] for t in (batch.users, batch.domains, batch.histories,
-                                                    batch.lengths, batch.targets)))
-            block = self.full_scores(sub, start, stop)
+            block = self.full_scores(batch.select(rows), start, stop)
             if out is None:
                 out = block.new_full((len(batch), self.vocab_size), -1e4)
             out = out.index_put((rows[:, None], torch.arange(start, stop, device=out.device)[None]), block)
