@@ -45,6 +45,8 @@ class TrainConfig:
     # prefixes, with the loss at every position of it (SASRec's original training; batch_size then
     # counts chains). SASRec alone only: distillation and the curriculum score one instance per row.
     objective: str = "last"
+    # Label smoothing of the CE target over the instance's domain items (0 = plain CE, RecBole's).
+    label_smoothing: float = 0.0
     seed: int = 2024
     eval_batch_size: int = 1024
     max_steps_per_epoch: int = 0  # 0 = the whole (paced) pool each epoch
@@ -78,6 +80,8 @@ class TrainConfig:
             raise ConfigError("train.warmup_steps and train.schedule_epochs must be >= 0")
         if self.length_sorted_pieces < 0:
             raise ConfigError("train.length_sorted_pieces must be >= 0 (0 or 1 = one pass per batch)")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"train.label_smoothing must be in [0, 1), not {self.label_smoothing}")
         if self.objective not in ("last", "all_positions"):
             raise ConfigError(f"train.objective must be 'last' or 'all_positions', not {self.objective!r}")
         if self.lr_decay_patience > 0 and (self.lr_schedule != "constant" or self.warmup_steps > 0):

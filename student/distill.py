@@ -262,7 +262,7 @@ def kd_loss_positive(student_logits: torch.Tensor, q: torch.Tensor, valid_mask: 
 
 
 def domain_ce(full_logits: torch.Tensor, targets: torch.Tensor, domains: torch.Tensor,
-              domain_ranges: Sequence[tuple[int, int]]) -> torch.Tensor:
+              domain_ranges: Sequence[tuple[int, int]], label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean cross-entropy over all items of each row's domain; ``full_logits`` [B, V] has one
     column per global item id (column 0 = PAD, never in a domain). Rows are grouped by domain and
     each group uses its own slice of columns (cheaper than masking B x V to -inf)."""
@@ -278,7 +278,8 @@ def domain_ce(full_logits: torch.Tensor, targets: torch.Tensor, domains: torch.T
         local = targets[rows] - start
         if bool(((local < 0) | (local >= stop - start)).any()):
             raise DistillError(f"a target of a domain-{d} row lies outside [{start}, {stop})")
-        total = total + F.cross_entropy(full_logits[rows, start:stop].float(), local, reduction="sum")
+        total = total + F.cross_entropy(full_logits[rows, start:stop].float(), local, reduction="sum",
+                                        label_smoothing=label_smoothing)
     return total / targets.shape[0]
 
 
@@ -295,7 +296,7 @@ class DistillLoss(nn.Module):
                  ce_weight: float = 1.0, kd_weight: float = 1.0, use_ce: bool = True, use_kd: bool = True,
                  temperature: float = 2.0, integration: str = "both", a: float = 1.0, b: float = 1.0,
                  instance_weighting: bool = True, gamma: float = 0.5, r_max: float = 5.0,
-                 in_batch_negatives: bool = True):
+                 in_batch_negatives: bool = True, label_smoothing: float = 0.0):
         super().__init__()
         if integration not in INTEGRATION_MODES:
             raise DistillError(f"unknown integration mode {integration!r}; have {INTEGRATION_MODES}")
@@ -311,6 +312,7 @@ class DistillLoss(nn.Module):
         self.integration, self.a, self.b = integration, float(a), float(b)
         self.instance_weighting, self.gamma, self.r_max = bool(instance_weighting), float(gamma), float(r_max)
         self.in_batch_negatives = bool(in_batch_negatives)
+        self.label_smoothing = float(label_smoothing)
 
     def forward(self, full_logits: torch.Tensor, targets: torch.Tensor, domains: torch.Tensor,
                 candidates: torch.Tensor | None = None, target_col: torch.Tensor | None = None,
@@ -327,7 +329,7 @@ class DistillLoss(nn.Module):
         terms: dict[str, torch.Tensor] = {}
         total = full_logits.new_zeros((), dtype=torch.float32)
         if self.enabled["ce"]:
-            ce = domain_ce(full_logits, targets, domains, self.domain_ranges)
+            ce = domain_ce(full_logits, targets, domains, self.domain_ranges, self.label_smoothing)
             total = total + self.weights["ce"] * ce
             terms["ce"] = ce.detach()
         if self.enabled["kd"]:

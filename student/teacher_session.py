@@ -54,7 +54,8 @@ class TeacherSession:
         kd = cfg.kd
         self.loss = DistillLoss(self.domain_ranges, temps, kd_weight=kd.lambda_kd, temperature=kd.temperature,
                                 integration=kd.integration, a=kd.alpha, b=kd.beta,
-                                instance_weighting=kd.instance_weighting, in_batch_negatives=kd.in_batch_negatives)
+                                instance_weighting=kd.instance_weighting, in_batch_negatives=kd.in_batch_negatives,
+                                label_smoothing=cfg.train.label_smoothing)
         self.kd_skipped_batches = 0
         # The teachers serve the first k domains' id space; rows of later domains get no KD.
         self.covered_domains = dataset.num_domains if covered_domains is None else covered_domains

@@ -28,7 +28,8 @@ def test_unknown_key_is_an_error(tmp_path):
                                       "service.failure_policy=ignore", "train.lr_decay_factor=1.5",
                                       "train.lr_decay_patience=-1", "train.ema_decay=1.0",
                                       "train.lr_schedule=linear", "train.warmup_steps=-5",
-                                      "train.objective=every", "train.length_sorted_pieces=-1"])
+                                      "train.objective=every", "train.length_sorted_pieces=-1",
+                                      "train.label_smoothing=1.0"])
 def test_bad_values_are_named(override):
     with pytest.raises(ConfigError, match=override.split("=")[0].split(".")[-1]):
         load_config(DistillConfig, None, overrides=[override])

@@ -219,6 +219,22 @@ def test_domain_ce_is_cross_entropy_over_the_domain_slice():
         domain_ce(full, torch.tensor([12, 12, 5, 3]), domains, RANGES)  # row 0 is domain 0
 
 
+def test_domain_ce_label_smoothing_spreads_eps_over_the_domain_items_only():
+    targets, domains, *_, full, _ = _batch()
+    eps = 0.2
+    want = []
+    for i, d in enumerate(domains.tolist()):
+        s, e = RANGES[d]
+        logp = torch.log_softmax(full[i, s:e], 0)
+        # (1 - eps) on the target, eps spread uniformly over the domain's items (never PAD or the other domain)
+        want.append(-(1 - eps) * logp[targets[i] - s] - eps * logp.mean())
+    got = domain_ce(full, targets, domains, RANGES, label_smoothing=eps)
+    assert got.item() == pytest.approx(torch.stack(want).mean().item(), rel=1e-6)
+    assert got.item() != pytest.approx(domain_ce(full, targets, domains, RANGES).item(), rel=1e-3)
+    _, terms = DistillLoss(RANGES, {}, use_kd=False, label_smoothing=eps)(full, targets, domains)
+    assert terms["ce"].item() == pytest.approx(got.item(), rel=1e-6)
+
+
 @pytest.mark.parametrize("in_batch", [True, False])
 def test_distill_loss_is_weighted_sum_of_named_terms(in_batch):
     targets, domains, cand, col, valid, full, scores = _batch()
