@@ -94,7 +94,9 @@ def test_position_logits_and_loss_equal_the_prefix_rows_ones(scientific):
 
     from student.trainer import Trainer
 
-    trainer = types.SimpleNamespace(domain_ranges=[scientific.domain_range(0)])  # all ce_loss reads
+    # all ce_loss reads: the domain ranges and the label-smoothing setting (plain CE here)
+    trainer = types.SimpleNamespace(domain_ranges=[scientific.domain_range(0)],
+                                    cfg=types.SimpleNamespace(train=types.SimpleNamespace(label_smoothing=0.0)))
     loss_positions = Trainer.ce_loss(trainer, at_positions, chain_batch)
     loss_rows = Trainer.ce_loss(trainer, at_last, prefix_batch)
     assert float(loss_positions) == pytest.approx(float(loss_rows), rel=1e-5)
