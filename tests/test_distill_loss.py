@@ -235,6 +235,16 @@ def test_domain_ce_label_smoothing_spreads_eps_over_the_domain_items_only():
     assert terms["ce"].item() == pytest.approx(got.item(), rel=1e-6)
 
 
+def test_teacher_session_hands_train_label_smoothing_to_its_loss(scientific):
+    from ckd.config import load_config
+    from student.config import DistillConfig
+    from student.teacher_session import TeacherSession
+
+    cfg = load_config(DistillConfig, None, overrides=["train.label_smoothing=0.3"])
+    session = TeacherSession(cfg, scientific, acc=None, pool=None, infos={})
+    assert session.loss.label_smoothing == pytest.approx(0.3)
+
+
 @pytest.mark.parametrize("in_batch", [True, False])
 def test_distill_loss_is_weighted_sum_of_named_terms(in_batch):
     targets, domains, cand, col, valid, full, scores = _batch()
