@@ -267,12 +267,12 @@ class Trainer:
         """Full-softmax CE over the items of each instance's own domain (each supervised position's,
         averaged over positions, when the batch carries position targets)."""
         if batch.position_targets is None:
-            return domain_ce(logits, batch.targets, batch.domains, self.domain_ranges,
-                             self.cfg.train.label_smoothing)
-        keep = batch.position_targets != 0
-        domains = batch.domains[:, None].expand_as(batch.position_targets)[keep]
-        return domain_ce(logits, batch.position_targets[keep], domains, self.domain_ranges,
-                         self.cfg.train.label_smoothing)
+            targets, domains = batch.targets, batch.domains
+        else:
+            keep = batch.position_targets != 0
+            targets = batch.position_targets[keep]
+            domains = batch.domains[:, None].expand_as(batch.position_targets)[keep]
+        return domain_ce(logits, targets, domains, self.domain_ranges, self.cfg.train.label_smoothing)
 
     def step(self, pb: PreparedBatch, soft: Any) -> dict[str, float]:
         self.optimizer.zero_grad(set_to_none=True)

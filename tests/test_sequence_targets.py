@@ -69,7 +69,8 @@ def test_scientific_chains_train_exactly_the_prefix_rows_pairs(scientific):
     assert pairs(view) == pairs(train)
 
 
-def test_position_logits_and_loss_equal_the_prefix_rows_ones(scientific):
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.9])  # 0.9: a gap the 1e-5 check sees on near-uniform logits
+def test_position_logits_and_loss_equal_the_prefix_rows_ones(scientific, label_smoothing):
     from student.models.sasrec import SASRec
     from student.trainer import make_student_batch
 
@@ -92,11 +93,13 @@ def test_position_logits_and_loss_equal_the_prefix_rows_ones(scientific):
     assert at_positions.shape == at_last.shape == (len(prefix_idx), scientific.vocab_size)
     torch.testing.assert_close(at_positions, at_last, atol=1e-5, rtol=1e-5)
 
+    from ckd.config import load_config
+    from student.config import DistillConfig
     from student.trainer import Trainer
 
-    # all ce_loss reads: the domain ranges and the label-smoothing setting (plain CE here)
-    trainer = types.SimpleNamespace(domain_ranges=[scientific.domain_range(0)],
-                                    cfg=types.SimpleNamespace(train=types.SimpleNamespace(label_smoothing=0.0)))
+    # ce_loss reads the domain ranges and the resolved config (label smoothing must reach both branches)
+    cfg = load_config(DistillConfig, None, overrides=[f"train.label_smoothing={label_smoothing}"])
+    trainer = types.SimpleNamespace(domain_ranges=[scientific.domain_range(0)], cfg=cfg)
     loss_positions = Trainer.ce_loss(trainer, at_positions, chain_batch)
     loss_rows = Trainer.ce_loss(trainer, at_last, prefix_batch)
     assert float(loss_positions) == pytest.approx(float(loss_rows), rel=1e-5)
