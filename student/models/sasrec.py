@@ -17,8 +17,11 @@ class SASRec(StudentModel):
     kind = "sasrec"
 
     def __init__(self, vocab_size: int, max_len: int = 50, hidden: int = 64, layers: int = 2, heads: int = 2,
-                 inner: int | None = None, dropout: float = 0.2, attn_dropout: float = 0.2):
+                 inner: int | None = None, dropout: float = 0.2, attn_dropout: float = 0.2,
+                 scale_input: bool = False):
         super().__init__()
+        # Kang & McAuley's code multiplies input item embeddings by sqrt(hidden); RecBole does not.
+        self.input_scale = float(hidden) ** 0.5 if scale_input else 1.0
         self.vocab_size = vocab_size
         self.max_len = max_len
         self.item_emb = nn.Embedding(vocab_size, hidden, padding_idx=0)
@@ -41,7 +44,7 @@ class SASRec(StudentModel):
         """[B, L] right-padded ids -> [B, L, D]: position k's state has seen items 0..k."""
         L = histories.shape[1]
         pos = torch.arange(L, device=histories.device)
-        x = self.item_emb(histories) + self.pos_emb(pos)[None]
+        x = self.item_emb(histories) * self.input_scale + self.pos_emb(pos)[None]
         x = self.drop(self.norm(x))
         pad = histories == 0
         return self.encoder(x, self.causal[:L, :L], pad)
