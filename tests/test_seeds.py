@@ -33,6 +33,10 @@ def test_two_seeds_summarised_reused_and_never_mixed(data_dir, tmp_path):
         assert report["mean"][m] == pytest.approx((runs[0][m] + runs[1][m]) / 2, abs=1e-12)
         assert report["sd"][m] == pytest.approx(abs(runs[0][m] - runs[1][m]) / math.sqrt(2), abs=1e-12)
     assert runs[0] != runs[1]  # two seeds, two models
+    valid = [json.loads((root / f"seed{s}" / "metrics.json").read_text())["valid"]["ScientificMM"]["ndcg@10"]
+             for s in (1, 2)]
+    best = 0 if valid[0] >= valid[1] else 1
+    assert report["selected_by_valid"]["seed"] == best + 1 and report["selected_by_valid"]["test"] == runs[best]
     assert report["seeds_clearing_reference"] == [] and not report["mean_clears_reference"]  # recall@10 >= 0.9
     assert [r["reused"] for r in report["records"]] == [False, False]
     assert "mean" in proc.stdout and "seeds clearing it: none of 2" in proc.stdout
