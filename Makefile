@@ -25,11 +25,11 @@ setup: $(BIN)/.installed
 ## The main job on the embedded default: trains small teachers once (cached under runs/teachers),
 ## serves them from a local Ray over loopback gRPC, distils the SASRec student, prints metrics.
 demo: setup
-	$(BIN)/python launch/quickstart.py
+	$(BIN)/ckd-demo
 
 ## The test suite (what .ci/run runs).
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 stats: setup
-	$(BIN)/python launch/data_stats.py
+	$(BIN)/ckd-data-stats

@@ -1,13 +1,16 @@
-"""Results report: load result JSON, build the tables, render docs/results.md, draw Figure 1.
+"""Results report: load result JSON, build the tables, render a results page, draw Figure 1.
 
-Pure functions over two inputs (no torch, no training):
+Pure functions (no torch, no training, no git) over three inputs:
 
-- the experiment manifest ``results/experiments.json`` (written by launch/experiments.py):
+- experiment results, e.g. ``results/experiments_full.json`` (written by research/experiments.py):
   ``{"machine", "commit", "created", "runs": {name: {"group", "model", "variant", "command",
   "run_dir", "metrics": <metrics.json>}}}``;
-- the inference benchmark ``results/efficiency.json`` (written by launch/bench_inference.py):
+- the inference benchmark ``results/efficiency.json`` (written by benchmarks/inference.py):
   ``{"machine", "commit", "created", "device", "models": {name: {"kind", "params",
-  "peak_memory_mb", "infer_ms_per_1000_users", "score_ms_per_1000_pairs"?, "checkpoint"}}}``.
+  "peak_memory_mb", "infer_ms_per_1000_users", "score_ms_per_1000_pairs"?, "checkpoint"}}}``;
+- the results manifest ``results/MANIFEST.yaml``: which JSON files make which page, with the
+  page's figure and domain (see ``load_results_manifest``), so that ``ckd-report`` alone rebuilds
+  every committed page.
 
 Every number in the page and in the figure comes from these files, through the same formatting
 functions, so the figure's sidecar JSON can be checked cell by cell against the tables.
@@ -17,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -106,9 +110,10 @@ def _require(obj: dict[str, Any], key: str, where: str) -> Any:
     return obj[key]
 
 
-def load_experiments(path: str | os.PathLike[str]) -> Experiments:
-    """Read and validate the experiment manifest. A run without inline metrics falls back to
-    ``<run_dir>/metrics.json``; a run with neither is an error (a table would silently lose it)."""
+def load_experiments(path: str | os.PathLike[str], label: str | None = None) -> Experiments:
+    """Read and validate an experiment results file (``label``: the name the page shows for it,
+    default the path). A run without inline metrics falls back to ``<run_dir>/metrics.json``; a
+    run with neither is an error (a table would silently lose it)."""
     p = Path(path)
     if not p.is_file():
         raise ReportError(f"experiment manifest not found: {p}")
@@ -137,7 +142,7 @@ def load_experiments(path: str | os.PathLike[str]) -> Experiments:
                         variant=str(_require(r, "variant", where)), command=str(r.get("command", "")),
                         run_dir=str(r.get("run_dir", "")), metrics=metrics))
     return Experiments(machine=str(raw.get("machine", "unknown")), commit=str(raw.get("commit", "unknown")),
-                       created=str(raw.get("created", "")), runs=runs, source=str(p))
+                       created=str(raw.get("created", "")), runs=runs, source=label or str(p))
 
 
 def merge_experiments(parts: Sequence[Experiments]) -> Experiments:
@@ -167,8 +172,8 @@ def merge_experiments(parts: Sequence[Experiments]) -> Experiments:
                        source=" + ".join(p.source for p in parts))
 
 
-def load_efficiency(path: str | os.PathLike[str]) -> Efficiency:
-    """Read and validate results/efficiency.json."""
+def load_efficiency(path: str | os.PathLike[str], label: str | None = None) -> Efficiency:
+    """Read and validate results/efficiency.json (``label`` as for ``load_experiments``)."""
     p = Path(path)
     if not p.is_file():
         raise ReportError(f"efficiency results not found: {p}")
@@ -190,7 +195,7 @@ def load_efficiency(path: str | os.PathLike[str]) -> Efficiency:
     return Efficiency(machine=str(raw.get("machine", "unknown")), commit=str(raw.get("commit", "unknown")),
                       created=str(raw.get("created", "")), device=str(raw.get("device", "")), models=models,
                       command=str(raw.get("command", "")),
-                      extra={k: v for k, v in raw.items() if k not in known}, source=str(p))
+                      extra={k: v for k, v in raw.items() if k not in known}, source=label or str(p))
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -327,16 +332,26 @@ def _on(run: Run, domain: str | None, like: Run | None) -> bool:
             and (like is None or run_domains(run) == run_domains(like)))
 
 
-def alone_run(exp: Experiments, model: str, domain: str | None = None, like: Run | None = None) -> Run | None:
-    """The student ``model`` trained without teachers (on ``domain`` / on ``like``'s domains)."""
+def _covers(run: Run, domains: Iterable[str] | None) -> bool:
+    return domains is None or set(domains) <= run_domains(run)
+
+
+def alone_run(exp: Experiments, model: str, domain: str | None = None, like: Run | None = None,
+              covering: Iterable[str] | None = None) -> Run | None:
+    """The student ``model`` trained without teachers (on ``domain`` / on ``like``'s domains / on
+    at least the ``covering`` domains)."""
     return _unique([r for r in exp.runs if r.model == model and r.variant == "alone"
-                    and r.group in ("baseline", "universality") and _on(r, domain, like)], f"{model} alone")
+                    and r.group in ("baseline", "universality") and _on(r, domain, like)
+                    and _covers(r, covering)], f"{model} alone")
 
 
-def distilled_run(exp: Experiments, model: str, domain: str | None = None) -> Run | None:
-    """The student ``model`` trained with the full method (on ``domain``)."""
+def distilled_run(exp: Experiments, model: str, domain: str | None = None,
+                  covering: Iterable[str] | None = None) -> Run | None:
+    """The student ``model`` trained with the full method (on ``domain`` / on at least the
+    ``covering`` domains)."""
     return _unique([r for r in exp.runs if r.model == model and r.variant == "distilled"
-                    and r.group in ("distilled", "universality") and _on(r, domain, None)], f"{model} distilled")
+                    and r.group in ("distilled", "universality") and _on(r, domain, None)
+                    and _covers(r, covering)], f"{model} distilled")
 
 
 def student_families(exp: Experiments) -> list[str]:
@@ -400,9 +415,13 @@ def full_table(exp: Experiments, domain: str) -> str:
 def ablation_sets(exp: Experiments) -> list[tuple[Run, list[Run]]]:
     """Each distilled SASRec with the ablations run on its domains (a manifest may hold a suite per
     domain), in manifest order; sets without ablations are left out. An ablation with no distilled
-    SASRec on its domains is an error (its deltas would have nothing to be measured against)."""
+    SASRec on its domains is an error (its deltas would have nothing to be measured against).
+    Without any ablation run, a single distilled SASRec makes a set of its own, so the page still
+    shows its difference to SASRec alone (as the seed-7 and two-domain pages were written)."""
     ablations = [r for r in exp.runs if r.group == "ablation"]
     fulls = [r for r in exp.runs if r.group == "distilled" and r.model == "sasrec" and r.variant == "distilled"]
+    if not ablations:
+        return [(fulls[0], [])] if len(fulls) == 1 else []
     sets = []
     for full in fulls:
         mine = [a for a in ablations if _on(a, None, full)]
@@ -444,13 +463,19 @@ def relative_gain(alone: float | None, distilled: float | None) -> float | None:
 
 def universality_table(exp: Experiments) -> str:
     """Each student family alone vs distilled: test Recall@10 and NDCG@10 per domain, relative gain."""
-    cols = domains_of(exp) + ([MEAN] if len(domains_of(exp)) > 1 else [])
+    domains = domains_of(exp)
+    cols = domains + ([MEAN] if len(domains) > 1 else [])
     headers = ["Student", "Domain", "Recall@10 alone", "Recall@10 distilled", "NDCG@10 alone",
                "NDCG@10 distilled", "NDCG@10 gain"]
     rows = []
     for model in student_families(exp):
         for dom in cols:
-            a, d = alone_run(exp, model, dom), distilled_run(exp, model, dom)
+            # The mean row compares runs over every domain of the page (a run's own 'mean' over
+            # fewer domains is another quantity); per-domain runs have no mean row.
+            if dom == MEAN:
+                a, d = alone_run(exp, model, covering=domains), distilled_run(exp, model, covering=domains)
+            else:
+                a, d = alone_run(exp, model, dom), distilled_run(exp, model, dom)
             if a is None and d is None:
                 continue
             na = a.test(dom, "ndcg@10") if a else None
@@ -642,14 +667,22 @@ def _source_block(commit: str, machine: str, created: str, commands: Iterable[st
 
 
 def render_report(exp: Experiments, eff: Efficiency | None, domain: str = "Scientific",
-                  figure_link: str | None = None, generated_by: str = "python launch/report.py") -> str:
-    """The whole docs/results.md page."""
+                  figure_link: str | None = None, generated_by: str = "ckd-report",
+                  generated_at: str = "", draft: bool = False) -> str:
+    """The whole results page. ``generated_at``: the commit the page is generated at (named in the
+    header when given); ``draft``: the tree had uncommitted changes, which the header says."""
     domains = domains_of(exp)
     if domain not in domains:
         raise ReportError(f"figure/efficiency domain {domain!r} has no test results; domains: {domains}")
-    out = ["# Results", "",
-           f"Generated by `{generated_by}` from `{exp.source}`"
-           + (f" and `{eff.source}`" if eff else "") + ". Do not edit by hand: rerun the command.",
+    at = ""
+    if generated_at:
+        at = f" at commit `{generated_at}`" + (" plus uncommitted changes" if draft else "")
+    out = ["# Results", ""]
+    if draft:
+        out += ["**Draft:** generated from a working tree with uncommitted changes; regenerate it from a "
+                "clean tree (`ckd-report`) before citing it.", ""]
+    out += [f"Generated by `{generated_by}`{at} from `{exp.source}`"
+            + (f" and `{eff.source}`" if eff else "") + ". Do not edit by hand: rerun the command.",
            "All metrics: test split, leave-one-out, full ranking over the user's domain "
            "(UniSRec/RecBole protocol); model selection on valid NDCG@10.", ""]
     if figure_link:
@@ -704,3 +737,150 @@ def render_report(exp: Experiments, eff: Efficiency | None, domain: str = "Scien
             "when the manifest has one, else the student alone).", "",
             throughput_table(exp), ""]
     return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- results manifest
+
+MANIFEST = "results/MANIFEST.yaml"
+PAGE_KEYS = {"page", "experiments", "efficiency", "figure", "domain"}
+
+
+@dataclass(frozen=True)
+class PageSpec:
+    """One results page of the manifest: the JSON behind it and how it is drawn. Paths are
+    relative to the repository root, '/'-separated."""
+
+    page: str
+    experiments: tuple[str, ...]
+    efficiency: str | None = None
+    figure: str | None = None
+    domain: str = "Scientific"
+
+    @property
+    def inputs(self) -> list[str]:
+        """The committed JSON files the page is made from."""
+        return list(self.experiments) + ([self.efficiency] if self.efficiency else [])
+
+
+@dataclass(frozen=True)
+class ResultsManifest:
+    """``results/MANIFEST.yaml``: every results page, and the JSON kept for citations only."""
+
+    pages: list[PageSpec]
+    cited: dict[str, str]  # JSON behind no page -> where it is cited
+    source: str = MANIFEST
+
+    def page(self, name: str) -> PageSpec:
+        """The page ``name`` (a root-relative path); ReportError naming the known pages if absent."""
+        key = _rel_path(name, "--page")
+        for spec in self.pages:
+            if spec.page == key:
+                return spec
+        raise ReportError(f"{name}: not a page of {self.source}; its pages: {', '.join(p.page for p in self.pages)}")
+
+    @property
+    def files(self) -> list[str]:
+        """Every results JSON the manifest names (behind a page or cited), without repeats."""
+        return list(dict.fromkeys([f for p in self.pages for f in p.inputs] + list(self.cited)))
+
+
+def _rel_path(value: Any, where: str) -> str:
+    """A root-relative '/'-path inside the repository, normalised; ReportError otherwise."""
+    if not isinstance(value, str) or not value.strip():
+        raise ReportError(f"{where}: expected a path, got {value!r}")
+    norm = posixpath.normpath(value.strip().replace(os.sep, "/"))
+    if norm.startswith("/") or norm == ".." or norm.startswith("../"):
+        raise ReportError(f"{where}: {value!r} is not a path inside the repository")
+    return norm
+
+
+def parse_results_manifest(raw: Any, source: str = MANIFEST) -> ResultsManifest:
+    """Validate the manifest's parsed YAML (see results/MANIFEST.yaml for the format): unknown keys,
+    a page listed twice, a figure without efficiency results or shared by two pages, and a file both
+    behind a page and in ``cited`` are errors, so a typo cannot silently drop a table."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("pages"), list) or not raw["pages"]:
+        raise ReportError(f"{source}: expected a mapping with a non-empty 'pages' list")
+    unknown = set(raw) - {"pages", "cited"}
+    if unknown:
+        raise ReportError(f"{source}: unknown top-level keys {sorted(unknown)}")
+    pages: list[PageSpec] = []
+    for i, entry in enumerate(raw["pages"]):
+        where = f"{source}: pages[{i}]"
+        if not isinstance(entry, dict):
+            raise ReportError(f"{where}: expected a mapping")
+        extra = set(entry) - PAGE_KEYS
+        if extra:
+            raise ReportError(f"{where}: unknown keys {sorted(extra)} (known: {sorted(PAGE_KEYS)})")
+        page = _rel_path(entry.get("page"), f"{where}.page")
+        where = f"{source}: page {page}"
+        if not page.endswith(".md"):
+            raise ReportError(f"{where}: a page is a .md file")
+        exps = entry.get("experiments")
+        if not isinstance(exps, list) or not exps:
+            raise ReportError(f"{where}: 'experiments' must be a non-empty list of JSON files")
+        eff = entry.get("efficiency")
+        fig = entry.get("figure")
+        if fig and not eff:
+            raise ReportError(f"{where}: a figure needs 'efficiency' results")
+        domain = entry.get("domain", "Scientific")
+        if not isinstance(domain, str) or not domain:
+            raise ReportError(f"{where}: 'domain' must be a domain name")
+        spec = PageSpec(page=page, experiments=tuple(_rel_path(e, f"{where}.experiments") for e in exps),
+                        efficiency=_rel_path(eff, f"{where}.efficiency") if eff else None,
+                        figure=_rel_path(fig, f"{where}.figure") if fig else None, domain=domain)
+        if spec.figure and not spec.figure.endswith(".png"):
+            raise ReportError(f"{where}: the figure is a .png file")
+        if len(set(spec.experiments)) != len(spec.experiments):
+            raise ReportError(f"{where}: an experiments file is listed twice")
+        for other in pages:
+            if other.page == spec.page:
+                raise ReportError(f"{where}: listed twice")
+            if spec.figure and other.figure == spec.figure:
+                raise ReportError(f"{where}: figure {spec.figure} is also {other.page}'s")
+        pages.append(spec)
+    cited_raw = raw.get("cited") or {}
+    if not isinstance(cited_raw, dict):
+        raise ReportError(f"{source}: 'cited' must map a JSON file to where it is cited")
+    behind = {f for p in pages for f in p.inputs}
+    cited: dict[str, str] = {}
+    for name, where_cited in cited_raw.items():
+        key = _rel_path(name, f"{source}: cited")
+        if key in behind or key in cited:
+            raise ReportError(f"{source}: cited {key} is listed twice (or is already behind a page)")
+        if not isinstance(where_cited, str) or not where_cited.strip():
+            raise ReportError(f"{source}: cited {key}: say where it is cited")
+        cited[key] = where_cited
+    return ResultsManifest(pages=pages, cited=cited, source=source)
+
+
+def load_results_manifest(path: str | os.PathLike[str], label: str = MANIFEST) -> ResultsManifest:
+    """Read and validate ``results/MANIFEST.yaml``."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ReportError(f"results manifest not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ReportError(f"{label}: not valid YAML ({exc})") from exc
+    return parse_results_manifest(raw, label)
+
+
+def page_body(text: str) -> str:
+    """A page without its header (everything above the first '## ' heading): what ``ckd-report
+    --check`` compares, since the header names the command and the commit it was generated at."""
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("## ")), len(lines))
+    return "\n".join(lines[start:])
+
+
+def overwrite_refusal(path: str | os.PathLike[str], overwrite: bool, flag: str = "--overwrite",
+                      action: str = "replace it") -> str | None:
+    """The message refusing to write into an existing results file without ``flag``, or None when
+    the write may go ahead (no such file, or the flag given). Committed results are evidence: a
+    default path or a typo must not clobber them."""
+    p = Path(path)
+    if overwrite or not p.exists():
+        return None
+    return f"{p} already exists; pass {flag} to {action} (results files are never overwritten by default)"

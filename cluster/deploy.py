@@ -16,32 +16,19 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ray
 
 from ckd.config import ConfigError, from_dict, load_yaml
-from cluster.directory import DIRECTORY_NAME, get_or_create_directory
+from cluster.directory import get_or_create_directory
 from cluster.replica import TeacherReplicaActor
+from protos.contract import DIRECTORY_NAME, ServiceLimits
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-@dataclass
-class ServiceSpec:
-    """Server settings shared by every replica (mirrors teachers.servicer.ServiceConfig)."""
-
-    max_batch_rows: int = 4096
-    max_candidates: int = 65536
-    max_score_cells: int = 8 * 1024 * 1024
-    max_message_bytes: int = 64 * 1024 * 1024
-    coalesce_max_rows: int = 1024
-    coalesce_wait_ms: float = 0.0  # 0: coalesce what queued up while the model was busy
-    max_queue_rows: int = 65536
-    max_workers: int = 16
 
 
 @dataclass
@@ -61,6 +48,14 @@ class TeacherSpec:
     resources: dict[str, float] = field(default_factory=dict)  # custom resources, e.g. {teacher: 1}
     torch_threads: int = 1
     expected_vocab_hash: str | None = None
+    build: str = ""  # the command that (re)builds the checkpoint, named when it is missing
+
+    def checkpoint_missing(self) -> str | None:
+        """Why the checkpoint cannot be served (a missing file), or None when it is complete."""
+        for part in ("config.json", "model.safetensors"):
+            if not (Path(self.checkpoint) / part).is_file():
+                return f"{Path(self.checkpoint) / part} not found"
+        return None
 
     def validate(self) -> None:
         if not self.name:
@@ -84,7 +79,10 @@ class DeploySpec:
     tls: TLSSpec | None = None
     heartbeat_s: float = 2.0
     drain_linger_s: float = 1.5  # scale-down: keep serving while clients refresh their replica list
-    service: ServiceSpec = field(default_factory=ServiceSpec)
+    service: ServiceLimits = field(default_factory=ServiceLimits)
+    # Modules each replica imports before loading its checkpoint: teacher kinds defined outside the
+    # built-in ``teachers`` package (e.g. benchmarks.fixture_teacher) register themselves on import.
+    teacher_modules: list[str] = field(default_factory=list)
     teachers: list[TeacherSpec] = field(default_factory=list)
 
     def validate(self) -> None:
@@ -95,6 +93,25 @@ class DeploySpec:
             raise ConfigError(f"placement must be SPREAD or DEFAULT, got {self.placement!r}")
         if self.token_env and not os.environ.get(self.token_env):
             raise ConfigError(f"token_env={self.token_env} is set but that environment variable is empty")
+        try:
+            self.service.validate()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        for t in self.teachers:
+            t.validate()
+
+    def check_checkpoints(self) -> None:
+        """Refuse, before any Ray process starts, a spec whose checkpoints are not all there; the
+        error names each missing one and the command that builds it."""
+        problems = []
+        for t in self.teachers:
+            why = t.checkpoint_missing()
+            if why:
+                how = f"build it with: {t.build}" if t.build else \
+                    "train it with ckd-train-teacher --config configs/teachers/<kind>.yaml --run-dir <dir>"
+                problems.append(f"teacher {t.name}: {why}; {how}")
+        if problems:
+            raise ConfigError("teacher checkpoint(s) missing:\n  " + "\n  ".join(problems))
 
     def teacher(self, name: str) -> TeacherSpec:
         for t in self.teachers:
@@ -107,8 +124,10 @@ class DeploySpec:
         return os.environ.get(self.token_env) if self.token_env else None
 
 
-def load_spec(spec: str | os.PathLike[str] | dict[str, Any] | DeploySpec) -> DeploySpec:
-    """A DeploySpec from a YAML path, a mapping or a DeploySpec; checkpoints resolved to absolute paths."""
+def load_spec(spec: str | os.PathLike[str] | dict[str, Any] | DeploySpec, check_checkpoints: bool = True
+              ) -> DeploySpec:
+    """A validated DeploySpec from a YAML path, a mapping or a DeploySpec, checkpoints resolved to
+    absolute paths; with ``check_checkpoints`` every checkpoint must exist (ConfigError otherwise)."""
     if isinstance(spec, DeploySpec):
         out = spec
     else:
@@ -116,6 +135,9 @@ def load_spec(spec: str | os.PathLike[str] | dict[str, Any] | DeploySpec) -> Dep
         out = from_dict(DeploySpec, data)
     for t in out.teachers:
         t.checkpoint = str(Path(t.checkpoint).expanduser().resolve())
+    out.validate()
+    if check_checkpoints:
+        out.check_checkpoints()
     return out
 
 
@@ -158,7 +180,7 @@ class TeacherDeployment:
                    "client_ca": self.spec.tls.client_ca}
         actor = TeacherReplicaActor.options(**opts).remote(
             t.name, t.checkpoint, rid, self.namespace, directory=self.spec.directory,
-            service=vars(self.spec.service).copy(), bind_host=self.spec.bind_host, token=self.spec.token,
+            service=asdict(self.spec.service), teacher_modules=list(self.spec.teacher_modules), bind_host=self.spec.bind_host, token=self.spec.token,
             tls=tls, heartbeat_s=self.spec.heartbeat_s, torch_threads=t.torch_threads,
             expected_vocab_hash=t.expected_vocab_hash)
         return rid, actor

@@ -13,7 +13,7 @@ from typing import Any
 
 import ray
 
-DIRECTORY_NAME = "ckd_teacher_directory"
+from protos.contract import DIRECTORY_NAME
 
 
 class TeacherDirectory:

@@ -17,7 +17,7 @@ from typing import Any
 
 import ray
 
-from cluster.directory import DIRECTORY_NAME
+from protos.contract import DIRECTORY_NAME, ServiceLimits
 
 log = logging.getLogger(__name__)
 
@@ -38,22 +38,25 @@ class TeacherReplica:
                  directory: str = DIRECTORY_NAME, service: dict[str, Any] | None = None,
                  bind_host: str = "127.0.0.1", advertise_host: str | None = None, token: str | None = None,
                  tls: dict[str, str] | None = None, heartbeat_s: float = 2.0, torch_threads: int | None = None,
-                 expected_vocab_hash: str | None = None):
+                 expected_vocab_hash: str | None = None, teacher_modules: list[str] | None = None):
+        import importlib
+
         import torch
 
         from teachers.base import load_teacher
         from teachers.server import TLSFiles, start_server
-        from teachers.servicer import ServiceConfig
 
         if torch_threads:
             torch.set_num_threads(int(torch_threads))
         _serve_at_normal_priority()
+        for module in teacher_modules or []:
+            importlib.import_module(module)  # registers teacher kinds defined outside `teachers`
         gpus = ray.get_gpu_ids()
         self.device = "cuda" if gpus and torch.cuda.is_available() else "cpu"
         self.teacher_name, self.replica_id = teacher, replica_id
         model = load_teacher(checkpoint, expected_vocab_hash=expected_vocab_hash, device=self.device)
         self.server = start_server(model, name=teacher, host=bind_host, port=0,
-                                   config=ServiceConfig(**(service or {})), token=token,
+                                   limits=ServiceLimits.from_mapping(service), token=token,
                                    tls=TLSFiles(**tls) if tls else None)
         if advertise_host is None:
             # Bound to every interface (a cluster): advertise this node's address, else the bind host.

@@ -1,6 +1,6 @@
 """Per-domain statistics of the real data: users, items, interactions, average length, text coverage.
 
-    python launch/data_stats.py [--data-dir D] [--domains Scientific,Games] [--json]
+    ckd-data-stats [--data-dir D] [--domains Scientific,Games] [--json]
 """
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ckd.config import default_data_dir  # noqa: E402
-from ckd.data.unisrec import DataFormatError, load_domain  # noqa: E402
+from ckd.config import default_data_dir
+from ckd.data.unisrec import DataFormatError, load_domain
 
 
 def domain_stats(root: str | Path, name: str) -> dict:

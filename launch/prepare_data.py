@@ -1,6 +1,6 @@
 """Turn raw Amazon 2018 files into one domain in the UniSRec layout.
 
-    python launch/prepare_data.py --reviews Industrial_and_Scientific.json.gz \
+    ckd-prepare-data --reviews Industrial_and_Scientific.json.gz \
         --meta meta_Industrial_and_Scientific.json.gz --out data/ --name Scientific
 
 writes ``data/Scientific/Scientific.{train,valid,test}.inter, .text, .item2index, .user2index``
@@ -15,7 +15,6 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 from ckd.data.raw_amazon import EmptyDomainError, prepare_domain
 from ckd.data.unisrec import MAX_HISTORY, DataFormatError

@@ -1,80 +1,296 @@
-"""Write docs/results.md and Figure 1 (PNG + JSON sidecar) from the result JSON files alone.
+"""Regenerate the results pages (and Figure 1 with its JSON sidecar) from the committed JSON alone.
 
-    python launch/report.py [--experiments results/experiments.json ...] [--efficiency results/efficiency.json]
-                            [--out docs/results.md] [--figure docs/figure1.png] [--domain Scientific]
+    ckd-report                                # every page of results/MANIFEST.yaml
+    ckd-report --page docs/results.md         # one page (repeatable)
+    ckd-report --check                        # re-render in memory, compare with the pages on disk
+    ckd-report --allow-dirty                  # a draft from uncommitted changes (the header says so)
+    ckd-report --experiments A.json [--experiments B.json] --out PAGE.md
+               [--efficiency E.json] [--figure F.png] [--domain Scientific] [--overwrite]
+                                              # an ad-hoc page, not one of the manifest's
 
-Several --experiments manifests (one per suite or per domain) are merged into one page.
+results/MANIFEST.yaml lists, for each page, the JSON files behind it, its figure and its domain.
+A page is written only from a clean git tree (no uncommitted change to a tracked file, every input
+committed), and its header names the commit it was generated at; --allow-dirty writes a draft.
+--check writes nothing: it compares each page below its header (and the figure's sidecar JSON)
+with what the JSON gives now, and exits 1 on any difference.
 
 Tables: test Recall/NDCG@10/50 per domain (one row per run, grouped), ablations (NDCG@10 deltas to
 the full method), universality (each student alone vs distilled, relative gain), efficiency
 (parameters, peak memory, inference ms per 1,000 users, training steps/s and its distilled-to-alone
 ratio). The figure plots each teacher, SASRec alone and each distilled student: x = inference ms
-per 1,000 users (log), y = test NDCG@10 on --domain, circle area = peak memory; the plotted values
-go to <figure>.json. Without --efficiency file the page has no efficiency table and no figure.
+per 1,000 users (log), y = test NDCG@10 on the page's domain, circle area = peak memory.
 """
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import shlex
+import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ckd.reporting import (MANIFEST, PageSpec, ReportError, draw_figure, figure_points, load_efficiency,
+                           load_experiments, load_results_manifest, merge_experiments, overwrite_refusal,
+                           page_body, render_report)
 
-from ckd.reporting import (ReportError, draw_figure, figure_points, load_efficiency,  # noqa: E402
-                           load_experiments, merge_experiments, render_report)
+REPO = Path(__file__).resolve().parents[1]  # the checkout: the manifest's paths are relative to it
+PROG = "ckd-report"
+DIRTY_FLAG = "--allow-dirty"
+
+
+# ----------------------------------------------------------------------------- git state
+
+
+@dataclass(frozen=True)
+class TreeState:
+    """What the pages would be generated from: the commit, and what is not in it."""
+
+    commit: str  # HEAD's full sha; "" when ``root`` is not a git checkout
+    changes: list[str] = field(default_factory=list)  # `git status --porcelain` lines, tracked files
+    untracked_inputs: list[str] = field(default_factory=list)  # inputs git does not track
+    error: str = ""
+
+    @property
+    def clean(self) -> bool:
+        return bool(self.commit) and not self.changes and not self.untracked_inputs and not self.error
+
+
+def _git(root: Path, *args: str) -> str:
+    proc = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr.strip() or f"git {' '.join(args)} failed")
+    return proc.stdout
+
+
+def git_tree_state(root: str | os.PathLike[str], inputs: list[Path]) -> TreeState:
+    """The commit of ``root`` and whether it is clean for these ``inputs``. Untracked files in
+    general do not matter (they change no page), but an input that is not committed does: a page
+    must be reproducible from the commit its header names."""
+    root = Path(root).resolve()
+    try:
+        commit = _git(root, "rev-parse", "--verify", "HEAD").strip()
+        changes = [ln for ln in _git(root, "status", "--porcelain", "--untracked-files=no").splitlines() if ln]
+        tracked = set(_git(root, "ls-files", "--full-name", "-z").split("\0"))
+    except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
+        return TreeState(commit="", error=f"{root} is not a git checkout with a commit ({exc})")
+    untracked = []
+    for p in inputs:
+        try:
+            rel = Path(p).resolve().relative_to(root).as_posix()
+        except ValueError:
+            rel = None  # outside the repository: never committed here
+        if rel is None or rel not in tracked:
+            untracked.append(rel or str(p))
+    return TreeState(commit=commit, changes=changes, untracked_inputs=untracked)
+
+
+def tree_refusal(state: TreeState) -> str | None:
+    """Why a page may not be written from this tree (None: it may)."""
+    if state.clean:
+        return None
+    if state.error:
+        why = state.error
+    else:
+        parts = []
+        if state.changes:
+            shown = "; ".join(state.changes[:5]) + ("; ..." if len(state.changes) > 5 else "")
+            parts.append(f"{len(state.changes)} uncommitted change(s) to tracked files ({shown})")
+        if state.untracked_inputs:
+            parts.append(f"input(s) not committed: {', '.join(state.untracked_inputs)}")
+        why = " and ".join(parts)
+    return (f"refusing to write results pages from a dirty tree: {why}. Commit first, so the page names "
+            f"the commit it comes from, or pass {DIRTY_FLAG} for a draft whose header says so.")
+
+
+# ----------------------------------------------------------------------------- pages
+
+
+def _label(path: Path, root: Path) -> str:
+    """How a file is named on the page: root-relative when inside the repository."""
+    try:
+        return Path(path).resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def render_page(experiments: list[Path], efficiency: Path | None, out: Path, figure: Path | None, domain: str,
+                command: str, root: Path = REPO, generated_at: str = "",
+                draft: bool = False) -> tuple[str, dict | None]:
+    """The page's text and the figure's sidecar dict (None without efficiency results or figure)."""
+    exp = merge_experiments([load_experiments(p, _label(p, root)) for p in experiments])
+    eff = load_efficiency(efficiency, _label(efficiency, root)) if efficiency else None
+    sidecar, link = None, None
+    if eff is not None and figure:
+        sidecar = figure_points(exp, eff, domain)
+        link = os.path.relpath(Path(figure).resolve(), Path(out).resolve().parent).replace(os.sep, "/")
+    text = render_report(exp, eff, domain=domain, figure_link=link, generated_by=command,
+                         generated_at=generated_at, draft=draft) + "\n"
+    return text, sidecar
 
 
 def build_report(experiments: str | Path | list[str | Path], efficiency: str | Path | None, out: str | Path,
-                 figure: str | Path | None, domain: str = "Scientific",
-                 command: str = "python launch/report.py") -> dict[str, Path]:
+                 figure: str | Path | None, domain: str = "Scientific", command: str = PROG,
+                 root: Path = REPO, generated_at: str = "", draft: bool = False) -> dict[str, Path]:
     """Write the page (and the figure with its sidecar when there are efficiency results);
-    returns the paths written."""
-    paths = experiments if isinstance(experiments, list) else [experiments]
-    exp = merge_experiments([load_experiments(p) for p in paths])
-    eff = load_efficiency(efficiency) if efficiency else None
+    returns the paths written. No git check here: ``main`` decides whether writing is allowed."""
+    paths = [Path(p) for p in (experiments if isinstance(experiments, list) else [experiments])]
     out = Path(out)
+    fig = Path(figure) if figure else None
+    text, sidecar = render_page(paths, Path(efficiency) if efficiency else None, out, fig, domain, command,
+                                root, generated_at, draft)
     written = {"page": out}
-    link = None
-    if eff is not None and figure:
-        fig_path = Path(figure)
-        sidecar = figure_points(exp, eff, domain)
-        draw_figure(sidecar, fig_path)
-        sidecar_path = fig_path.with_suffix(".json")
+    if sidecar is not None and fig is not None:
+        draw_figure(sidecar, fig)
+        sidecar_path = fig.with_suffix(".json")
         sidecar_path.write_text(json.dumps(sidecar, indent=2) + "\n")
-        written |= {"figure": fig_path, "sidecar": sidecar_path}
-        link = os.path.relpath(fig_path, out.parent).replace(os.sep, "/")
+        written |= {"figure": fig, "sidecar": sidecar_path}
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_report(exp, eff, domain=domain, figure_link=link, generated_by=command) + "\n")
+    out.write_text(text)
     return written
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--experiments", action="append", default=None,
-                    help="experiment manifest (repeatable: the runs are merged; default results/experiments.json)")
-    ap.add_argument("--efficiency", default="results/efficiency.json",
-                    help="inference benchmark JSON; a missing file is reported and skipped")
-    ap.add_argument("--out", default="docs/results.md")
-    ap.add_argument("--figure", default="docs/figure1.png")
-    ap.add_argument("--domain", default="Scientific", help="domain of the figure's y axis and the efficiency table")
-    args = ap.parse_args(argv)
+def _spec_paths(spec: PageSpec, root: Path) -> tuple[list[Path], Path | None, Path, Path | None]:
+    exps = [root / e for e in spec.experiments]
+    eff = root / spec.efficiency if spec.efficiency else None
+    missing = [str(p) for p in exps + ([eff] if eff else []) if not p.is_file()]
+    if missing:
+        raise ReportError(f"{spec.page}: input(s) listed in {MANIFEST} not found: {', '.join(missing)}")
+    return exps, eff, root / spec.page, (root / spec.figure if spec.figure else None)
+
+
+def check_page(spec: PageSpec, root: Path) -> list[str]:
+    """Differences between the page (and sidecar) on disk and what the JSON gives now, below the
+    header; [] when they match."""
+    exps, eff, out, fig = _spec_paths(spec, root)
+    text, sidecar = render_page(exps, eff, out, fig, spec.domain, f"{PROG} --page {spec.page}", root)
+    if not out.is_file():
+        return [f"{spec.page}: missing"]
+    problems = []
+    body_now, body_disk = page_body(text).splitlines(), page_body(out.read_text()).splitlines()
+    if body_now != body_disk:
+        diff = difflib.unified_diff(body_disk, body_now, f"{spec.page} (on disk)", f"{spec.page} (from JSON)",
+                                    lineterm="", n=1)
+        problems.append("\n".join(diff))
+    if sidecar is not None and fig is not None:
+        side = fig.with_suffix(".json")
+        if not side.is_file() or json.loads(side.read_text()) != json.loads(json.dumps(sidecar)):
+            problems.append(f"{side.relative_to(root).as_posix()}: differs from the plotted values")
+    return problems
+
+
+def _manifest_path(args: argparse.Namespace, root: Path) -> Path:
+    """--manifest (relative to the root like the paths it lists), default <root>/results/MANIFEST.yaml."""
+    return root / (args.manifest or MANIFEST)  # an absolute --manifest stays absolute
+
+
+def _run_manifest(args: argparse.Namespace, root: Path, state: TreeState | None) -> int:
+    manifest = load_results_manifest(_manifest_path(args, root), label=args.manifest or MANIFEST)
+    specs = [manifest.page(p) for p in args.page] if args.page else manifest.pages
+    if args.check:
+        failed = 0
+        for spec in specs:
+            problems = check_page(spec, root)
+            print(("DIFFERS " if problems else "same    ") + spec.page)
+            for p in problems:
+                print(p)
+            failed += bool(problems)
+        return 1 if failed else 0
+    # Every input is checked (and the tree judged) before the first page is written: writing one
+    # page makes the tree dirty for the next.
+    resolved = [(spec, *_spec_paths(spec, root)) for spec in specs]
+    inputs = [_manifest_path(args, root)] + [p for _, exps, eff, _, _ in resolved
+                                                     for p in exps + ([eff] if eff else [])]
+    state = state or git_tree_state(root, inputs)
+    refusal = tree_refusal(state)
+    if refusal and not args.allow_dirty:
+        print(f"error: {refusal}", file=sys.stderr)
+        return 2
+    for spec, exps, eff, out, fig in resolved:
+        written = build_report(exps, eff, out, fig, spec.domain, f"{PROG} --page {spec.page}", root,
+                               generated_at=state.commit, draft=not state.clean)
+        for what, path in written.items():
+            print(f"written {what}: {_label(path, root)}" + (" (draft)" if what == "page" and not state.clean else ""))
+    return 0
+
+
+def _run_adhoc(args: argparse.Namespace, argv: list[str], root: Path, state: TreeState | None) -> int:
+    if not args.out:
+        print("error: an ad-hoc page (--experiments) needs --out; the manifest's pages are written by "
+              f"`{PROG}` or `{PROG} --page PAGE`", file=sys.stderr)
+        return 2
+    manifest_path = _manifest_path(args, root)
+    if manifest_path.is_file():
+        manifest = load_results_manifest(manifest_path, label=args.manifest or MANIFEST)
+        owned = {(root / s.page).resolve(): s.page for s in manifest.pages}
+        owned |= {(root / s.figure).resolve(): s.page for s in manifest.pages if s.figure}
+        owned |= {(root / s.figure).with_suffix(".json").resolve(): s.page for s in manifest.pages if s.figure}
+        for target in [args.out] + ([args.figure] if args.figure else []):
+            page = owned.get(Path(target).resolve())
+            if page:
+                print(f"error: {target} is written for {page}, a page of {manifest.source}: regenerate it "
+                      f"with `{PROG} --page {page}` (or change the manifest)", file=sys.stderr)
+                return 2
     efficiency = args.efficiency
     if efficiency and not Path(efficiency).is_file():
         print(f"note: {efficiency} not found: no efficiency table, no figure", file=sys.stderr)
         efficiency = None
-    given = argv if argv is not None else sys.argv[1:]
-    command = "python launch/report.py " + " ".join(shlex.quote(a) for a in given)
-    try:
-        written = build_report(args.experiments or ["results/experiments.json"], efficiency, args.out, args.figure, args.domain, command.strip())
-    except ReportError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    figure = args.figure if efficiency else None
+    for target in [Path(args.out)] + ([Path(figure), Path(figure).with_suffix(".json")] if figure else []):
+        refusal = overwrite_refusal(target, args.overwrite)
+        if refusal:
+            print(f"error: {refusal}", file=sys.stderr)
+            return 2
+    inputs = [Path(p) for p in args.experiments] + ([Path(efficiency)] if efficiency else [])
+    state = state or git_tree_state(root, inputs)
+    refusal = tree_refusal(state)
+    if refusal and not args.allow_dirty:
+        print(f"error: {refusal}", file=sys.stderr)
         return 2
+    command = PROG + " " + " ".join(shlex.quote(a) for a in argv)
+    written = build_report(args.experiments, efficiency, args.out, figure, args.domain, command.strip(), root,
+                           generated_at=state.commit, draft=not state.clean)
     for what, path in written.items():
         print(f"written {what}: {path}")
     return 0
+
+
+def main(argv: list[str] | None = None, state: TreeState | None = None) -> int:
+    """Entry point (``ckd-report``). ``state``: the tree state to judge instead of asking git (tests)."""
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--page", action="append", default=[], help="a page of the manifest to regenerate (repeatable; "
+                    "default: every page)")
+    ap.add_argument("--check", action="store_true", help="write nothing; compare the pages with the JSON")
+    ap.add_argument(DIRTY_FLAG, dest="allow_dirty", action="store_true",
+                    help="write from a tree with uncommitted changes; the page's header marks it a draft")
+    ap.add_argument("--root", default=str(REPO), help="repository root the manifest's paths are relative to")
+    ap.add_argument("--manifest", default=None, help=f"results manifest, relative to --root (default {MANIFEST})")
+    adhoc = ap.add_argument_group("ad-hoc page (not in the manifest)")
+    adhoc.add_argument("--experiments", action="append", default=None,
+                       help="experiment results JSON (repeatable: the runs are merged)")
+    adhoc.add_argument("--efficiency", default=None, help="inference benchmark JSON; a missing file is reported "
+                       "and skipped")
+    adhoc.add_argument("--out", default=None, help="the page to write")
+    adhoc.add_argument("--figure", default=None, help="Figure 1 PNG (needs --efficiency)")
+    adhoc.add_argument("--domain", default="Scientific", help="domain of the figure's y axis and the efficiency table")
+    adhoc.add_argument("--overwrite", action="store_true", help="replace an existing --out / --figure")
+    given = list(sys.argv[1:] if argv is None else argv)
+    args = ap.parse_args(given)
+    root = Path(args.root).resolve()
+    if args.experiments and (args.page or args.check):
+        ap.error("--page/--check regenerate manifest pages; --experiments makes an ad-hoc page")
+    if not args.experiments and (args.out or args.figure or args.efficiency or args.overwrite):
+        ap.error("--out/--figure/--efficiency/--overwrite are for an ad-hoc page (with --experiments); "
+                 f"the manifest's pages are set in {MANIFEST}")
+    try:
+        if args.experiments:
+            return _run_adhoc(args, given, root, state)
+        return _run_manifest(args, root, state)
+    except ReportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

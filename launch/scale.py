@@ -1,6 +1,6 @@
 """Change a teacher's replica count on a running deployment.
 
-    python -m launch.scale --address HOST:PORT --namespace ckd --teacher unisrec --replicas 3
+    ckd-scale --address HOST:PORT --namespace ckd --teacher unisrec --replicas 3
 
 It writes the target into the directory actor; the process that owns the replicas (launch/serve.py,
 or the embedded deployment of launch/distill.py) reconciles within a second. Clients pick up new
@@ -14,7 +14,7 @@ import time
 
 import ray
 
-from cluster.directory import DIRECTORY_NAME
+from protos.contract import DIRECTORY_NAME
 
 
 def request_scale(namespace: str, teacher: str, replicas: int, directory: str = DIRECTORY_NAME) -> None:
@@ -39,11 +39,13 @@ def main(argv: list[str] | None = None) -> int:
         request_scale(args.namespace, args.teacher, args.replicas, args.directory)
         handle = ray.get_actor(args.directory, namespace=args.namespace)
         end = time.monotonic() + args.wait
-        while time.monotonic() < end:
+        while True:  # at least one look, also with --wait 0
             eps = ray.get(handle.endpoints.remote(args.teacher))
             if len(eps) == args.replicas:
                 print(f"{args.teacher}: {len(eps)} replica(s): {', '.join(eps)}")
                 return 0
+            if time.monotonic() >= end:
+                break
             time.sleep(0.5)
         print(f"{args.teacher}: target {args.replicas} set, but the directory still lists "
               f"{len(eps)} replica(s) after {args.wait:.0f} s (is launch/serve.py running?)", file=sys.stderr)

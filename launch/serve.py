@@ -1,7 +1,7 @@
 """Serve teachers from a YAML spec on a Ray cluster, or on an embedded local Ray; Ctrl-C stops.
 
-    python -m launch.serve --spec configs/serve_example.yaml                 # embedded local Ray
-    python -m launch.serve --spec configs/serve_example.yaml --address HOST:6379
+    ckd-serve --spec configs/serve_example.yaml                 # embedded local Ray
+    ckd-serve --spec configs/serve_example.yaml --address HOST:6379
 
 Prints the Ray address and namespace students connect to (TeacherPool.from_ray) and each replica's
 endpoint. Replica counts follow targets set by launch/scale.py (reconciled every second).
@@ -14,10 +14,10 @@ import logging
 import signal
 import sys
 import time
-from pathlib import Path
 
 import ray
 
+from ckd.config import ConfigError
 from cluster.deploy import TeacherDeployment, load_spec, start_embedded
 
 
@@ -29,10 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reconcile-every", type=float, default=1.0)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    spec = load_spec(args.spec)
-    missing = [t.checkpoint for t in spec.teachers if not (Path(t.checkpoint) / "config.json").is_file()]
-    if missing:
-        print(f"checkpoint(s) not found: {missing}", file=sys.stderr)
+    try:
+        spec = load_spec(args.spec)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.address:
         ray.init(address=args.address, namespace=spec.namespace, logging_level="WARNING")

@@ -48,7 +48,10 @@ def decode(msg: teacher_pb2.Tensor, *, writable: bool = False) -> np.ndarray:
     if len(msg.data) != expected:
         raise TensorCodecError(f"tensor of dtype {msg.dtype} and shape {list(shape)} needs {expected} "
                                f"bytes, got {len(msg.data)}")
-    arr = np.frombuffer(msg.data, dtype=wire).reshape(shape)
+    try:  # e.g. an empty tensor declaring a dimension numpy cannot allocate, [2**63-1, 0]
+        arr = np.frombuffer(msg.data, dtype=wire).reshape(shape)
+    except ValueError as exc:
+        raise TensorCodecError(f"tensor shape {list(shape)} cannot be built: {exc}") from None
     native = arr.dtype.newbyteorder("=")
     if arr.dtype != native:  # only on big-endian hosts
         arr = arr.astype(native)

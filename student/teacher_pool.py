@@ -32,36 +32,11 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import teacher_pb2, teacher_pb2_grpc
+from protos.contract import (DIRECTORY_NAME, SERVICE_NAME, ServiceLimits, TeacherContractError, TeacherInfo,
+                             TeacherUnavailable, auth_metadata, grpc_message_options)
 from protos.tensor_codec import TensorCodecError, decode, encode
 
 log = logging.getLogger(__name__)
-
-DIRECTORY_NAME = "ckd_teacher_directory"  # same default as cluster.directory (kept in sync by a test)
-SERVICE_NAME = "ckd.teacher.v1.Teacher"
-
-
-class TeacherUnavailable(RuntimeError):
-    """No replica of a teacher answered within the retry / wait budget."""
-
-
-class TeacherContractError(ValueError):
-    """The teacher refused the request as invalid, or serves a different item vocabulary / size."""
-
-
-@dataclass(frozen=True)
-class TeacherInfo:
-    name: str
-    version: str
-    vocab_hash: str
-    num_items: int
-    temperature: float
-    max_history: int
-    checkpoint_sha256: str
-    kind: str = ""
-    replicas: int = 0
-    max_batch_rows: int = 0
-    max_candidates: int = 0
-
 
 @dataclass
 class PoolSettings:
@@ -74,7 +49,7 @@ class PoolSettings:
     wait_budget_s: float = 60.0  # "wait": give up (TeacherUnavailable) after this long
     probe_interval_s: float = 0.5  # health probes of quarantined replicas
     refresh_interval_s: float = 1.0  # directory refresh
-    max_message_bytes: int = 64 * 1024 * 1024  # must equal the server's limit
+    max_message_bytes: int = ServiceLimits.max_message_bytes  # must equal the server's limit
     token: str | None = None  # shared token, sent on every call
     tls_ca: str | None = None  # PEM root certificate -> TLS channels
     tls_server_name: str | None = None  # override the name checked in the server certificate
@@ -108,8 +83,7 @@ class _Replica:
 
 class _Conn:
     def __init__(self, address: str, s: PoolSettings):
-        opts = [("grpc.max_send_message_length", s.max_message_bytes),
-                ("grpc.max_receive_message_length", s.max_message_bytes)]
+        opts = grpc_message_options(s.max_message_bytes)
         if s.tls_ca:
             if s.tls_server_name:
                 opts.append(("grpc.ssl_target_name_override", s.tls_server_name))
@@ -186,7 +160,7 @@ class TeacherPool:
         self._vocab_hash = ""
         self._counters: dict[str, float] = defaultdict(float)
         self._timings = _Timings()
-        self._metadata = (("authorization", f"Bearer {self.settings.token}"),) if self.settings.token else ()
+        self._metadata = auth_metadata(self.settings.token)
         self._pid = -1
         self._conns: dict[str, _Conn] = {}
         self._stop = threading.Event()
@@ -335,10 +309,7 @@ class TeacherPool:
             keys = {(d.vocab_hash, d.checkpoint_sha256, d.version) for d in descs}
             if len(keys) > 1:
                 raise TeacherContractError(f"teacher {t}: replicas serve different checkpoints/vocabularies: {keys}")
-            d = descs[0]
-            out[t] = TeacherInfo(d.name, d.version, d.vocab_hash, int(d.num_items), float(d.temperature),
-                                 int(d.max_history), d.checkpoint_sha256, d.kind, len(descs),
-                                 int(d.max_batch_rows), int(d.max_candidates))
+            out[t] = TeacherInfo.from_proto(descs[0], replicas=len(descs))
         return out
 
     def check_contract(self, vocab_hash: str, vocab_size: int) -> dict[str, TeacherInfo]:

@@ -1,5 +1,4 @@
 """Teacher models; importing this package registers the built-in teacher kinds."""
-from teachers import fixture_teacher  # noqa: F401  (kind "mean_pool_embedding")
 from teachers import unisrec  # noqa: F401  (kind "unisrec")
 from teachers import recformer  # noqa: F401  (kind "recformer")
 from teachers import unim2rec  # noqa: F401  (kind "unim2rec")

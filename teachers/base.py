@@ -1,6 +1,7 @@
 """The interface every teacher implements, and its checkpoint format.
 
-The service calls only ``score`` and ``describe``; evaluation calls ``full_scores``. Histories are
+The service calls only ``score`` and ``describe``; evaluation calls ``ranking_scores`` (the
+``ckd.metrics.RankingModel`` contract students follow too), i.e. ``full_scores``. Histories are
 padded global item ids (oldest first, right-padded with 0) with their lengths; candidates are
 global item ids, shared by the batch ([C]) or given per row ([B, C]). Teachers return raw scores:
 temperature and distillation math belong to the student side.
@@ -12,27 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-
-class TeacherContractError(ValueError):
-    """A teacher or checkpoint does not match the data or request it is used with."""
-
-
-@dataclass(frozen=True)
-class TeacherInfo:
-    name: str
-    version: str
-    vocab_hash: str
-    num_items: int  # vocabulary size including PAD (valid ids are 1..num_items-1)
-    temperature: float
-    max_history: int
-    checkpoint_sha256: str = ""
+from protos.contract import TeacherContractError, TeacherInfo
 
 
 class Teacher(torch.nn.Module):
@@ -109,9 +96,15 @@ class Teacher(torch.nn.Module):
         ids = torch.arange(start, stop, device=histories.device)
         return self.score(histories, lengths, ids)
 
+    def ranking_scores(self, users: torch.Tensor, histories: torch.Tensor, lengths: torch.Tensor,
+                       start: int, stop: int) -> torch.Tensor:
+        """The ``ckd.metrics.RankingModel`` contract every model follows: ``full_scores`` (a
+        teacher reads the histories only, not the user ids)."""
+        return self.full_scores(histories, lengths, start, stop)
+
     def describe(self) -> TeacherInfo:
         return TeacherInfo(self.kind, self.version, self.vocab_hash, self.num_items,
-                           float(self.temperature), int(self.max_history), self.checkpoint_sha256)
+                           float(self.temperature), int(self.max_history), self.checkpoint_sha256, kind=self.kind)
 
 
 # Registry: kind -> class. Teachers register themselves on import.
@@ -160,7 +153,9 @@ def load_teacher(directory: str | Path, expected_vocab_hash: str | None = None,
     import teachers  # noqa: F401  (registers the built-in teachers)
     cls = TEACHERS.get(cfg["kind"])
     if cls is None:
-        raise TeacherContractError(f"unknown teacher kind {cfg['kind']!r} in {cfg_path}; known: {sorted(TEACHERS)}")
+        raise TeacherContractError(f"unknown teacher kind {cfg['kind']!r} in {cfg_path}; known: {sorted(TEACHERS)} "
+                                   "(a kind defined outside the built-ins registers when its module is imported: "
+                                   "name that module in the serve spec's teacher_modules)")
     model = cls(vocab_hash=cfg["vocab_hash"], num_items=cfg["num_items"],
                 temperature=cfg["temperature"], max_history=cfg["max_history"], **cfg["model"])
     model.load_state_dict(load_file(str(weights)), strict=True)

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from teachers.base import Teacher, TeacherContractError, register_teacher
+from protos.contract import TeacherContractError
+from teachers.base import Teacher, register_teacher
 from teachers.text_encoder import mean_pool
 
 TYPE_VALUE, TYPE_KEY, TYPE_CLS = 0, 1, 2  # value = BERT's segment 0, so PLM behaviour is kept on text

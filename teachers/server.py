@@ -11,7 +11,8 @@ from grpc_health.v1 import health_pb2_grpc
 
 from protos import teacher_pb2_grpc
 from teachers.base import Teacher
-from teachers.servicer import ServiceConfig, TeacherServicer, TokenAuthInterceptor
+from protos.contract import ServiceLimits
+from teachers.servicer import TeacherServicer, TokenAuthInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +55,11 @@ class TeacherServer:
 
 
 def start_server(teacher: Teacher, *, name: str | None = None, host: str = "127.0.0.1", port: int = 0,
-                 config: ServiceConfig | None = None, token: str | None = None, tls: TLSFiles | None = None,
+                 limits: ServiceLimits | None = None, token: str | None = None, tls: TLSFiles | None = None,
                  warm_up: bool = True) -> TeacherServer:
     """Serve ``teacher``; binds loopback by default. Returns once bound (and warmed up: SERVING)."""
-    cfg = config or ServiceConfig()
-    servicer = TeacherServicer(teacher, name=name, config=cfg)
+    cfg = limits or ServiceLimits()
+    servicer = TeacherServicer(teacher, name=name, limits=cfg)
     interceptors = [TokenAuthInterceptor(token)] if token else []
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.max_workers, thread_name_prefix="teacher-rpc"),
                          options=cfg.grpc_options() + [("grpc.so_reuseport", 0)], interceptors=interceptors)

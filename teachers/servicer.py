@@ -25,44 +25,11 @@ import torch
 from grpc_health.v1 import health, health_pb2
 
 from protos import teacher_pb2, teacher_pb2_grpc
+from protos.contract import AUTH_METADATA_KEY, SERVICE_NAME, ServiceLimits
 from protos.tensor_codec import TensorCodecError, decode, encode
 from teachers.base import Teacher
 
 log = logging.getLogger(__name__)
-
-SERVICE_NAME = "ckd.teacher.v1.Teacher"
-AUTH_METADATA_KEY = "authorization"
-
-
-@dataclass
-class ServiceConfig:
-    """Limits and batching budget of one teacher server (the client must use the same message limit)."""
-
-    max_batch_rows: int = 4096
-    max_candidates: int = 65536
-    max_score_cells: int = 8 * 1024 * 1024  # B*C; 32 MiB of float32 scores
-    max_message_bytes: int = 64 * 1024 * 1024
-    coalesce_max_rows: int = 1024  # stop collecting requests once this many rows are queued
-    coalesce_wait_ms: float = 0.0  # ... or once the first has waited this long (0: take what is queued)
-    max_queue_rows: int = 65536  # beyond this many waiting rows: RESOURCE_EXHAUSTED
-    max_workers: int = 16  # gRPC handler threads (they mostly wait on the batcher)
-
-    def validate(self) -> None:
-        for k in ("max_batch_rows", "max_candidates", "max_score_cells", "max_message_bytes",
-                  "coalesce_max_rows", "max_queue_rows", "max_workers"):
-            if getattr(self, k) < 1:
-                raise ValueError(f"ServiceConfig.{k} must be >= 1, got {getattr(self, k)}")
-        if self.coalesce_wait_ms < 0:
-            raise ValueError(f"ServiceConfig.coalesce_wait_ms must be >= 0, got {self.coalesce_wait_ms}")
-        if self.max_score_cells * 4 + 4096 > self.max_message_bytes:
-            raise ValueError(f"ServiceConfig.max_score_cells={self.max_score_cells} float32 scores do not fit "
-                             f"in max_message_bytes={self.max_message_bytes}")
-
-    def grpc_options(self) -> list[tuple[str, int]]:
-        """Message limits, set explicitly (the 4 MB default is easy to hit with score matrices)."""
-        return [("grpc.max_send_message_length", self.max_message_bytes),
-                ("grpc.max_receive_message_length", self.max_message_bytes)]
-
 
 class RequestError(ValueError):
     """A Score request is malformed; the message names the problem (-> INVALID_ARGUMENT)."""
@@ -100,7 +67,7 @@ def _check_ids(arr: np.ndarray, field: str, num_items: int) -> None:
 
 
 def parse_request(req: teacher_pb2.ScoreRequest, info_vocab_hash: str, num_items: int, max_history: int,
-                  cfg: ServiceConfig) -> ParsedRequest:
+                  cfg: ServiceLimits) -> ParsedRequest:
     """Validate a ScoreRequest and turn it into padded int64 arrays; raises RequestError."""
     if req.vocab_hash and req.vocab_hash != info_vocab_hash:
         raise RequestError(f"wrong vocabulary hash: request ids belong to {req.vocab_hash[:16]}..., "
@@ -151,7 +118,7 @@ class _Job:
 class Batcher:
     """One thread runs the model; it coalesces queued requests up to a row / latency budget."""
 
-    def __init__(self, teacher: Teacher, cfg: ServiceConfig):
+    def __init__(self, teacher: Teacher, cfg: ServiceLimits):
         self.teacher, self.cfg = teacher, cfg
         self.device = next(iter(teacher.parameters()), torch.empty(0)).device
         # Joint history encoding is only valid when score == similarity(encode, item_embeddings).
@@ -246,8 +213,8 @@ class Batcher:
 class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
     """Score / Describe for one teacher, plus its health status."""
 
-    def __init__(self, teacher: Teacher, name: str | None = None, config: ServiceConfig | None = None):
-        self.cfg = config or ServiceConfig()
+    def __init__(self, teacher: Teacher, name: str | None = None, limits: ServiceLimits | None = None):
+        self.cfg = limits or ServiceLimits()
         self.cfg.validate()
         self.teacher = teacher
         self.info = teacher.describe()
@@ -296,12 +263,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
 
     # -- RPCs -----------------------------------------------------------------------------------
     def Describe(self, request, context):  # noqa: N802 (gRPC method name)
-        i = self.info
-        return teacher_pb2.TeacherDescription(
-            name=self.name, version=i.version, vocab_hash=i.vocab_hash, num_items=i.num_items,
-            temperature=i.temperature, max_history=i.max_history, checkpoint_sha256=i.checkpoint_sha256,
-            kind=self.teacher.kind, max_batch_rows=self.cfg.max_batch_rows,
-            max_candidates=self.cfg.max_candidates, max_message_bytes=self.cfg.max_message_bytes)
+        return self.info.to_proto(name=self.name, limits=self.cfg)
 
     def Score(self, request, context):  # noqa: N802
         rid = request.request_id
@@ -366,8 +328,3 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(deny_stream, **kw)
         return grpc.unary_unary_rpc_method_handler(deny, **kw)
-
-
-def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
-    """Call metadata carrying the shared token (empty when no token is set)."""
-    return ((AUTH_METADATA_KEY, f"Bearer {token}"),) if token else ()

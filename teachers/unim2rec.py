@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from teachers.base import Teacher, TeacherContractError, register_teacher
+from protos.contract import TeacherContractError
+from teachers.base import Teacher, register_teacher
 
 # Dataset feature name -> modality name used by this teacher.
 DATASET_FEATURES = {"clip_text": "feat1CLS", "image": "feat3CLS"}

@@ -10,9 +10,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import teacher_pb2, teacher_pb2_grpc
-from student.teacher_pool import TeacherContractError, TeacherPool
+from protos.contract import TeacherContractError
+from student.teacher_pool import TeacherPool
 from teachers.base import load_teacher
-from teachers.fixture_teacher import make_fixture_checkpoint
+from benchmarks.fixture_teacher import make_fixture_checkpoint
 from teachers.server import TLSFiles, start_server
 
 pytestmark = pytest.mark.integration

@@ -63,6 +63,8 @@ def test_scalar_and_empty_shapes():
     (teacher_pb2.Tensor(dtype="int64", shape=[2], data=b"\0" * 8), "needs 16 bytes, got 8"),
     (teacher_pb2.Tensor(dtype="float32", shape=[-1, 2], data=b""), "negative dimension"),
     (teacher_pb2.Tensor(dtype="int8", shape=[1] * 9, data=b"\0"), "at most 8"),
+    # Empty data with a dimension numpy cannot allocate: a named error, not numpy's ValueError.
+    (teacher_pb2.Tensor(dtype="int64", shape=[2**63 - 1, 0], data=b""), "cannot be built"),
 ])
 def test_malformed_tensors_refused(msg, needle):
     with pytest.raises(TensorCodecError, match=needle):

@@ -1,25 +1,30 @@
-"""The results report (tables, deltas, Figure 1 and its sidecar) from hand-made fixtures, and the
-inference benchmark on a tiny real student and a fixture teacher over real ScientificMM data."""
+"""The results report (tables, deltas, Figure 1 and its sidecar) from hand-made fixtures; results
+hygiene (the pages manifest read by default, no page from a dirty tree, no results file overwritten
+without the flag); and the inference benchmark on a tiny real student and a fixture teacher over
+real ScientificMM data."""
 from __future__ import annotations
 
 import copy
 import json
-import sys
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
-from ckd.reporting import (ReportError, draw_figure, expected_png_size, fmt_mb, fmt_metric, fmt_ms,
-                           load_efficiency, load_experiments, parse_markdown_tables, png_size, render_report)
+from benchmarks import inference as bench_inference
+from ckd.reporting import (MANIFEST, ReportError, draw_figure, expected_png_size, fmt_mb, fmt_metric, fmt_ms,
+                           load_efficiency, load_experiments, load_results_manifest, page_body,
+                           parse_markdown_tables, parse_results_manifest, png_size, render_report)
+from launch import report
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
 EXPERIMENTS = FIXTURES / "results_fixture.json"
 EFFICIENCY = FIXTURES / "efficiency_fixture.json"
-sys.path.insert(0, str(ROOT / "launch"))
-
-import bench_inference  # noqa: E402
-import report  # noqa: E402
+# Ad-hoc pages in tests are written whatever state the real checkout is in: --allow-dirty.
+DRAFT = "--allow-dirty"
 
 
 def _sections(md: str) -> dict[str, list[dict[str, str]]]:
@@ -47,7 +52,7 @@ def _row(table: list[dict[str, str]], key: str, value: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
-    code = report.main(["--experiments", str(EXPERIMENTS), "--efficiency", str(EFFICIENCY),
+    code = report.main(["--experiments", str(EXPERIMENTS), "--efficiency", str(EFFICIENCY), DRAFT,
                         "--out", str(out / "docs" / "results.md"), "--figure", str(out / "docs" / "figure1.png")])
     assert code == 0
     md = (out / "docs" / "results.md").read_text()
@@ -154,7 +159,7 @@ def test_figure_labels_of_crowded_points_do_not_overlap(tmp_path):
 
 @pytest.mark.unit
 def test_report_without_efficiency_has_no_figure(tmp_path):
-    code = report.main(["--experiments", str(EXPERIMENTS), "--efficiency", str(tmp_path / "missing.json"),
+    code = report.main(["--experiments", str(EXPERIMENTS), "--efficiency", str(tmp_path / "missing.json"), DRAFT,
                         "--out", str(tmp_path / "r.md"), "--figure", str(tmp_path / "f.png")])
     assert code == 0
     md = (tmp_path / "r.md").read_text()
@@ -206,7 +211,7 @@ def test_bench_inference_tiny_student_and_fixture_teacher(tmp_path, data_dir, sc
 
     from student.models import build_student
     from student.trainer import save_student
-    from teachers.fixture_teacher import make_fixture_checkpoint
+    from benchmarks.fixture_teacher import make_fixture_checkpoint
 
     ds = scientific_mm
     students = {}
@@ -225,6 +230,7 @@ def test_bench_inference_tiny_student_and_fixture_teacher(tmp_path, data_dir, sc
     code = bench_inference.main(["--student", f"tiny_sasrec={tmp_path / 'sasrec' / 'best'}",
                                  "--student", f"tiny_fm={tmp_path / 'fm' / 'best'}",
                                  "--teacher", f"fixture={tmp_path / 'teacher' / 'best'}",
+                                 "--teacher-module", "benchmarks.fixture_teacher",
                                  "--data-dir", str(data_dir), "--domain", "ScientificMM", "--users", "300",
                                  "--repeats", "1", "--out", str(out)])
     assert code == 0
@@ -327,7 +333,7 @@ def test_one_run_per_domain_of_the_same_student(tmp_path):
 
 
 @pytest.mark.unit
-def test_manifests_merge_into_one_page(tmp_path):
+def test_manifests_merge_into_one_page(tmp_path, capsys):
     """Two suites' manifests make one page: runs of both, a shared teacher row once, and a run name
     in both is a named error."""
     raw = json.loads(EXPERIMENTS.read_text())
@@ -341,7 +347,7 @@ def test_manifests_merge_into_one_page(tmp_path):
     a.write_text(json.dumps(raw))
     b.write_text(json.dumps(second))
     out = tmp_path / "page.md"
-    assert report.main(["--experiments", str(a), "--experiments", str(b), "--efficiency", "",
+    assert report.main(["--experiments", str(a), "--experiments", str(b), "--efficiency", "", DRAFT,
                         "--out", str(out)]) == 0
     md = out.read_text()
     sci = _sections(md)["Scientific"]
@@ -350,5 +356,216 @@ def test_manifests_merge_into_one_page(tmp_path):
     assert "other-box" in md and "feedface" in md
     second["runs"]["sasrec_alone"] = raw["runs"]["sasrec_alone"]
     b.write_text(json.dumps(second))
-    assert report.main(["--experiments", str(a), "--experiments", str(b), "--efficiency", "",
-                        "--out", str(out)]) == 2
+    capsys.readouterr()
+    assert report.main(["--experiments", str(a), "--experiments", str(b), "--efficiency", "", DRAFT,
+                        "--overwrite", "--out", str(out)]) == 2
+    assert "run 'sasrec_alone' is in both" in capsys.readouterr().err
+
+
+@pytest.mark.unit
+def test_universality_mean_row_and_reference_table_without_ablations(tmp_path):
+    """A student trained on every domain of the page gets a mean row (the committed two-domain
+    page has one); a suite without ablations still compares distilled SASRec with SASRec alone."""
+    md = render_report(load_experiments(EXPERIMENTS), None)
+    uni = _sections(md)["3. Universality (each student family alone vs distilled)"]
+    mean = _row([r for r in uni if r["Student"] == "sasrec"], "Domain", "mean")
+    # means 0.0577185 and 0.0661075: (0.0661075 - 0.0577185) / 0.0577185 = 14.53%
+    assert (mean["NDCG@10 alone"], mean["NDCG@10 distilled"], mean["NDCG@10 gain"]) == ("0.0577", "0.0661", "+14.5%")
+    assert _row([r for r in uni if r["Student"] == "fm"], "Domain", "mean")["NDCG@10 gain"] == "+13.4%"  # .04045/.03568
+
+    raw = json.loads(EXPERIMENTS.read_text())
+    raw["runs"] = {n: r for n, r in raw["runs"].items() if r["group"] != "ablation"}
+    path = tmp_path / "no_ablations.json"
+    path.write_text(json.dumps(raw))
+    t = _sections(render_report(load_experiments(path), None))["2. Ablations (distilled SASRec vs each ablation)"]
+    assert [r["Run"] for r in t] == ["sasrec_distilled", "sasrec_alone"]
+    assert _row(t, "Run", "sasrec_alone")["Δ Scientific"] == "-0.0086"  # 0.055312 - 0.063871 = -0.008559
+
+
+# ----------------------------------------------------------------------------- results hygiene
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), "-c", "user.email=t@example.com", "-c", "user.name=t", *args],
+                          check=True, capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture
+def results_repo(tmp_path) -> Path:
+    """A real git repository holding two results JSON and a manifest of two pages, committed."""
+    repo = tmp_path / "repo"
+    (repo / "results").mkdir(parents=True)
+    shutil.copy(EXPERIMENTS, repo / "results" / "suite.json")
+    shutil.copy(EFFICIENCY, repo / "results" / "efficiency.json")
+    (repo / MANIFEST).write_text(yaml.safe_dump({"pages": [
+        {"page": "docs/results.md", "experiments": ["results/suite.json"], "efficiency": "results/efficiency.json",
+         "figure": "docs/figure1.png", "domain": "Scientific"},
+        {"page": "docs/results_plain.md", "experiments": ["results/suite.json"]},
+    ]}, sort_keys=False))
+    _git(repo, "init", "-q")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-q", "-m", "results")
+    return repo
+
+
+@pytest.mark.unit
+def test_manifest_pages_regenerated_by_default(results_repo, capsys):
+    repo = results_repo
+    head = _git(repo, "rev-parse", "HEAD")
+    assert report.main(["--root", str(repo)]) == 0  # no page named: every page of the manifest
+    md = (repo / "docs" / "results.md").read_text()
+    plain = (repo / "docs" / "results_plain.md").read_text()
+    header = md.split("\n## ", 1)[0]
+    assert f"Generated by `ckd-report --page docs/results.md` at commit `{head}` from `results/suite.json` and " \
+           "`results/efficiency.json`" in header
+    assert "-dirty" not in header and "Draft" not in header and "uncommitted" not in header
+    assert _row(_sections(md)["Scientific"], "Run", "sasrec_distilled")["NDCG@10"] == "0.0639"
+    assert png_size(repo / "docs" / "figure1.png") == expected_png_size()
+    assert {p["label"] for p in json.loads((repo / "docs" / "figure1.json").read_text())["points"]} >= {"sasrec-ckd"}
+    assert "## Figure 1" not in plain and "No inference benchmark" in plain
+    assert f"`ckd-report --page docs/results_plain.md` at commit `{head}`" in plain
+
+    # --check compares the pages below their headers with what the JSON gives now
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-q", "-m", "pages")
+    assert report.main(["--root", str(repo), "--check"]) == 0
+    raw = json.loads((repo / "results" / "suite.json").read_text())
+    raw["runs"]["sasrec_distilled"]["metrics"]["test"]["Scientific"]["ndcg@10"] = 0.0701
+    (repo / "results" / "suite.json").write_text(json.dumps(raw))
+    capsys.readouterr()
+    assert report.main(["--root", str(repo), "--check", "--page", "docs/results_plain.md"]) == 1
+    out = capsys.readouterr().out
+    assert "DIFFERS docs/results_plain.md" in out and "0.0701" in out and "docs/results.md" not in out
+    assert report.main(["--root", str(repo), "--page", "docs/nope.md"]) == 2
+    assert "not a page of results/MANIFEST.yaml" in capsys.readouterr().err
+
+
+@pytest.mark.unit
+def test_dirty_tree_is_refused_unless_draft(results_repo, capsys):
+    repo = results_repo
+    head = _git(repo, "rev-parse", "HEAD")
+    assert report.main(["--root", str(repo), "--page", "docs/results_plain.md"]) == 0
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-q", "-m", "page")
+    page = repo / "docs" / "results_plain.md"
+    committed = page.read_text()
+
+    raw = json.loads((repo / "results" / "suite.json").read_text())
+    raw["machine"] = "edited, not committed"
+    (repo / "results" / "suite.json").write_text(json.dumps(raw))
+    capsys.readouterr()
+    assert report.main(["--root", str(repo), "--page", "docs/results_plain.md"]) == 2
+    err = capsys.readouterr().err
+    assert "dirty tree" in err and "results/suite.json" in err and "--allow-dirty" in err
+    assert page.read_text() == committed  # nothing written
+
+    assert report.main(["--root", str(repo), "--page", "docs/results_plain.md", "--allow-dirty"]) == 0
+    draft = page.read_text()
+    head2 = _git(repo, "rev-parse", "HEAD")
+    assert "**Draft:**" in draft and f"at commit `{head2}` plus uncommitted changes" in draft
+    assert "-dirty" not in draft.split("\n## ", 1)[0] and "edited, not committed" in draft
+    assert head2 != head
+
+    # an input git does not track is refused as well, even when tracked files are clean
+    _git(repo, "checkout", "-q", "--", ".")
+    shutil.copy(EXPERIMENTS, repo / "results" / "new.json")
+    manifest = yaml.safe_load((repo / MANIFEST).read_text())
+    manifest["pages"].append({"page": "docs/results_new.md", "experiments": ["results/new.json"]})
+    (repo / MANIFEST).write_text(yaml.safe_dump(manifest, sort_keys=False))
+    _git(repo, "add", MANIFEST)
+    _git(repo, "commit", "-q", "-m", "manifest")
+    capsys.readouterr()
+    assert report.main(["--root", str(repo), "--page", "docs/results_new.md"]) == 2
+    err = capsys.readouterr().err
+    assert "not committed: results/new.json" in err and not (repo / "docs" / "results_new.md").exists()
+
+    # the tree state can also be handed in (no git involved)
+    dirty = report.TreeState(commit="f" * 40, changes=[" M ckd/reporting.py"])
+    assert report.main(["--root", str(repo), "--page", "docs/results_plain.md"], state=dirty) == 2
+    assert "ckd/reporting.py" in capsys.readouterr().err
+    clean = report.TreeState(commit="f" * 40)
+    assert report.main(["--root", str(repo), "--page", "docs/results_plain.md"], state=clean) == 0
+    assert f"at commit `{'f' * 40}` from" in page.read_text() and "Draft" not in page.read_text()
+
+
+@pytest.mark.unit
+def test_not_a_git_checkout_is_refused(tmp_path, capsys):
+    (tmp_path / "results").mkdir()
+    shutil.copy(EXPERIMENTS, tmp_path / "results" / "suite.json")
+    (tmp_path / MANIFEST).write_text("pages:\n  - page: docs/r.md\n    experiments: [results/suite.json]\n")
+    assert report.main(["--root", str(tmp_path)]) == 2
+    assert "not a git checkout" in capsys.readouterr().err and not (tmp_path / "docs" / "r.md").exists()
+
+
+@pytest.mark.unit
+def test_results_files_are_not_overwritten_without_the_flag(tmp_path, results_repo, capsys, monkeypatch):
+    from research import experiments, seeds
+
+    existing = tmp_path / "results.json"
+    existing.write_text('{"kept": true}\n')
+
+    def refused(code_or_exit) -> str:
+        err = capsys.readouterr().err + str(code_or_exit)
+        assert str(existing) in err and "--overwrite" in err, err
+        assert existing.read_text() == '{"kept": true}\n'
+        return err
+
+    # the experiment suite: refused before any teacher is served; its default --out is under runs/
+    assert experiments.main(["--out", str(existing)]) == 2
+    refused("")
+    (tmp_path / "runs").mkdir()
+    default_out = tmp_path / "runs" / "experiments.json"
+    default_out.write_text("{}")
+    assert experiments.main(["--runs-root", str(tmp_path / "runs")]) == 2
+    assert f"{default_out} already exists" in capsys.readouterr().err
+    # the seed sweep, before anything trains
+    with pytest.raises(SystemExit) as exc:
+        seeds.main(["--seeds", "1", "--out", str(existing)])
+    refused(exc.value.code)
+    # the inference benchmark, before anything is measured; its default --out is not results/
+    assert bench_inference.main(["--student", f"x={tmp_path}", "--out", str(existing)]) == 2
+    refused("")
+    (tmp_path / "runs" / "efficiency.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)  # the default --out is relative: runs/efficiency.json, not results/
+    assert bench_inference.main(["--student", f"x={tmp_path}"]) == 2
+    assert "runs/efficiency.json already exists" in capsys.readouterr().err
+    # an ad-hoc report page: refused over an existing file, allowed with the flag
+    assert report.main(["--experiments", str(EXPERIMENTS), "--out", str(existing), DRAFT]) == 2
+    refused("")
+    assert report.main(["--experiments", str(EXPERIMENTS), "--out", str(existing), DRAFT, "--overwrite"]) == 0
+    assert existing.read_text().startswith("# Results")
+    # ... and never onto a page or figure the manifest owns, flag or not
+    for target in ("--out", "--figure"):
+        path = results_repo / ("docs/results.md" if target == "--out" else "docs/figure1.png")
+        argv = ["--root", str(results_repo), "--experiments", str(EXPERIMENTS), "--efficiency", str(EFFICIENCY),
+                "--out", str(tmp_path / "p.md"), DRAFT, "--overwrite", target, str(path)]
+        assert report.main(argv) == 2
+        assert "ckd-report --page docs/results.md" in capsys.readouterr().err and not path.exists()
+
+
+@pytest.mark.unit
+def test_manifest_errors_are_named():
+    ok = {"page": "docs/r.md", "experiments": ["results/a.json"]}
+    for bad, match in [({"pages": [dict(ok, figur="docs/f.png")]}, "unknown keys"),
+                       ({"pages": [dict(ok, figure="docs/f.png")]}, "needs 'efficiency'"),
+                       ({"pages": [ok, ok]}, "listed twice"),
+                       ({"pages": [dict(ok, experiments=[])]}, "non-empty list"),
+                       ({"pages": [dict(ok, page="../r.md")]}, "inside the repository"),
+                       ({"pages": [ok], "cited": {"results/a.json": "x"}}, "listed twice"),
+                       ({"page": [ok]}, "'pages' list")]:
+        with pytest.raises(ReportError, match=match):
+            parse_results_manifest(bad)
+
+
+@pytest.mark.unit
+def test_repository_results_are_all_in_the_manifest_and_pages_match_their_json(capsys):
+    """Every results JSON of the checkout is behind a page or cited (none orphaned), every results
+    page is in the manifest, and each page below its header is what its committed JSON gives."""
+    manifest = load_results_manifest(ROOT / MANIFEST)
+    on_disk = {p.relative_to(ROOT).as_posix() for p in (ROOT / "results").rglob("*.json")}
+    assert on_disk == set(manifest.files)
+    pages = {p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").rglob("results*.md")}
+    assert pages == {p.page for p in manifest.pages}
+    assert manifest.page("docs/results.md").figure == "docs/figure1.png"
+    assert report.main(["--check"]) == 0, capsys.readouterr().out
+    assert page_body((ROOT / "docs" / "results.md").read_text()).startswith("## Figure 1")

@@ -1,4 +1,4 @@
-"""launch/seeds.py: real short runs over two seeds, their summary, reuse, and a mixed-setting refusal."""
+"""research/seeds.py: real short runs over two seeds, their summary, reuse, and a mixed-setting refusal."""
 import json
 import math
 import os
@@ -18,7 +18,7 @@ SETTING = ["--teachers", "none", "--set", "data.domains=ScientificMM", "--set", 
 
 def seeds(data_dir, root, *extra):
     env = {**os.environ, "CKD_DATA_DIR": str(data_dir), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(REPO / "launch" / "seeds.py"), *SETTING, "--runs-root", str(root),
+    return subprocess.run([sys.executable, "-m", "research.seeds", *SETTING, "--runs-root", str(root),
                            *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -44,7 +44,8 @@ def test_two_seeds_summarised_reused_and_never_mixed(data_dir, tmp_path):
         assert f"seed: {s}\n" in (root / f"seed{s}" / "config.yaml").read_text()
 
     stamp = (root / "seed1" / "metrics.json").stat().st_mtime_ns
-    again = seeds(data_dir, root, "--seeds", "1", "2", "--reference", "ndcg@10=0.0", "--out", str(out))
+    again = seeds(data_dir, root, "--seeds", "1", "2", "--reference", "ndcg@10=0.0", "--out", str(out),
+                  "--overwrite")  # the first call wrote it: replacing it needs the flag
     assert again.returncode == 0, again.stderr[-3000:]
     report = json.loads(out.read_text())
     assert [r["reused"] for r in report["records"]] == [True, True]

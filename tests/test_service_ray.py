@@ -13,18 +13,19 @@ import pytest
 import ray
 import torch
 
+from benchmarks import fixture_teacher
+from benchmarks.fixture_teacher import make_fixture_checkpoint
 from cluster.deploy import TeacherDeployment, start_embedded
-from cluster.directory import DIRECTORY_NAME
-from student import teacher_pool
 from student.soft_labels import SoftLabelReader
 from student.teacher_pool import TeacherPool
 from teachers.base import load_teacher
-from teachers.fixture_teacher import make_fixture_checkpoint
 
 pytestmark = pytest.mark.integration
 
 N_ITEMS = 500
 NS = "ckd-test"
+# The fixture kind is registered only where its module is imported: replicas import it by name.
+FIXTURE_MODULE = fixture_teacher.__name__
 
 
 def _batches(n: int, seed: int = 0, b: int = 16, length: int = 10, c: int = 32):
@@ -52,16 +53,12 @@ def _wait(cond, timeout=60.0, what=""):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_directory_name_shared_by_both_halves():
-    assert teacher_pool.DIRECTORY_NAME == DIRECTORY_NAME
-
-
 @pytest.fixture(scope="class")
 def deployed(tmp_path_factory):
     ck = tmp_path_factory.mktemp("ckpt")
     fx = make_fixture_checkpoint(ck / "fx", num_items=N_ITEMS, vocab_hash="fxhash", dim=16, seed=1)
     fy = make_fixture_checkpoint(ck / "fy", num_items=N_ITEMS, vocab_hash="fxhash", dim=16, seed=2)
-    spec = {"namespace": NS, "max_restarts": 2, "heartbeat_s": 0.5, "drain_linger_s": 1.0,
+    spec = {"namespace": NS, "teacher_modules": [FIXTURE_MODULE], "max_restarts": 2, "heartbeat_s": 0.5, "drain_linger_s": 1.0,
             "teachers": [{"name": "fx", "checkpoint": str(fx), "replicas": 2, "num_cpus": 0.5},
                          {"name": "fy", "checkpoint": str(fy), "replicas": 1, "num_cpus": 0.5}]}
     address, dep = start_embedded(spec, num_cpus=2)
@@ -183,7 +180,7 @@ def test_two_node_cluster_spread_and_node_loss(tmp_path):
     worker = cluster.add_node(num_cpus=1, resources={"teacher": 1})
     try:
         ray.init(address=cluster.address, namespace=NS, logging_level="WARNING")
-        dep = TeacherDeployment({"namespace": NS, "heartbeat_s": 0.5, "directory_ttl_s": 3.0,
+        dep = TeacherDeployment({"namespace": NS, "teacher_modules": [FIXTURE_MODULE], "heartbeat_s": 0.5, "directory_ttl_s": 3.0,
                                  "teachers": [{"name": "fx", "checkpoint": str(ck), "replicas": 2,
                                                "num_cpus": 0.5}]})
         dep.deploy()

@@ -20,15 +20,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from benchmarks.fixture_teacher import make_fixture_checkpoint
 from protos import teacher_pb2, teacher_pb2_grpc
+from protos.contract import ServiceLimits, TeacherContractError, TeacherUnavailable
 from protos.tensor_codec import DTYPES, encode
 from student.soft_labels import ReorderBuffer, SoftLabelReader
-from student.teacher_pool import (TeacherContractError, TeacherPool, TeacherUnavailable, backoff_delay,
-                                  flatten_histories)
+from student.teacher_pool import TeacherPool, backoff_delay, flatten_histories
 from teachers.base import load_teacher
-from teachers.fixture_teacher import make_fixture_checkpoint
 from teachers.server import start_server
-from teachers.servicer import ServiceConfig
 
 pytestmark = pytest.mark.integration
 
@@ -45,7 +44,7 @@ def teacher(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(teacher):
-    srv = start_server(teacher, name="fx", config=ServiceConfig(max_batch_rows=64, max_candidates=50,
+    srv = start_server(teacher, name="fx", limits=ServiceLimits(max_batch_rows=64, max_candidates=50,
                                                                 max_score_cells=1000, max_workers=8))
     yield srv
     srv.stop(0)
@@ -185,7 +184,7 @@ def test_random_malformed_requests_never_crash(stub, items, lengths, cands, voca
 # -- coalescing, health, drain, limits --------------------------------------------------------
 
 def test_concurrent_clients_are_coalesced_and_exact(teacher):
-    srv = start_server(teacher, config=ServiceConfig(coalesce_wait_ms=30.0, coalesce_max_rows=1000))
+    srv = start_server(teacher, limits=ServiceLimits(coalesce_wait_ms=30.0, coalesce_max_rows=1000))
     try:
         rng = np.random.default_rng(1)
         reqs = []
@@ -247,8 +246,8 @@ def test_health_not_serving_until_warm_up_then_drain(teacher):
 
 def test_message_limit_equal_both_sides_client_splits(teacher):
     limit = 64 * 1024
-    cfg = ServiceConfig(max_message_bytes=limit, max_score_cells=limit // 4 - 2048)
-    srv = start_server(teacher, config=cfg)
+    cfg = ServiceLimits(max_message_bytes=limit, max_score_cells=limit // 4 - 2048)
+    srv = start_server(teacher, limits=cfg)
     try:
         rng = np.random.default_rng(2)
         h = rng.integers(1, N_ITEMS, size=(64, 5))
@@ -272,7 +271,7 @@ def test_message_limit_equal_both_sides_client_splits(teacher):
 
 
 def test_resource_exhausted_backs_off_and_splits(teacher):
-    srv = start_server(teacher, config=ServiceConfig(max_queue_rows=8))
+    srv = start_server(teacher, limits=ServiceLimits(max_queue_rows=8))
     try:
         h = np.arange(1, 33).reshape(16, 2)
         n = np.full(16, 2)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from teachers.base import TeacherContractError, load_teacher, save_teacher
+from protos.contract import TeacherContractError
+from teachers.base import load_teacher, save_teacher
 from teachers.recformer import TYPE_CLS, TYPE_KEY, TYPE_VALUE, RecformerTeacher, parse_item_text
 
 pytestmark = pytest.mark.integration

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from teachers.base import TeacherContractError, load_teacher, save_teacher
+from protos.contract import TeacherContractError
+from teachers.base import load_teacher, save_teacher
 from teachers.unisrec import MoEAdaptor, UniSRecTeacher
 
 @pytest.fixture(autouse=True, scope="module")

@@ -1,6 +1,6 @@
 """Benchmark the teacher service: gRPC vs in-process, 1 vs 2 replicas, recovery after a kill.
 
-    python -m launch.bench_service --checkpoint runs/teachers/unisrec --out runs/bench/service.json
+    python -m benchmarks.service --checkpoint runs/teachers/unisrec --out runs/bench/service.json
 
 Without --checkpoint a fixture teacher (mean-pool embeddings) is generated and benchmarked; its
 compute is tiny, so its overhead ratio is an upper bound on what a real teacher sees. Requests are
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     from cluster.deploy import start_embedded
     from student.teacher_pool import TeacherPool
     from teachers.base import load_teacher
-    from teachers.fixture_teacher import make_fixture_checkpoint
+    from benchmarks.fixture_teacher import make_fixture_checkpoint
     from teachers.server import start_server
 
     torch.set_num_threads(args.torch_threads)
@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     srv = start_server(model, name="bench")
     local = TeacherPool({"bench": [srv.address]})
     spec = {"namespace": "ckd-bench", "heartbeat_s": 0.5, "drain_linger_s": 1.0,
+            "teacher_modules": ["benchmarks.fixture_teacher"],
             "teachers": [{"name": "bench", "checkpoint": ckpt, "replicas": 1, "num_cpus": args.replica_cpus,
                           "torch_threads": args.torch_threads}]}
     address, dep = start_embedded(spec, num_cpus=args.num_cpus)

@@ -1,8 +1,12 @@
 """Inference efficiency of students and teachers: parameters, peak memory, full-ranking time.
 
-    python launch/bench_inference.py --student sasrec_distilled=runs/sasrec_distilled/best \
+    python -m benchmarks.inference --student sasrec_distilled=runs/sasrec_distilled/best \
         --teacher unisrec=runs/teachers/unisrec/best [--data-dir D] [--domain Scientific] \
-        [--users 1000] [--device cpu|cuda] --out results/efficiency.json
+        [--users 1000] [--device cpu|cuda] --out runs/efficiency.json
+
+--out defaults to runs/efficiency.json; the committed results/efficiency.json (behind
+docs/results.md, see results/MANIFEST.yaml) and any other existing file are replaced only with
+--overwrite.
 
 For each model, in a fresh subprocess (so peak memory is that model's alone): load the data, build
 the batches of N test users of --domain (batch 256), then load the model and rank the domain's
@@ -33,7 +37,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 TOP_K = 50
 MiB = float(1 << 20)
@@ -185,8 +188,12 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             from student.checkpoint import load_student
 
             return load_student(ckpt, dataset, device)
+        import importlib
+
         from teachers.base import load_teacher
 
+        for module in spec.get("teacher_modules") or []:
+            importlib.import_module(module)  # teacher kinds defined outside `teachers` register on import
         return load_teacher(ckpt, dataset.vocab_hash(), device)
 
     if kind == "student":
@@ -273,7 +280,7 @@ def parse_named(values: list[str], what: str) -> list[tuple[str, str]]:
 def run_worker(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     """Measure one model in a fresh interpreter; raise BenchError with its message on failure."""
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.inference", "--worker", json.dumps(spec)],
                           capture_output=True, text=True, timeout=timeout, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     result = json.loads(lines[-1]) if lines else {"error": f"worker exited {proc.returncode}: {proc.stderr[-2000:]}"}
@@ -322,8 +329,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads per model")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per model")
-    ap.add_argument("--out", default="results/efficiency.json")
+    ap.add_argument("--teacher-module", action="append", default=[], metavar="MODULE",
+                    help="import MODULE before loading teachers (a kind defined outside the built-ins, "
+                         "e.g. benchmarks.fixture_teacher)")
+    ap.add_argument("--out", default="runs/efficiency.json")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = ap.parse_args(argv)
+    # Refused before anything is measured: a default path or a rerun must not clobber results.
+    from ckd.reporting import overwrite_refusal
+
+    refusal = overwrite_refusal(args.out, args.overwrite)
+    if refusal:
+        print(f"error: {refusal}", file=sys.stderr)
+        return 2
 
     from ckd.config import default_data_dir, json_dump
     from ckd.run_dir import git_sha
@@ -344,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         base = {"data_dir": str(args.data_dir or default_data_dir()), "domain": args.domain,
                 "domains": [d.strip() for d in args.domains.split(",") if d.strip()] or None,
                 "users": args.users, "batch_size": args.batch_size, "repeats": args.repeats,
-                "device": args.device, "threads": args.threads}
+                "device": args.device, "threads": args.threads, "teacher_modules": args.teacher_module}
         models: dict[str, dict[str, Any]] = {}
         for kind, name, path in named:
             t0 = time.perf_counter()
@@ -356,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {"machine": machine_description(args.device), "commit": git_sha(),
               "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "device": args.device,
-              "command": "python launch/bench_inference.py " + " ".join(shlex.quote(a) for a in argv),
+              "command": "python -m benchmarks.inference " + " ".join(shlex.quote(a) for a in argv),
               "domain": args.domain, "users": args.users, "batch_size": args.batch_size, "repeats": args.repeats,
               "threads": args.threads, "top_k": TOP_K, "models": models}
     out = Path(args.out)

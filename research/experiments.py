@@ -1,7 +1,11 @@
-"""Run the distillation experiment suite from one script and collect results/experiments.json.
+"""Run the distillation experiment suite from one script and collect its results in one JSON file.
 
     python launch/experiments.py --teachers unisrec=runs/teachers/unisrec_textid/best \
-        --teachers recformer=runs/teachers/recformer/best --suite main --out results/experiments.json
+        --teachers recformer=runs/teachers/recformer/best --suite main --out results/experiments_main.json
+
+Results go to --out (default ``<runs-root>/experiments.json``, outside the committed results/). An
+existing --out is written into only with --overwrite: its runs are kept and the ones run now
+replaced (so ``--only`` can re-run part of a suite); results/MANIFEST.yaml says which page uses it.
 
 Every run is ``launch/distill.py`` with the base config plus the variant's overrides, so ablations
 differ from the full method by exactly the switches named here. Teachers are served once for the
@@ -21,10 +25,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parents[1]  # the checkout: configs and runs/ are relative to it
 
-from ckd.run_dir import git_sha  # noqa: E402
+from ckd.run_dir import git_sha
 
 # name -> (group, model, variant, overrides); "{all}" marks runs that use every teacher.
 SUITES: dict[str, list[tuple[str, str, str, str, list[str]]]] = {
@@ -108,14 +111,15 @@ def serve_on_ray(teachers: dict[str, str], replicas: int):
 
 def run_one(name: str, overrides: list[str], base: list[str], out_root: Path, env: dict[str, str]) -> dict:
     run_dir = out_root / name
-    cmd = [sys.executable, str(REPO / "launch" / "distill.py"), *base, "--run-dir", str(run_dir)]
+    cmd = [sys.executable, "-m", "launch.distill", *base, "--run-dir", str(run_dir)]
     for o in overrides:
         cmd += ["--set", o]
     t0 = time.time()
     log = open(out_root / f"{name}.out", "w")
     proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     log.close()
-    shown = " ".join(c if " " not in c else repr(c) for c in cmd[1:]).replace(str(REPO) + "/", "")
+    # As a user types it: the console script, paths relative to the checkout.
+    shown = "ckd-distill " + " ".join(c if " " not in c else repr(c) for c in cmd[3:]).replace(str(REPO) + "/", "")
     if proc.returncode != 0:
         return {"command": shown, "run_dir": str(run_dir), "error": f"exit {proc.returncode}, see {name}.out"}
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -139,11 +143,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replicas", type=int, default=1)
     ap.add_argument("--parallel", type=int, default=1, help="runs at once (a GPU box can take several)")
     ap.add_argument("--runs-root", default="runs/experiments")
-    ap.add_argument("--out", default="results/experiments.json")
+    ap.add_argument("--out", default=None, help="results JSON (default <runs-root>/experiments.json)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="write into an existing --out (its other runs are kept, the runs named here replaced)")
     ap.add_argument("--name-suffix", default="",
                     help="appended to every run name (and run directory), e.g. _scientificmm, so that one "
                          "manifest can hold the same suite on several domains")
     args = ap.parse_args(argv)
+    # Refused before any teacher is served or run trained: hours of work must not end in a clobber.
+    from ckd.reporting import overwrite_refusal
+
+    args.out = args.out or str(Path(args.runs_root) / "experiments.json")
+    refusal = overwrite_refusal(args.out, args.overwrite, action="write into it (its other runs are kept)")
+    if refusal:
+        print(f"error: {refusal}", file=sys.stderr)
+        return 2
 
     from ckd.config import default_data_dir, load_config
     from student.config import DistillConfig

@@ -1,6 +1,6 @@
 """Train one setting over several seeds and report each seed, the mean and the spread.
 
-    python launch/seeds.py --config configs/sasrec_scientific_scaled.yaml --teachers none \
+    python -m research.seeds --config configs/sasrec_scientific_scaled.yaml --teachers none \
         --seeds 2024 7 11 42 1 3 5 13 --parallel 2 --runs-root runs/seeds/scaled \
         --reference recall@10=0.1080 --reference ndcg@10=0.0553 --out results/sasrec_scaled_seeds.json
 
@@ -8,7 +8,8 @@ Every seed is ``launch/distill.py`` with the same config and overrides plus ``tr
 ``<runs-root>/seed<N>``. A seed whose run directory already holds metrics.json is read, not
 retrained, but only when its resolved config is this setting's (else the script stops and names
 the keys that differ), so an interrupted sweep picks up where it left off and a table never mixes
-settings. The numbers are the test split of one domain (``--domain``, default the first).
+settings. The numbers are the test split of one domain (``--domain``, default the first). An
+existing --out (e.g. the committed results/sasrec_scaled_seeds.json) is replaced only with --overwrite.
 """
 from __future__ import annotations
 
@@ -24,11 +25,10 @@ from typing import Any
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parents[1]  # the checkout: configs and runs/ are relative to it
 
-from ckd.config import to_dict  # noqa: E402
-from ckd.run_dir import git_sha  # noqa: E402
+from ckd.config import to_dict
+from ckd.run_dir import git_sha
 
 METRICS = ("recall@10", "ndcg@10", "recall@50", "ndcg@50")
 # Keys that say where or how loudly a run ran, not what it trained.
@@ -76,7 +76,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     argv = distill_argv(args, seed)
     run_dir = Path(args.runs_root) / f"seed{seed}"
     record: dict[str, Any] = {"seed": seed, "run_dir": str(run_dir),
-                              "command": "python launch/distill.py " + " ".join(argv)}
+                              "command": "ckd-distill " + " ".join(argv)}
     if (run_dir / "metrics.json").is_file():
         diff = config_differences(resolved(argv), yaml.safe_load((run_dir / "config.yaml").read_text()))
         if diff:
@@ -86,7 +86,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         with open(run_dir.parent / f"seed{seed}.out", "w") as log:
-            proc = subprocess.run([sys.executable, str(REPO / "launch" / "distill.py"), *argv], cwd=REPO,
+            proc = subprocess.run([sys.executable, "-m", "launch.distill", *argv], cwd=REPO,
                                   stdout=log, stderr=subprocess.STDOUT)
         if proc.returncode != 0:
             raise SystemExit(f"seed {seed} failed (exit {proc.returncode}): see {log.name}")
@@ -161,7 +161,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reference", action="append", default=[], metavar="METRIC=VALUE",
                     help="a number each seed and the mean are checked against, e.g. recall@10=0.108")
     ap.add_argument("--out", help="JSON file for the records and the summary")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = ap.parse_args(argv)
+    if args.out:
+        # Refused before anything trains: a rerun must not silently replace committed results.
+        from ckd.reporting import overwrite_refusal
+
+        refusal = overwrite_refusal(args.out, args.overwrite)
+        if refusal:
+            raise SystemExit(f"error: {refusal}")
     if len(set(args.seeds)) != len(args.seeds):
         raise SystemExit(f"--seeds repeats a seed: {args.seeds}")
     if any(o.split("=", 1)[0].strip() == "train.seed" for o in args.overrides):
@@ -179,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({
-            "command": "python launch/seeds.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "command": "python -m research.seeds " + " ".join(sys.argv[1:] if argv is None else argv),
             "commit": git_sha(), "domain": domain, "reference": reference, **summary, "records": records,
         }, indent=2) + "\n")
     return 0

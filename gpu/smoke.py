@@ -1,7 +1,7 @@
 """GPU path check of the teacher service: a teacher placed on CUDA behind the real gRPC server,
 scored through the real TeacherPool client, compared with in-process scores on the same device.
 
-    python launch/gpu_smoke.py [--checkpoint DIR] [--data-dir D] [--domain Scientific] [--out F.json]
+    python -m gpu.smoke [--checkpoint DIR] [--data-dir D] [--domain Scientific] [--out F.json]
 
 Without --checkpoint it serves the small deterministic fixture teacher sized to the data.
 """
@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     from ckd.data.multidomain import load_multidomain
     from student.teacher_pool import TeacherPool
     from teachers.base import load_teacher
-    from teachers.fixture_teacher import make_fixture_checkpoint
+    from benchmarks.fixture_teacher import make_fixture_checkpoint
     from teachers.server import start_server
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -4,7 +4,7 @@ Teachers whose item table is a frozen PLM embedding of item text (UniSRec) can b
 remote GPU and brought back without that table (it is recomputed here, offline, from the same
 item texts and PLM, and cached by content hash):
 
-    python launch/restore_teacher.py --weights W.safetensors --config config.json \
+    python -m gpu.restore_teacher --weights W.safetensors --config config.json \
         --out runs/teachers/unisrec_text/best [--metrics metrics.json] [--data-dir D]
 
 The restored model is loaded strictly (every tensor must match) and saved with teachers.base.
@@ -17,7 +17,6 @@ import shutil
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     import teachers  # noqa: F401  (registers the teacher kinds)
     from ckd.config import default_data_dir
     from ckd.data.multidomain import load_multidomain
-    from teachers.base import TEACHERS, TeacherContractError, save_teacher
+    from protos.contract import TeacherContractError
+    from teachers.base import TEACHERS, save_teacher
 
     cfg = json.loads(Path(args.config).read_text())
     domains = [d for d in args.domains.split(",") if d] or cfg.get("domains") or ["Scientific"]

@@ -3,7 +3,7 @@
 #  1. a teacher placed on CUDA behind the real gRPC server, scored through the TeacherPool client;
 #  2. the student trained under torchrun/accelerate with the NCCL backend (world size = GPUs here);
 #  3. the student trained under accelerate + DeepSpeed ZeRO-2 on CUDA.
-# Usage: CKD_DATA_DIR=... bash launch/gpu_check.sh [OUT_DIR]
+# Usage: CKD_DATA_DIR=... bash gpu/check.sh [OUT_DIR]
 set -uo pipefail
 OUT_DIR=${1:-${OUT:-/tmp/ckd_gpu_check}}
 mkdir -p "$OUT_DIR"
@@ -14,7 +14,7 @@ python3 -c "import torch, grpc, google.protobuf, accelerate; print('torch', torc
 COMMON=(--teachers none --set data.domains=Scientific --set train.progress=false --set train.batch_size=256)
 status=0
 echo "== 1. teacher on CUDA behind gRPC"
-python3 launch/gpu_smoke.py --out "$OUT_DIR/teacher_cuda.json" ${TEACHER_CKPT:+--checkpoint "$TEACHER_CKPT"} || status=1
+python -m gpu.smoke --out "$OUT_DIR/teacher_cuda.json" ${TEACHER_CKPT:+--checkpoint "$TEACHER_CKPT"} || status=1
 echo "== 2. student, NCCL process group ($NGPU process(es))"
 torchrun --standalone --nproc_per_node "$NGPU" launch/distill.py --run-dir "$OUT_DIR/nccl" "${COMMON[@]}" \
   --set train.epochs=${EPOCHS:-3} 2>&1 | grep -vE "Warning|warn" | tail -12 || status=1

@@ -1,7 +1,7 @@
 """Inference cost of a teacher checkpoint: ms per 1,000 scored (history, candidate) pairs,
 parameters and peak memory.
 
-    python launch/bench_teacher.py runs/teachers/unisrec_textid/best [more checkpoint dirs ...] \
+    python -m benchmarks.teacher runs/teachers/unisrec_textid/best [more checkpoint dirs ...] \
         [--data-dir D] [--domain Scientific] [--batch 1000] [--candidates 256] [--repeats 5] \
         [--threads 2] [--out runs/bench/teachers.json]
 
@@ -20,7 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _rss_mib() -> float:
