@@ -1,11 +1,16 @@
-"""Full-ranking metrics (leave-one-out, UniSRec/RecBole protocol).
+"""Full-ranking metrics (leave-one-out, UniSRec/RecBole protocol), and the one evaluation every
+model goes through.
 
 Ties are broken pessimistically: the target ranks after every other item with the same score,
 so a model that scores all items alike earns nothing.
+
+Every model, teacher or student, follows :class:`RankingModel` (as every RecBole model implements
+``full_sort_predict``), so both training loops and ``launch/evaluate.py`` evaluate with the same
+:func:`evaluate_model` / :func:`evaluate_ranks`.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -93,6 +98,49 @@ def evaluate_full_ranking(score_fn: ScoreFn, dataset, split: str, batch_size: in
     ranked against all items of its own domain (see :func:`full_ranking_ranks`)."""
     return metrics_by_domain(full_ranking_ranks(score_fn, dataset, split, batch_size, device, domains,
                                                 mask_history))
+
+
+@runtime_checkable
+class RankingModel(Protocol):
+    """The evaluation contract of every model: ``teachers.base.Teacher`` and
+    ``student.models.base.StudentModel`` both implement it.
+
+    ``ranking_scores(users [B], histories [B, L], lengths [B], start, stop) -> [B, stop - start]``:
+    each row's scores over the global item ids [start, stop) of one domain, higher ranking first.
+    Histories are global ids, oldest first, right-padded with 0 and trimmed to the batch's longest
+    row; a model reads what it needs (sequence models the histories, LightGCN the users). The method
+    has :data:`ScoreFn`'s signature. ``train``/``training`` are ``torch.nn.Module``'s: evaluation
+    runs in eval mode and restores the mode after.
+    """
+
+    training: bool
+
+    def train(self, mode: bool = True) -> Any: ...
+
+    def ranking_scores(self, users: torch.Tensor, histories: torch.Tensor, lengths: torch.Tensor,
+                       start: int, stop: int) -> torch.Tensor: ...
+
+
+def evaluate_ranks(model: RankingModel, dataset, split: str, batch_size: int = 1024,
+                   device: str | torch.device = "cpu",
+                   domains: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Each ``split`` example's 0-based target rank over its own domain's items, per domain in the
+    split's order (:func:`full_ranking_ranks` of ``model.ranking_scores``, in eval mode, restored after)."""
+    was_training = model.training
+    model.train(False)
+    try:
+        return full_ranking_ranks(model.ranking_scores, dataset, split, batch_size=batch_size, device=device,
+                                  domains=domains)
+    finally:
+        model.train(was_training)
+
+
+def evaluate_model(model: RankingModel, dataset, split: str, batch_size: int = 1024,
+                   device: str | torch.device = "cpu",
+                   domains: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """Full-ranking Recall/NDCG@10/50 of ``model`` on ``split``, per domain and their mean under "mean"
+    (:func:`evaluate_ranks` then :func:`metrics_by_domain`)."""
+    return metrics_by_domain(evaluate_ranks(model, dataset, split, batch_size, device, domains))
 
 
 def bootstrap_ci(ranks: np.ndarray, ks: Iterable[int] = KS, n_boot: int = 1000, level: float = 0.95,

@@ -1,4 +1,9 @@
-"""Run directories: resolved config, git SHA, seeds, logs and metrics of every run."""
+"""Run directories: resolved config, git SHA, seeds, logs and metrics of every run.
+
+Both training loops (``teachers.training`` and ``student.trainer``/``student.pipeline``) write
+their ``config.yaml``, ``run.json``, ``train.log`` and ``metrics.json`` through these functions;
+the loop mechanics they share live in ``ckd.loop``.
+"""
 from __future__ import annotations
 
 import json
@@ -30,7 +35,8 @@ def default_run_dir(prefix: str = "runs") -> Path:
 
 
 def setup_logging(run_dir: Path, rank: int = 0, name: str = "train.log") -> logging.Logger:
-    """Log to <run_dir>/<name> (rank 0) and stderr; other ranks log warnings only."""
+    """Log the "ckd" logger (and so its children, e.g. "ckd.teachers") to <run_dir>/<name> (rank 0)
+    and stderr; other ranks log warnings only."""
     logger = logging.getLogger("ckd")
     logger.handlers.clear()
     logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
@@ -56,8 +62,10 @@ def write_run_header(run_dir: Path, config: Any, extra: dict[str, Any] | None = 
 
 
 def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
+    """<run_dir>/metrics.json: a run's results (both loops' final evaluation)."""
     json_dump(metrics, run_dir / "metrics.json")
 
 
 def read_metrics(run_dir: Path) -> dict[str, Any]:
+    """What :func:`write_metrics` wrote."""
     return json.loads((Path(run_dir) / "metrics.json").read_text())

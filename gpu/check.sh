@@ -16,7 +16,7 @@ status=0
 echo "== 1. teacher on CUDA behind gRPC"
 python -m gpu.smoke --out "$OUT_DIR/teacher_cuda.json" ${TEACHER_CKPT:+--checkpoint "$TEACHER_CKPT"} || status=1
 echo "== 2. student, NCCL process group ($NGPU process(es))"
-torchrun --standalone --nproc_per_node "$NGPU" launch/distill.py --run-dir "$OUT_DIR/nccl" "${COMMON[@]}" \
+torchrun --standalone --nproc_per_node "$NGPU" -m launch.distill --run-dir "$OUT_DIR/nccl" "${COMMON[@]}" \
   --set train.epochs=${EPOCHS:-3} 2>&1 | grep -vE "Warning|warn" | tail -12 || status=1
 grep -h . "$OUT_DIR"/nccl/ranks/*.json || status=1
 python3 - "$OUT_DIR/nccl" <<'PY' || status=1
@@ -27,7 +27,7 @@ m = json.loads((run / "metrics.json").read_text()); print("nccl run test", m["te
 PY
 echo "== 3. student, accelerate + DeepSpeed ZeRO-2 on CUDA ($NGPU process(es))"
 python3 -m accelerate.commands.launch --use_deepspeed --zero_stage 2 --num_processes "$NGPU" --num_machines 1 \
-  --mixed_precision no --dynamo_backend no launch/distill.py --run-dir "$OUT_DIR/deepspeed" "${COMMON[@]}" \
+  --mixed_precision no --dynamo_backend no -m launch.distill --run-dir "$OUT_DIR/deepspeed" "${COMMON[@]}" \
   --set train.epochs=2 2>&1 | grep -vE "Warning|warn" | tail -8 || status=1
 grep -h . "$OUT_DIR"/deepspeed/ranks/*.json || status=1
 echo "== GPU CHECK $([ $status = 0 ] && echo PASSED || echo FAILED)"

@@ -1,25 +1,31 @@
 """Train the student, with or without teachers (the main job).
 
-Single process:   python launch/distill.py --config configs/distill_scientific.yaml
+Single process:   ckd-distill --config configs/distill_scientific.yaml   (or python -m launch.distill ...)
 Two processes:    accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
-                      --mixed_precision no --dynamo_backend no launch/distill.py --config ...
-DeepSpeed:        accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml launch/distill.py ...
+                      --mixed_precision no --dynamo_backend no -m launch.distill --config ...
+DeepSpeed:        accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml -m launch.distill ...
 No teachers:      add --teachers none (plain SASRec baseline, CE only).
 
-With teachers and no cluster address, this process starts an embedded local Ray, deploys the
-teacher replicas from their checkpoints (CPU when there is no GPU) and talks to them over loopback
-gRPC; with --ray-address it joins a running cluster's teacher service instead.
+With teachers and no cluster address, this entry point starts an embedded local Ray on rank 0,
+deploys the teacher replicas of service.spec from their checkpoints (CPU when there is no GPU),
+hands its address to every rank, and shuts it down once every rank has finished; the student talks
+to the replicas over loopback gRPC. With --ray-address it joins a running cluster's teacher
+service instead, and with service.endpoints it talks to servers started without Ray.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ckd.config import ConfigError, default_data_dir, load_config
 
-from ckd.config import ConfigError, default_data_dir, load_config  # noqa: E402
+if TYPE_CHECKING:
+    from cluster.deploy import DeploySpec, TeacherDeployment
+
+log = logging.getLogger("ckd")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,25 +62,88 @@ def resolve_config(args: argparse.Namespace):
     return cfg
 
 
+def embedded_spec(cfg) -> tuple[DeploySpec, list[str]] | None:
+    """The deploy spec this run starts itself, cut to the teachers it distils from, and their names
+    (``service.teachers``, default: all of the spec). None when the run has no teachers or joins a
+    running service (``service.ray_address``, ``service.endpoints``)."""
+    svc = cfg.service
+    if not svc.active or svc.endpoints or svc.ray_address:
+        return None
+    from cluster.deploy import load_spec
+
+    spec = load_spec(svc.spec)
+    names = list(svc.teachers) or [t.name for t in spec.teachers]
+    unknown = sorted(set(names) - {t.name for t in spec.teachers})
+    if unknown:
+        raise ConfigError(f"service.teachers names {unknown}, not in the deploy spec {svc.spec}")
+    spec.teachers = [t for t in spec.teachers if t.name in names]
+    return spec, names
+
+
+def start_embedded_service(spec: DeploySpec, names: list[str], acc) -> tuple[str, TeacherDeployment | None]:
+    """Start the teacher replicas of ``spec`` on a local Ray on rank 0; every rank gets its address.
+    Returns (address, deployment); the deployment is None on the other ranks."""
+    from student.pipeline import broadcast_str
+
+    address, deployment, error = "", None, None
+    if acc.is_main_process:
+        from cluster.deploy import start_embedded
+
+        replicas = sum(t.replicas for t in spec.teachers)
+        log.info("starting embedded Ray with %d teacher replica(s): %s", replicas, ", ".join(names))
+        try:
+            address, deployment = start_embedded(spec, num_cpus=max(2, replicas + 1))
+        except BaseException as exc:  # noqa: BLE001 — the other ranks must not wait for an address forever
+            error = exc
+    # An empty address tells the other ranks that rank 0 failed (it raises its own error below).
+    address = broadcast_str(acc, address)
+    if error is not None:
+        raise error
+    if not address:
+        raise RuntimeError("rank 0 could not start the embedded teacher service (see its log)")
+    return address, deployment
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The ``ckd-distill`` console script (also ``python -m launch.distill``, ``accelerate launch -m``)."""
+    code = run(argv)
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        # DeepSpeed/gloo occasionally abort in atexit handlers after all work is done (STACK.md):
+        # flush and leave without running them once the job has finished.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Resolve the config, start the embedded teacher service if the run needs one, train."""
     args = parse_args(argv)
     try:
         cfg = resolve_config(args)
+        embedded = embedded_spec(cfg)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    from student.pipeline import run_distillation
+    from student.pipeline import prepare_run, run_distillation
 
-    metrics = run_distillation(cfg)
+    acc = prepare_run(cfg)
+    address, names, deployment = "", [], None
+    try:
+        if embedded is not None:
+            try:
+                address, deployment = start_embedded_service(*embedded, acc)
+            except ConfigError as exc:
+                print(f"config error: {exc}", file=sys.stderr)
+                return 2
+            names = embedded[1]
+        # run_distillation returns once every rank has finished scoring, so the replicas can go.
+        metrics = run_distillation(cfg, acc, ray_address=address, teachers=names)
+    finally:
+        if deployment is not None:
+            deployment.shutdown()
     return 0 if metrics is not None else 1
 
 
 if __name__ == "__main__":
-    code = main()
-    # DeepSpeed/gloo occasionally abort in atexit handlers after all work is done (STACK.md):
-    # flush and leave without running them once the job has finished.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if os.environ.get("WORLD_SIZE", "1") != "1":
-        os._exit(code)
-    sys.exit(code)
+    sys.exit(main())

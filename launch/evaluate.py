@@ -1,6 +1,6 @@
 """Evaluate a saved student checkpoint (full ranking, Recall/NDCG@10/50 per domain).
 
-    python launch/evaluate.py runs/<run>/best [--data-dir D] [--out DIR] [--ci N]
+    ckd-evaluate runs/<run>/best [--data-dir D] [--out DIR] [--ci N]
 
 Writes <out>/metrics.json ({"valid": {...}, "test": {...}, "best_epoch": n}) and prints the table.
 With --ci N it also prints and writes ("test_ci") a 95% bootstrap interval of each test metric over
@@ -13,9 +13,8 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ckd.config import default_data_dir, json_dump  # noqa: E402
+from ckd.config import default_data_dir, json_dump
 
 
 CI_LEVEL = 0.95
@@ -37,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     from ckd.data.multidomain import load_multidomain
     from ckd.metrics import bootstrap_ci, format_ci_table, format_table, metrics_by_domain
     from student.checkpoint import StudentCheckpointError, load_student, read_student_config
-    from student.trainer import evaluate_ranks
+    from ckd.metrics import evaluate_ranks
 
     ckpt = Path(args.checkpoint)
     try:

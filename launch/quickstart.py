@@ -5,7 +5,7 @@
 2. Distil the student with launch/distill.py: an embedded local Ray serves the teachers over
    loopback gRPC, soft labels are fetched batch by batch, and the metrics table is printed.
 
-    python launch/quickstart.py [--plan configs/quickstart.yaml] [--data-dir D] [--set key=value ...]
+    ckd-demo [--plan configs/quickstart.yaml] [--data-dir D] [--set key=value ...]
 """
 from __future__ import annotations
 
@@ -14,10 +14,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parents[1]  # the checkout: configs and runs/ are relative to it
 
-from ckd.config import default_data_dir, load_yaml  # noqa: E402
+from ckd.config import default_data_dir, load_yaml
 
 
 def run(cmd: list[str]) -> None:

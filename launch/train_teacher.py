@@ -1,6 +1,6 @@
 """Pre-train / fine-tune a teacher from a YAML config (teachers.config.TeacherConfig schema).
 
-    python launch/train_teacher.py --config configs/teachers/unisrec_scientific.yaml \
+    ckd-train-teacher --config configs/teachers/unisrec_scientific.yaml \
         [--data-dir D] [--run-dir R] [--set train.epochs=3 ...]
 
 The data root is --data-dir, else data.data_dir of the config, else $CKD_DATA_DIR, else
@@ -18,9 +18,8 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ckd.config import ConfigError, default_data_dir, load_config, load_yaml, parse_overrides  # noqa: E402
+from ckd.config import ConfigError, default_data_dir, load_config, load_yaml, parse_overrides
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -21,7 +21,9 @@ class ModelConfig:
 
 
 @dataclass
-class TrainConfig:
+class StudentTrainConfig:
+    """The ``train:`` section of a student run (teachers.config.TeacherTrainConfig is the teachers')."""
+
     epochs: int = 100
     batch_size: int = 256
     lr: float = 1e-3
@@ -122,7 +124,10 @@ class KDConfig:
 
 
 @dataclass
-class ServiceConfig:
+class ServiceClientConfig:
+    """The ``service:`` section: which teacher service the student distils from and how its client
+    behaves (the servers' own settings belong to the deploy spec)."""
+
     enabled: bool = True  # False (or --teachers none): plain CE training, no teacher service
     spec: str = ""  # deploy spec YAML (cluster.deploy.DeploySpec) for the embedded default
     teachers: list[str] = field(default_factory=list)  # names to distil from; empty = all in the spec
@@ -153,10 +158,10 @@ class DistillConfig:
     run_dir: str = ""  # empty: runs/<timestamp>
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: StudentTrainConfig = field(default_factory=StudentTrainConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     kd: KDConfig = field(default_factory=KDConfig)
-    service: ServiceConfig = field(default_factory=ServiceConfig)
+    service: ServiceClientConfig = field(default_factory=ServiceClientConfig)
 
 
 def check_run(cfg: DistillConfig) -> None:

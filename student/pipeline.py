@@ -1,4 +1,8 @@
-"""Wiring of one student run: accelerator, data, model, sampler, teachers, trainer, report."""
+"""Wiring of one student run: accelerator, data, model, sampler, teachers, trainer, report.
+
+The teacher service is not started here: the entry point (``launch/distill.py``) starts the
+embedded one and passes its Ray address to ``run_distillation`` on every rank.
+"""
 from __future__ import annotations
 
 import logging
@@ -6,20 +10,24 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 
-from ckd.config import to_dict
+from ckd.config import ConfigError, to_dict
 from ckd.data.multidomain import MultiDomainDataset, load_multidomain
 from ckd.metrics import format_table
 from ckd.run_dir import setup_logging, write_run_header
+from student.models import build_student
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 log = logging.getLogger("ckd")
 
 
-def make_accelerator():
+def make_accelerator() -> Accelerator:
     """Accelerator for CPU or GPU, DDP or DeepSpeed (see STACK.md for the CPU traps)."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
@@ -38,6 +46,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+_BROADCAST_BYTES = 512
+
+
+def broadcast_str(acc: Accelerator, text: str) -> str:
+    """Rank 0's string on every rank (a fixed-size uint8 tensor: no pickles between ranks)."""
+    if acc.num_processes == 1:
+        return text
+    from accelerate.utils import broadcast
+
+    buf = torch.zeros(_BROADCAST_BYTES, dtype=torch.uint8, device=acc.device)
+    if acc.is_main_process:
+        raw = text.encode()
+        if len(raw) > _BROADCAST_BYTES:
+            raise ConfigError(f"too long to hand to other ranks ({len(raw)} > {_BROADCAST_BYTES} bytes): {text!r}")
+        buf[: len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
+    buf = broadcast(buf, from_process=0).cpu()
+    return bytes(buf[buf != 0].tolist()).decode()
+
+
 def shared_run_dir(cfg, acc) -> Path:
     """The same run directory on every rank (rank 0's timestamp is broadcast)."""
     if cfg.run_dir:
@@ -50,19 +77,15 @@ def shared_run_dir(cfg, acc) -> Path:
     return Path("runs") / time.strftime("%Y%m%d-%H%M%S", time.localtime(int(stamp.item())))
 
 
-def build_student(cfg, dataset: MultiDomainDataset):
-    """Model and the JSON-able config that rebuilds it (for checkpoints and launch/evaluate.py)."""
-    from student.models import build_student as factory
-
+def checkpoint_config(cfg, dataset: MultiDomainDataset) -> dict[str, Any]:
+    """The JSON-able config every student checkpoint stores (config.json): ``kind`` and ``kwargs``
+    rebuild the model with ``student.models.build_student``, as launch/evaluate.py does."""
     kwargs = {"hidden": cfg.model.hidden, **cfg.model.extra}
     if cfg.model.kind == "sasrec":
         kwargs.update(layers=cfg.model.layers, heads=cfg.model.heads, dropout=cfg.model.dropout,
                       attn_dropout=cfg.model.dropout, max_len=cfg.data.max_len)
-    model = factory(cfg.model.kind, dataset, **kwargs)
-    model_config = {"kind": cfg.model.kind, "kwargs": kwargs, "vocab_hash": dataset.vocab_hash(),
-                    "vocab_size": dataset.vocab_size, "domains": dataset.domain_names,
-                    "max_len": cfg.data.max_len}
-    return model, model_config
+    return {"kind": cfg.model.kind, "kwargs": kwargs, "vocab_hash": dataset.vocab_hash(),
+            "vocab_size": dataset.vocab_size, "domains": dataset.domain_names, "max_len": cfg.data.max_len}
 
 
 def build_sampler(cfg, dataset: MultiDomainDataset, acc):
@@ -77,8 +100,9 @@ def build_sampler(cfg, dataset: MultiDomainDataset, acc):
                              groups=dataset.splits["train"].domains)
 
 
-def run_distillation(cfg) -> dict[str, Any] | None:
-    """Run one student training job described by a resolved DistillConfig."""
+def prepare_run(cfg) -> Accelerator:
+    """Checks, the accelerator, threads, seeds, the run directory (same on every rank; written into
+    ``cfg.run_dir``) and logging into it; returns the accelerator."""
     from student.config import check_run
 
     check_run(cfg)
@@ -89,6 +113,19 @@ def run_distillation(cfg) -> dict[str, Any] | None:
     run_dir = shared_run_dir(cfg, acc)
     cfg.run_dir = str(run_dir)
     setup_logging(run_dir, acc.process_index)
+    return acc
+
+
+def run_distillation(cfg, acc: Accelerator | None = None, *, ray_address: str = "",
+                     teachers: Sequence[str] = ()) -> dict[str, Any] | None:
+    """Run one student training job described by a resolved DistillConfig.
+
+    ``acc``: the accelerator of ``prepare_run(cfg)`` when the caller already ran it (it does when it
+    starts the embedded teacher service first). ``ray_address`` and ``teachers``: the teacher service
+    to join, overriding ``service.ray_address`` and ``service.teachers``."""
+    if acc is None:
+        acc = prepare_run(cfg)
+    run_dir = Path(cfg.run_dir)
     dataset = load_multidomain(cfg.data.data_dir, cfg.data.domains, max_len=cfg.data.max_len)
     if cfg.train.objective == "all_positions":
         from student.sequence_targets import every_position_view
@@ -99,26 +136,25 @@ def run_distillation(cfg) -> dict[str, Any] | None:
              ",".join(dataset.domain_names), dataset.vocab_size - 1, len(dataset.splits["train"]),
              acc.num_processes, acc.device, backend, acc.distributed_type)
     seed_everything(cfg.train.seed)  # same initial weights on every rank, whatever loading consumed
-    model, model_config = build_student(cfg, dataset)
+    model_config = checkpoint_config(cfg, dataset)
+    model = build_student(model_config["kind"], dataset, **model_config["kwargs"])
     sampler = build_sampler(cfg, dataset, acc)
 
     from student.trainer import Trainer
 
     teacher_session = None
-    trainer_kwargs: dict[str, Any] = {}
     teacher_info: dict[str, Any] = {}
     if cfg.service.active:
         from student.teacher_session import TeacherSession
 
-        teacher_session = TeacherSession.open(cfg, dataset, acc)
+        teacher_session = TeacherSession.open(cfg, dataset, acc, ray_address=ray_address, teachers=teachers)
         teacher_info = teacher_session.info()
-        trainer_kwargs = teacher_session.trainer_hooks()
     if acc.is_main_process:
         write_run_header(run_dir, cfg, {"seed": cfg.train.seed, "world_size": acc.num_processes,
                                         "device": str(acc.device), "vocab_hash": dataset.vocab_hash(),
                                         "teachers": teacher_info})
     try:
-        trainer = Trainer(cfg, dataset, model, acc, run_dir, sampler, model_config, **trainer_kwargs)
+        trainer = Trainer(cfg, dataset, model, acc, run_dir, sampler, model_config, distiller=teacher_session)
         metrics = trainer.fit()
         if teacher_session is not None and acc.is_main_process:
             metrics["teacher_client"] = teacher_session.stats()

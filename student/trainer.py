@@ -10,34 +10,24 @@ import contextlib
 import json
 import logging
 import math
-import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from ckd.data.multidomain import MultiDomainDataset
-from ckd.metrics import format_table, full_ranking_ranks, metrics_by_domain
+from ckd.loop import (commit_dir, count_parameters, epoch_batches, fresh_dir, peak_memory_mb, rng_state,
+                      set_rng_state, staging_dir)
+from ckd.metrics import evaluate_model, format_table
+from ckd.run_dir import write_metrics
 from student.distill import domain_ce
+from student.distiller import Distiller, PreparedBatch, SoftLabels
 from student.models.base import StudentBatch, StudentModel
 
 log = logging.getLogger("ckd")
-
-
-@dataclass
-class PreparedBatch:
-    """A student batch plus what its distillation needs (built before teachers are asked)."""
-
-    batch: StudentBatch
-    step_seed: int
-    candidates: torch.Tensor | None = None  # [C] global ids
-    target_col: torch.Tensor | None = None  # [B]
-    valid_mask: torch.Tensor | None = None  # [B', C]
-    kd_rows: torch.Tensor | None = None  # rows the teachers cover (None = all B); B' = len(kd_rows)
 
 
 def make_student_batch(dataset: MultiDomainDataset, split: str, idx: np.ndarray) -> StudentBatch:
@@ -73,35 +63,6 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
-def model_score_fn(model: StudentModel, device: torch.device):
-    """Adapter from the student contract to ckd.metrics' score_fn signature."""
-
-    def fn(users, hist, lens, start, stop):
-        b = StudentBatch(users, torch.zeros_like(users), hist, lens, torch.zeros_like(users))
-        return model.full_scores(b.to(device), start, stop)
-
-    return fn
-
-
-@torch.no_grad()
-def evaluate_ranks(model: StudentModel, dataset: MultiDomainDataset, split: str, batch_size: int,
-                   device: torch.device) -> dict[str, np.ndarray]:
-    """Each ``split`` example's 0-based target rank over its domain's items, per domain (eval mode)."""
-    was_training = model.training
-    model.eval()
-    try:
-        return full_ranking_ranks(model_score_fn(model, device), dataset, split, batch_size=batch_size,
-                                  device=device)
-    finally:
-        model.train(was_training)
-
-
-def evaluate(model: StudentModel, dataset: MultiDomainDataset, split: str, batch_size: int,
-             device: torch.device) -> dict[str, dict[str, float]]:
-    """Full-ranking Recall/NDCG@10/50 per domain and their mean."""
-    return metrics_by_domain(evaluate_ranks(model, dataset, split, batch_size, device))
-
-
 def save_student(model: StudentModel, directory: Path, config: dict[str, Any]) -> None:
     """Weights as safetensors + the constructor config as JSON."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -110,36 +71,18 @@ def save_student(model: StudentModel, directory: Path, config: dict[str, Any]) -
     (directory / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def rng_state() -> dict[str, torch.Tensor]:
-    out = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        out["cuda"] = torch.cuda.get_rng_state()
-    return out
-
-
-def set_rng_state(state: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
 class Trainer:
     """Trains ``model`` on ``dataset`` with ``accelerator``; see module docstring."""
 
     def __init__(self, cfg, dataset: MultiDomainDataset, model: StudentModel, accelerator, run_dir: Path,
-                 sampler, model_config: dict[str, Any],
-                 soft_labels: Callable[[Iterable[PreparedBatch]], Iterator[tuple[PreparedBatch, Any]]] | None = None,
-                 loss_fn: Callable[..., tuple[torch.Tensor, dict[str, float]]] | None = None,
-                 prepare: Callable[[StudentBatch, int], PreparedBatch] | None = None):
+                 sampler, model_config: dict[str, Any], distiller: Distiller | None = None):
         self.cfg = cfg
         self.dataset = dataset
         self.acc = accelerator
         self.run_dir = run_dir
         self.sampler = sampler
         self.model_config = model_config
-        self.soft_labels = soft_labels
-        self.loss_fn = loss_fn
-        self.prepare = prepare or (lambda b, seed: PreparedBatch(b, seed))
+        self.distiller = distiller  # None: CE only
         self.device = accelerator.device
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         ds_plugin = getattr(accelerator.state, "deepspeed_plugin", None)
@@ -178,12 +121,10 @@ class Trainer:
     def save_last(self) -> None:
         """Everything needed to resume exactly at the next epoch boundary, written to a temporary
         folder first so an interruption mid-save leaves the previous ``last`` intact."""
-        last, tmp = self.run_dir / "last", self.run_dir / "last.tmp"
+        last = self.run_dir / "last"
+        tmp = staging_dir(last)
         if self.is_main:
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            fresh_dir(last)
         self.acc.wait_for_everyone()
         if self._deepspeed():
             # ZeRO partitions the optimizer state: every rank writes its own shard.
@@ -200,10 +141,7 @@ class Trainer:
             (tmp / "trainer_state.json").write_text(json.dumps({**self.state, "sampler": sampler_state}))
         self.acc.wait_for_everyone()
         if self.is_main:
-            import shutil
-
-            shutil.rmtree(last, ignore_errors=True)
-            os.replace(tmp, last)
+            commit_dir(tmp, last)
         self.acc.wait_for_everyone()
 
     def try_resume(self) -> bool:
@@ -238,22 +176,11 @@ class Trainer:
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
         """This rank's batches of ``epoch``: its curriculum shard, optionally length-bucketed (rows
         sorted by length within pools of batches, then the batch order shuffled, all seeded)."""
-        idx = self.sampler.epoch_indices(epoch)
-        bs = self.cfg.train.batch_size
-        n_batches = max(1, len(idx) // bs)
-        idx = idx[: n_batches * bs] if len(idx) >= bs else idx
-        pool = self.cfg.train.length_bucket_batches
-        if pool > 0:
-            lengths = self.dataset.splits["train"].lengths
-            rng = np.random.default_rng([self.cfg.train.seed, epoch, self.acc.process_index])
-            batches = []
-            for p in range(0, len(idx), pool * bs):
-                chunk = idx[p: p + pool * bs]
-                chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
-                batches.extend(chunk[b: b + bs] for b in range(0, len(chunk), bs))
-            batches = [batches[i] for i in rng.permutation(len(batches))]
-        else:
-            batches = [idx[b * bs:(b + 1) * bs] for b in range(n_batches)]
+        t = self.cfg.train
+        # The shard comes shuffled by the sampler; the batch order's own stream is per (seed, epoch, rank).
+        rng = np.random.default_rng([t.seed, epoch, self.acc.process_index])
+        batches = epoch_batches(self.sampler.epoch_indices(epoch), self.dataset.splits["train"].lengths,
+                                t.batch_size, t.length_bucket_batches, rng.permutation, drop_last=True)
         if self.cfg.train.max_steps_per_epoch:
             batches = batches[: self.cfg.train.max_steps_per_epoch]
         return batches
@@ -261,7 +188,8 @@ class Trainer:
     def _batches(self, epoch: int, selections: list[np.ndarray]) -> Iterator[PreparedBatch]:
         for b, sel in enumerate(selections):
             seed = (self.cfg.train.seed * 1_000_003 + epoch * 10_007 + b) * 97 + self.acc.process_index
-            yield self.prepare(make_student_batch(self.dataset, "train", sel), seed)
+            batch = make_student_batch(self.dataset, "train", sel)
+            yield self.distiller.prepare(batch, seed) if self.distiller is not None else PreparedBatch(batch, seed)
 
     def ce_loss(self, logits: torch.Tensor, batch: StudentBatch) -> torch.Tensor:
         """Full-softmax CE over the items of each instance's own domain (each supervised position's,
@@ -274,7 +202,7 @@ class Trainer:
             domains = batch.domains[:, None].expand_as(batch.position_targets)[keep]
         return domain_ce(logits, targets, domains, self.domain_ranges, self.cfg.train.label_smoothing)
 
-    def step(self, pb: PreparedBatch, soft: Any) -> dict[str, float]:
+    def step(self, pb: PreparedBatch, soft: SoftLabels | None) -> dict[str, float]:
         self.optimizer.zero_grad(set_to_none=True)
         if self.cfg.train.length_sorted_pieces > 1:
             loss = self.backward_in_length_sorted_pieces(pb.batch, self.cfg.train.length_sorted_pieces)
@@ -283,8 +211,8 @@ class Trainer:
             batch = pb.batch.to(self.device)
             # Through the wrapper's forward: DDP/DeepSpeed synchronise gradients only there.
             logits = self.model(batch)
-            if self.loss_fn is not None:
-                loss, terms = self.loss_fn(logits, pb, batch, soft, self)
+            if self.distiller is not None:
+                loss, terms = self.distiller.loss(logits, pb, batch, soft)
             else:
                 loss = self.ce_loss(logits, batch)
                 terms = {"ce": float(loss.detach())}
@@ -316,7 +244,7 @@ class Trainer:
         self.sampler.set_epoch(epoch)
         selections = self.epoch_batches(epoch)
         batches: Iterable = self._batches(epoch, selections)
-        stream = self.soft_labels(batches) if self.soft_labels else ((b, None) for b in batches)
+        stream = self.distiller.soft_labels(batches) if self.distiller is not None else ((b, None) for b in batches)
         totals: dict[str, float] = {}
         n = 0
         bar = None
@@ -359,7 +287,7 @@ class Trainer:
             decision = torch.zeros(2, dtype=torch.float64, device=self.device)
             if self.is_main:
                 t1 = time.perf_counter()
-                valid = evaluate(self.eval_model, self.dataset, "valid", cfg.train.eval_batch_size, self.device)
+                valid = evaluate_model(self.eval_model, self.dataset, "valid", cfg.train.eval_batch_size, self.device)
                 self.timings["eval_s"] += time.perf_counter() - t1
                 ndcg = valid["mean"]["ndcg@10"]
                 improved = ndcg > self.state["best_ndcg10"]
@@ -451,29 +379,18 @@ class Trainer:
             model = unwrap(self.model)
             if best.is_file():
                 model.load_state_dict(load_file(str(best)), strict=True)
-            valid = evaluate(model, self.dataset, "valid", self.cfg.train.eval_batch_size, self.device)
-            test = evaluate(model, self.dataset, "test", self.cfg.train.eval_batch_size, self.device)
+            valid = evaluate_model(model, self.dataset, "valid", self.cfg.train.eval_batch_size, self.device)
+            test = evaluate_model(model, self.dataset, "test", self.cfg.train.eval_batch_size, self.device)
             metrics = {"valid": valid, "test": test, "best_epoch": self.state["best_epoch"],
                        "epochs_run": self.state["epoch"], "global_step": self.state["global_step"],
                        "history": self.state["history"],
                        "timing": self.timing_summary(),
                        "world_size": self.acc.num_processes,
-                       "num_parameters": sum(p.numel() for p in model.parameters()),
+                       "num_parameters": count_parameters(model),
                        "peak_memory_mb": peak_memory_mb(self.device)}
-            from ckd.run_dir import write_metrics
-
             write_metrics(self.run_dir, metrics)
             log.info("results (best epoch %d)\n%s", self.state["best_epoch"],
                      format_table({"valid": valid, "test": test}))
         self.acc.wait_for_everyone()
         return metrics
 
-
-def peak_memory_mb(device: torch.device) -> dict[str, float]:
-    """Peak resident memory of this process (and peak CUDA allocation when on a GPU), in MB."""
-    import resource
-
-    out = {"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
-    if device.type == "cuda":
-        out["cuda"] = torch.cuda.max_memory_allocated(device) / 2**20
-    return out

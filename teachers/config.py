@@ -52,7 +52,9 @@ class StageConfig:
 
 
 @dataclass
-class TrainConfig:
+class TeacherTrainConfig:
+    """The ``train:`` section of a teacher run (student.config.StudentTrainConfig is the student's)."""
+
     epochs: int = 50
     batch_size: int = 1024
     lr: float = 1e-3
@@ -93,7 +95,7 @@ class TeacherConfig:
     kind: str = ""  # registered teacher kind, e.g. "unisrec"
     model: dict[str, Any] = field(default_factory=dict)  # kwargs of <Teacher>.from_dataset
     data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)
 
     def validate(self) -> None:
         if not self.kind:

@@ -10,20 +10,18 @@ The training interface a teacher implements on top of ``teachers.base.Teacher``:
 
 ``training_loss`` is the model's own objective and is called in train mode; histories are global
 ids, oldest first, right-padded with 0 and trimmed to the batch's longest row. The loop evaluates
-with ``model.full_scores`` in eval mode.
+with ``ckd.metrics.evaluate_model`` (the ``RankingModel`` contract students follow too).
 
-Run directory ``<run_dir>/``: ``config.yaml`` (resolved), ``run.json`` (git SHA, argv),
-``train.log``, ``metrics.json`` ({"valid": {domain: metrics}, "test": {...}, "best_epoch": n, ...}),
-``best/`` (the final stage's best checkpoint, ``teachers.base`` format), ``stage_<name>/best/`` for
-earlier stages, and ``last/`` (model, optimizer, RNG and loop state after each finished epoch;
-``fit`` resumes from it after an interruption).
+Run directory ``<run_dir>/`` (written with ``ckd.run_dir``): ``config.yaml`` (resolved),
+``run.json`` (git SHA, argv, data dir), ``train.log``, ``metrics.json`` ({"valid": {domain: metrics},
+"test": {...}, "best_epoch": n, ...}), ``best/`` (the final stage's best checkpoint, ``teachers.base``
+format), ``stage_<name>/best/`` for earlier stages, and ``last/`` (model, optimizer, RNG and loop
+state after each finished epoch; ``fit`` resumes from it after an interruption).
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -33,10 +31,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ckd.config import default_data_dir, dump_config, json_dump
-from ckd.run_dir import git_sha
+from ckd.config import default_data_dir
 from ckd.data.multidomain import MultiDomainDataset, SeqExamples, load_multidomain
-from ckd.metrics import evaluate_full_ranking, format_table
+from ckd.loop import (count_parameters, epoch_batches, peak_memory_mb, rng_state, set_rng_state,
+                      torch_permutation, write_dir_atomically)
+from ckd.metrics import evaluate_model, format_table
+from ckd.run_dir import setup_logging, write_metrics, write_run_header
 from teachers.base import TEACHERS, Teacher, TeacherContractError, load_teacher, save_teacher
 from teachers.config import StageConfig, TeacherConfig
 
@@ -118,75 +118,6 @@ def subsample_rows(ex: SeqExamples, domain_names: list[str], caps: dict[str, int
     return ex.subset(np.nonzero(keep)[0])
 
 
-def epoch_batches(lengths: np.ndarray, batch_size: int, gen: torch.Generator,
-                  bucket_batches: int = 0) -> list[np.ndarray]:
-    """Row indices of one epoch's batches: a seeded shuffle; with ``bucket_batches`` > 0, rows are
-    sorted by length inside pools of that many batches and the batches shuffled again."""
-    order = torch.randperm(len(lengths), generator=gen).numpy()
-    if bucket_batches <= 0:
-        return [order[b: b + batch_size] for b in range(0, len(order), batch_size)]
-    pool = bucket_batches * batch_size
-    batches = []
-    for p in range(0, len(order), pool):
-        chunk = order[p: p + pool]
-        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
-        batches.extend(chunk[b: b + batch_size] for b in range(0, len(chunk), batch_size))
-    perm = torch.randperm(len(batches), generator=gen).numpy()
-    return [batches[i] for i in perm]
-
-
-def setup_logging(run_dir: Path) -> logging.Logger:
-    """train.log in the run dir plus stderr."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log.handlers.clear()
-    log.setLevel(logging.INFO)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
-    for h in (logging.StreamHandler(sys.stderr), logging.FileHandler(run_dir / "train.log")):
-        h.setFormatter(fmt)
-        log.addHandler(h)
-    log.propagate = False
-    return log
-
-
-def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-def evaluate_teacher(model: Teacher, dataset: MultiDomainDataset, split: str, batch_size: int = 1024,
-                     device: str | torch.device = "cpu",
-                     domains: list[str] | None = None) -> dict[str, dict[str, float]]:
-    """Full-ranking metrics of ``model.full_scores`` on ``split`` (eval mode, restored after)."""
-    was_training = model.training
-    model.eval()
-
-    def score_fn(users, hist, lens, start, stop):
-        return model.full_scores(hist.to(device), lens.to(device), start, stop)
-
-    try:
-        return evaluate_full_ranking(score_fn, dataset, split, batch_size=batch_size, device=device,
-                                     domains=domains)
-    finally:
-        model.train(was_training)
-
-
-def _rng_state(gen: torch.Generator) -> dict[str, torch.Tensor]:
-    return {"torch": torch.get_rng_state(), "shuffle": gen.get_state()}
-
-
-def _atomic_dir(final: Path, write) -> None:
-    """Write into ``final.tmp`` then swap, so an interruption leaves the previous copy intact."""
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    old = final.with_name(final.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 # -- the loop --------------------------------------------------------------------------------------
 
 class TeacherTrainer:
@@ -229,10 +160,10 @@ class TeacherTrainer:
             save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
                       str(d / "model.safetensors"))
             torch.save(opt.state_dict(), d / "optimizer.pt")
-            save_file(_rng_state(gen), str(d / "rng.safetensors"))
+            save_file(rng_state(gen), str(d / "rng.safetensors"))
             (d / "state.json").write_text(json.dumps(state, indent=2))
 
-        _atomic_dir(self.last_dir, write)
+        write_dir_atomically(self.last_dir, write)
 
     def _read_last(self) -> dict[str, Any] | None:
         p = self.last_dir / "state.json"
@@ -267,6 +198,10 @@ class TeacherTrainer:
         stage = self.stages[i]
         cfg = self.cfg.train
         dataset = self.dataset(stage)
+        stage_seed = cfg.seed + 1000 * i
+        # Seeded before the model is built: torch's start-up seed differs between processes, so an
+        # unseeded initialisation made a retrained teacher land elsewhere (.0707-.0785 N@10 seen).
+        torch.manual_seed(stage_seed)
         model = self._init_model(i, stage, dataset)
         trainable = [p for p in model.parameters() if p.requires_grad]
         if not trainable:
@@ -276,7 +211,6 @@ class TeacherTrainer:
         epochs = self._stage_value(stage, "epochs")
         batch_size = self._stage_value(stage, "batch_size")
         patience = self._stage_value(stage, "patience")
-        stage_seed = cfg.seed + 1000 * i
         gen = torch.Generator().manual_seed(stage_seed)
         torch.manual_seed(stage_seed)
         train = subsample_rows(dataset.splits["train"], dataset.domain_names,
@@ -288,9 +222,7 @@ class TeacherTrainer:
         if resume is not None and resume["stage"] == i and resume["epoch"] > 0:
             model.load_state_dict(load_file(str(self.last_dir / "model.safetensors")), strict=True)
             opt.load_state_dict(torch.load(self.last_dir / "optimizer.pt", weights_only=True, map_location="cpu"))
-            rng = load_file(str(self.last_dir / "rng.safetensors"))
-            torch.set_rng_state(rng["torch"])
-            gen.set_state(rng["shuffle"])
+            set_rng_state(load_file(str(self.last_dir / "rng.safetensors")), gen)
             st = resume
             log.info("stage %s: resumed at epoch %d (best %s %.4f at epoch %d)", stage.name, st["epoch"],
                      SELECT_METRIC, st["best_score"], st["best_epoch"])
@@ -306,7 +238,7 @@ class TeacherTrainer:
             stop = False
             if stage.evaluate:
                 t1 = time.time()
-                valid = evaluate_teacher(model, dataset, "valid", cfg.eval_batch_size, self.device, eval_domains)
+                valid = evaluate_model(model, dataset, "valid", cfg.eval_batch_size, self.device, eval_domains)
                 score = valid["mean"][SELECT_METRIC]
                 rec.update(valid_ndcg10=score, valid_recall10=valid["mean"]["recall@10"],
                            eval_s=round(time.time() - t1, 1))
@@ -339,7 +271,9 @@ class TeacherTrainer:
         if callable(prepare):
             prepare(epoch)
         model.train()
-        batches = epoch_batches(train.lengths, batch_size, gen, cfg.length_bucket_batches)
+        # Both draws come from the stage's generator, rows first, then (when bucketing) batch order.
+        perm = torch_permutation(gen)
+        batches = epoch_batches(perm(len(train)), train.lengths, batch_size, cfg.length_bucket_batches, perm)
         n_batches = len(batches)
         if stage.max_steps_per_epoch:
             n_batches = min(n_batches, stage.max_steps_per_epoch)
@@ -379,9 +313,7 @@ class TeacherTrainer:
         setup_logging(self.run_dir)
         if self.cfg.train.threads > 0:
             torch.set_num_threads(self.cfg.train.threads)
-        dump_config(self.cfg, self.run_dir / "config.yaml")
-        json_dump({"git_sha": git_sha(), "argv": sys.argv, "data_dir": str(self.data_dir),
-                   "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, self.run_dir / "run.json")
+        write_run_header(self.run_dir, self.cfg, {"data_dir": str(self.data_dir)})
         resume = self._read_last()
         first = 0
         if resume is not None:
@@ -409,18 +341,19 @@ class TeacherTrainer:
         bs = self.cfg.train.eval_batch_size
         best_cfg = json.loads((self.best_dir(len(self.stages) - 1) / "config.json").read_text())
         metrics = {
-            "valid": evaluate_teacher(best, dataset, "valid", bs, self.device),
-            "test": evaluate_teacher(best, dataset, "test", bs, self.device),
+            "valid": evaluate_model(best, dataset, "valid", bs, self.device),
+            "test": evaluate_model(best, dataset, "test", bs, self.device),
             "best_epoch": int(best_cfg.get("epoch", -1)),
             "kind": self.cfg.kind,
             "checkpoint": str(self.best_dir(len(self.stages) - 1)),
             "checkpoint_sha256": best.checkpoint_sha256,
             "vocab_hash": dataset.vocab_hash(),
             "params": count_parameters(best),
+            "peak_memory_mb": peak_memory_mb(self.device),
             "train_seconds_this_invocation": round(train_s, 1),
             "stages": stage_results or {},
         }
-        json_dump(metrics, self.run_dir / "metrics.json")
+        write_metrics(self.run_dir, metrics)
         log.info("final (best epoch %d):\n%s", metrics["best_epoch"],
                  format_table({"valid": metrics["valid"], "test": metrics["test"]}))
         return metrics
@@ -432,4 +365,4 @@ def train_teacher(cfg: TeacherConfig, run_dir: str | Path, data_dir: str | None 
 
 
 __all__ = ["TrainableTeacher", "TeacherTrainer", "TeacherTrainingError", "train_teacher", "build_teacher",
-           "transfer_parameters", "evaluate_teacher", "count_parameters", "TeacherContractError"]
+           "transfer_parameters", "TeacherContractError"]

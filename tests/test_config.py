@@ -70,3 +70,40 @@ def test_yaml_tags_do_not_execute(tmp_path):
     f.write_text("run_dir: !!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(DistillConfig, f)
+
+
+def _spec_with_two_teachers(tmp_path):
+    from benchmarks.fixture_teacher import make_fixture_checkpoint
+
+    for name in ("a", "b"):
+        make_fixture_checkpoint(tmp_path / name, num_items=10, dim=4)
+    spec = tmp_path / "serve.yaml"
+    spec.write_text("teacher_modules: [benchmarks.fixture_teacher]\nteachers:\n"
+                    f"  - {{name: a, checkpoint: {tmp_path / 'a'}, replicas: 2}}\n"
+                    f"  - {{name: b, checkpoint: {tmp_path / 'b'}, replicas: 1}}\n")
+    return spec
+
+
+def test_entry_point_decides_which_teachers_it_starts(tmp_path):
+    """launch/distill.py starts the embedded service of service.spec itself, cut to --teachers; a run
+    that joins a service (or has none) starts nothing."""
+    from launch.distill import embedded_spec, parse_args, resolve_config
+
+    spec = _spec_with_two_teachers(tmp_path)
+    every, names = embedded_spec(resolve_config(parse_args(["--set", f"service.spec={spec}"])))
+    assert names == ["a", "b"] and [t.name for t in every.teachers] == ["a", "b"]
+    cut, names = embedded_spec(resolve_config(parse_args(["--set", f"service.spec={spec}", "--teachers", "b"])))
+    assert names == ["b"] and [(t.name, t.replicas) for t in cut.teachers] == [("b", 1)]
+    for joins in (["--ray-address", "127.0.0.1:6379"], ["--teachers", "none"],
+                  ["--set", 'service.endpoints={"a": ["127.0.0.1:1"]}']):
+        assert embedded_spec(resolve_config(parse_args(["--set", f"service.spec={spec}", *joins]))) is None
+
+
+def test_teacher_names_outside_the_spec_are_refused_before_anything_starts(tmp_path, capsys):
+    from launch.distill import main
+
+    spec = _spec_with_two_teachers(tmp_path)
+    code = main(["--set", f"service.spec={spec}", "--teachers", "a,zeta", "--run-dir", str(tmp_path / "run")])
+    assert code == 2
+    assert f"config error: service.teachers names ['zeta'], not in the deploy spec {spec}" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # no run directory, accelerator or Ray yet

@@ -17,7 +17,7 @@ ACCELERATE_2P = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gp
 
 def launch_two(data_dir, run_dir, *extra, timeout=600):
     env = {**os.environ, "CKD_DATA_DIR": str(data_dir), "OMP_NUM_THREADS": "1"}
-    cmd = ACCELERATE_2P + [str(REPO / "launch" / "distill.py"), "--run-dir", str(run_dir), "--teachers", "none",
+    cmd = ACCELERATE_2P + ["-m", "launch.distill", "--run-dir", str(run_dir), "--teachers", "none",
                            "--set", "data.domains=ScientificMM", "--set", "train.epochs=2",
                            "--set", "train.max_steps_per_epoch=4", "--set", "train.batch_size=64",
                            "--set", "train.progress=false", "--set", "train.threads=1", *extra]

@@ -242,7 +242,7 @@ def test_teacher_session_hands_train_label_smoothing_to_its_loss(scientific):
 
     cfg = load_config(DistillConfig, None, overrides=["train.label_smoothing=0.3"])
     session = TeacherSession(cfg, scientific, acc=None, pool=None, infos={})
-    assert session.loss.label_smoothing == pytest.approx(0.3)
+    assert session.criterion.label_smoothing == pytest.approx(0.3)
 
 
 @pytest.mark.parametrize("in_batch", [True, False])

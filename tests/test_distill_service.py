@@ -23,14 +23,14 @@ def service(scientific_mm, tmp_path_factory):
     import ray
 
     from cluster.deploy import start_embedded
-    from teachers.fixture_teacher import make_fixture_checkpoint
+    from benchmarks.fixture_teacher import make_fixture_checkpoint
 
     root = tmp_path_factory.mktemp("teachers")
     ds = scientific_mm
     for seed in (1, 2):
         make_fixture_checkpoint(root / f"t{seed}", num_items=ds.vocab_size, vocab_hash=ds.vocab_hash(), seed=seed,
                                 temperature=0.5)
-    spec = {"namespace": "ckd-distill-test", "teachers": [
+    spec = {"namespace": "ckd-distill-test", "teacher_modules": ["benchmarks.fixture_teacher"], "teachers": [
         {"name": "alpha", "checkpoint": str(root / "t1"), "replicas": 2},
         {"name": "beta", "checkpoint": str(root / "t2"), "replicas": 1}]}
     address, dep = start_embedded(spec, num_cpus=4)
@@ -47,7 +47,7 @@ def test_replica_killed_during_two_process_distillation(service, data_dir, tmp_p
     run = tmp_path / "run"
     env = {**os.environ, "CKD_DATA_DIR": str(data_dir), "OMP_NUM_THREADS": "1"}
     steps_per_epoch = 12
-    cmd = ACCELERATE_2P + [str(REPO / "launch" / "distill.py"), "--run-dir", str(run), "--ray-address", address,
+    cmd = ACCELERATE_2P + ["-m", "launch.distill", "--run-dir", str(run), "--ray-address", address,
                            "--set", "service.namespace=ckd-distill-test", "--set", "service.teachers=alpha,beta",
                            "--set", "service.failure_policy=fail", "--set", "data.domains=ScientificMM",
                            "--set", "train.epochs=2", "--set", f"train.max_steps_per_epoch={steps_per_epoch}",
@@ -77,3 +77,34 @@ def test_replica_killed_during_two_process_distillation(service, data_dir, tmp_p
     assert metrics["history"][-1]["kd"] > 0  # soft labels were used in the last epoch too
     run_info = json.loads((run / "run.json").read_text())
     assert set(run_info["teachers"]) == {"alpha", "beta"}
+
+
+def test_entry_point_starts_the_embedded_service_for_both_ranks(scientific_mm, data_dir, tmp_path):
+    """No --ray-address: rank 0 of launch/distill.py starts a local Ray with the spec's replicas cut
+    to --teachers, hands its address to rank 1, both distil from it, and the service is shut down
+    once both have finished (the job exits cleanly)."""
+    from benchmarks.fixture_teacher import make_fixture_checkpoint
+
+    ds = scientific_mm
+    for name, seed in (("alpha", 1), ("beta", 2)):
+        make_fixture_checkpoint(tmp_path / name, num_items=ds.vocab_size, vocab_hash=ds.vocab_hash(), seed=seed)
+    spec = tmp_path / "serve.yaml"
+    spec.write_text("namespace: ckd-embedded-test\nteacher_modules: [benchmarks.fixture_teacher]\nteachers:\n"
+                    f"  - {{name: alpha, checkpoint: {tmp_path / 'alpha'}, replicas: 1}}\n"
+                    f"  - {{name: beta, checkpoint: {tmp_path / 'beta'}, replicas: 1}}\n")
+    run = tmp_path / "run"
+    env = {**os.environ, "CKD_DATA_DIR": str(data_dir), "OMP_NUM_THREADS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    cmd = ACCELERATE_2P + ["-m", "launch.distill", "--run-dir", str(run), "--teachers", "beta",
+                           "--set", f"service.spec={spec}", "--set", "service.namespace=ckd-embedded-test",
+                           "--set", "data.domains=ScientificMM", "--set", "train.epochs=1",
+                           "--set", "train.max_steps_per_epoch=4", "--set", "train.batch_size=64",
+                           "--set", "train.progress=false", "--set", "train.threads=1", "--set", "kd.num_sampled=16"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    assert "starting embedded Ray with 1 teacher replica(s): beta" in (run / "train.log").read_text()
+    ranks = [json.loads((run / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["global_step"] for r in ranks] == [4, 4] and ranks[0]["param_sha256"] == ranks[1]["param_sha256"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["history"][0]["kd"] > 0 and metrics["history"][0]["kd_teachers"] == 1
+    assert set(json.loads((run / "run.json").read_text())["teachers"]) == {"beta"}

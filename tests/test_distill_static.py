@@ -14,7 +14,7 @@ pytestmark = pytest.mark.integration
 
 def _serve(tmp_path, ds, name, vocab_hash, seed):
     from teachers.base import load_teacher
-    from teachers.fixture_teacher import make_fixture_checkpoint
+    from benchmarks.fixture_teacher import make_fixture_checkpoint
     from teachers.server import start_server
 
     make_fixture_checkpoint(tmp_path / name, num_items=ds.vocab_size, vocab_hash=vocab_hash, seed=seed)
@@ -23,7 +23,7 @@ def _serve(tmp_path, ds, name, vocab_hash, seed):
 
 def _distill(data_dir, run_dir, endpoints, *extra):
     env = {**os.environ, "CKD_DATA_DIR": str(data_dir), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(REPO / "launch" / "distill.py"), "--run-dir", str(run_dir),
+    cmd = [sys.executable, "-m", "launch.distill", "--run-dir", str(run_dir),
            "--set", f"service.endpoints={json.dumps(endpoints)}", "--set", "data.domains=ScientificMM",
            "--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=4", "--set", "train.batch_size=64",
            "--set", "train.progress=false", "--set", "train.threads=1", "--set", "service.ready_timeout_s=20",

@@ -87,14 +87,53 @@ def test_batches_are_trimmed_to_their_rows_and_ranks_come_back_in_split_order():
     assert widths == [(1, [1, 1]), (3, [2, 3]), (4, [4])]  # sorted by length, each trimmed to its longest
 
 
+def _id_scoring_models():
+    """A teacher and a student that score each item by its global id, recording the mode they ran in."""
+    from student.models.base import StudentModel
+    from teachers.base import Teacher
+
+    modes = []
+
+    class IdTeacher(Teacher):
+        def encode_histories(self, histories, lengths):
+            modes.append(self.training)
+            return torch.ones(len(lengths), 1)
+
+        def item_embeddings(self, item_ids):
+            return item_ids.float().unsqueeze(-1)
+
+    class IdStudent(StudentModel):
+        def score(self, batch, candidates):
+            modes.append(self.training)
+            return candidates.float().expand(len(batch), -1)
+
+    return IdTeacher("hash", 8, 1.0, 4), IdStudent(), modes
+
+
+def test_teachers_and_students_follow_one_ranking_contract_and_one_evaluation():
+    from ckd.metrics import RankingModel, evaluate_model
+
+    ds = _tiny_two_domain()
+    teacher, student, modes = _id_scoring_models()
+    for model in (teacher, student):
+        assert isinstance(model, RankingModel)
+        model.train()
+        res = evaluate_model(model, ds, "test")
+        # as in test_evaluate_ranks_only_within_the_users_domain: each model scored its rows over
+        # their own domain's id range only
+        assert res["A"]["ndcg@10"] == pytest.approx((1 / math.log2(3) + 1.0) / 2)
+        assert res["B"]["ndcg@10"] == 1.0
+        assert model.training  # the caller's mode comes back
+    assert modes and not any(modes)  # scored in eval mode (dropout off) every time
+
+
 def test_trimmed_batches_rank_as_the_padded_width_does(scientific_mm):
     from ckd.metrics import full_ranking_ranks
     from student.models.sasrec import SASRec
-    from student.trainer import model_score_fn
 
     torch.manual_seed(0)
     model = SASRec(scientific_mm.vocab_size, max_len=50, hidden=32, dropout=0.5).eval()
-    trimmed = model_score_fn(model, torch.device("cpu"))
+    trimmed = model.ranking_scores
 
     def padded(users, hist, lens, start, stop):  # what every batch looked like before: width 50
         return trimmed(users, torch.nn.functional.pad(hist, (0, 50 - hist.shape[1])), lens, start, stop)

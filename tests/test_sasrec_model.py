@@ -35,12 +35,17 @@ def test_scale_input_multiplies_only_the_input_item_embeddings():
 def test_scale_input_reaches_the_model_and_its_checkpoint_config(scientific):
     from ckd.config import load_config
     from student.config import DistillConfig
-    from student.pipeline import build_student
+    from student.models import build_student
+    from student.pipeline import checkpoint_config
+
+    def build(cfg):  # as the trainer does, and launch/evaluate.py from a checkpoint's config.json
+        model_config = checkpoint_config(cfg, scientific)
+        return build_student(model_config["kind"], scientific, **model_config["kwargs"]), model_config
 
     cfg = load_config(DistillConfig, None, overrides=["model.kind=sasrec", "model.hidden=300",
                                                       "model.extra.scale_input=true"])
-    model, model_config = build_student(cfg, scientific)
+    model, model_config = build(cfg)
     assert model.input_scale == math.sqrt(300)
     assert model_config["kwargs"]["scale_input"] is True  # launch/evaluate.py rebuilds from these
-    default, _ = build_student(load_config(DistillConfig, None, overrides=["model.kind=sasrec"]), scientific)
+    default, _ = build(load_config(DistillConfig, None, overrides=["model.kind=sasrec"]))
     assert default.input_scale == 1.0

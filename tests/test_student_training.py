@@ -19,7 +19,7 @@ COMMON = ["--teachers", "none", "--set", "data.domains=ScientificMM", "--set", "
 
 def run_distill(data_dir, run_dir, *extra, env_extra=None):
     env = {**os.environ, "CKD_DATA_DIR": str(data_dir), "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "distill.py"), "--run-dir", str(run_dir),
+    proc = subprocess.run([sys.executable, "-m", "launch.distill", "--run-dir", str(run_dir),
                            *COMMON, *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((Path(run_dir) / "metrics.json").read_text()), proc
@@ -43,7 +43,7 @@ def test_short_run_learns_and_writes_its_run_directory(data_dir, tmp_path):
 
     # launch/evaluate.py re-scores the best checkpoint to the trainer's numbers, with intervals
     env = {**os.environ, "CKD_DATA_DIR": str(data_dir), "OMP_NUM_THREADS": "1"}
-    ev = subprocess.run([sys.executable, str(REPO / "launch" / "evaluate.py"), str(tmp_path / "run" / "best"),
+    ev = subprocess.run([sys.executable, "-m", "launch.evaluate", str(tmp_path / "run" / "best"),
                          "--ci", "200", "--out", str(tmp_path / "ev"), "--device", "cpu"],
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert ev.returncode == 0, ev.stdout[-3000:] + ev.stderr[-3000:]

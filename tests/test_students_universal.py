@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ckd.data.multidomain import build_multidomain
-from student.models import BUILDERS, STUDENTS, StudentBatch, build_student
+from student.models import STUDENTS, SASRec, StudentBatch, StudentModel, build_student, register_student
 from student.models.deepfm import DeepFM
 from student.models.fm import FM
 from student.models.lightgcn import LightGCN, normalized_adjacency, training_edges
@@ -40,10 +40,15 @@ def _one_thread():
 
 @pytest.mark.unit
 def test_registry_and_factory():
-    assert {"fm", "deepfm", "lightgcn"} <= set(STUDENTS) and {"fm", "deepfm", "lightgcn"} <= set(BUILDERS)
+    assert {"sasrec", "fm", "deepfm", "lightgcn"} <= set(STUDENTS)
     assert STUDENTS["fm"] is FM and STUDENTS["deepfm"] is DeepFM and STUDENTS["lightgcn"] is LightGCN
+    assert STUDENTS["sasrec"] is SASRec
     with pytest.raises(ValueError, match="unknown student kind 'gru'"):
         build_student("gru", None)
+    # one registry, one class per kind: a second class cannot take a kind over
+    with pytest.raises(ValueError, match="'fm' is already registered by FM"):
+        register_student(type("OtherFM", (StudentModel,), {"kind": "fm"}))
+    assert STUDENTS["fm"] is FM
 
 
 @pytest.mark.integration

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
 from ckd.config import ConfigError, load_config
 from teachers.base import load_teacher
 from teachers.config import TeacherConfig
-from teachers.training import TeacherTrainer, epoch_batches, train_teacher, transfer_parameters
+from teachers.training import TeacherTrainer, train_teacher, transfer_parameters
 from teachers.unisrec import UniSRecTeacher
 
 TINY = {"hidden": 16, "inner": 16, "layers": 1, "heads": 1, "n_experts": 2, "dropout": 0.1, "attn_dropout": 0.1}
@@ -45,21 +44,6 @@ def test_unknown_key_is_an_error():
 
 
 @pytest.mark.unit
-def test_epoch_batches_cover_rows_once_and_bucket_by_length():
-    lengths = np.random.default_rng(0).integers(1, 50, size=1000)
-    a = epoch_batches(lengths, 64, torch.Generator().manual_seed(3), bucket_batches=4)
-    b = epoch_batches(lengths, 64, torch.Generator().manual_seed(3), bucket_batches=4)
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))  # seeded
-    flat = np.concatenate(a)
-    assert np.array_equal(np.sort(flat), np.arange(1000))
-    # inside a batch rows are length-sorted, so the padding cost is far below the plain shuffle's
-    plain = epoch_batches(lengths, 64, torch.Generator().manual_seed(3), bucket_batches=0)
-    pad = lambda bs: sum(len(x) * lengths[x].max() for x in bs)  # noqa: E731
-    assert pad(a) < 0.75 * pad(plain)
-    assert all(np.all(np.diff(lengths[x]) >= 0) for x in a)
-
-
-@pytest.mark.unit
 def test_run_dir_metrics_and_exact_resume(data_dir, tmp_path):
     # two epochs in one go
     full = train_teacher(_cfg(data_dir, 2, [FINETUNE]), tmp_path / "full")
@@ -74,6 +58,8 @@ def test_run_dir_metrics_and_exact_resume(data_dir, tmp_path):
     run = tmp_path / "full"
     for name in ("config.yaml", "run.json", "train.log", "metrics.json", "best/model.safetensors"):
         assert (run / name).is_file(), name
+    assert json.loads((run / "run.json").read_text())["data_dir"] == str(data_dir)
+    assert "stage finetune epoch 1:" in (run / "train.log").read_text()  # the loop's log reaches the file
     m = json.loads((run / "metrics.json").read_text())
     assert set(m["valid"]) == {"Scientific", "mean"} and set(m["test"]) == {"Scientific", "mean"}
     assert set(m["test"]["Scientific"]) == {"recall@10", "ndcg@10", "recall@50", "ndcg@50"}
@@ -82,6 +68,31 @@ def test_run_dir_metrics_and_exact_resume(data_dir, tmp_path):
     best_valid = max(r["valid_ndcg10"] for r in h_full)
     assert m["valid"]["mean"]["ndcg@10"] == pytest.approx(best_valid, abs=1e-9)
     assert isinstance(load_teacher(run / "best", expected_vocab_hash=m["vocab_hash"]), UniSRecTeacher)
+
+
+@pytest.mark.unit
+def test_retraining_is_seeded_whatever_the_process_start_seed(data_dir, tmp_path):
+    """torch seeds its global generator differently in every process: two trainings that start from
+    different global states (as two processes do) must give the same weights and metrics. UniM2Rec
+    does not seed its own initialisation (UniSRec does), so it shows the loop's seeding."""
+    def cfg() -> TeacherConfig:
+        return load_config(TeacherConfig, extra={
+            "kind": "unim2rec",
+            "model": {"modalities": ["clip_text", "image"], "hidden": 16, "num_layers": 1, "num_heads": 1,
+                      "dropout": 0.1, "modality_dropout": 0.3, "use_id": True},
+            "data": {"data_dir": str(data_dir), "domains": ["ScientificMM"], "max_len": 20},
+            "train": {"epochs": 1, "batch_size": 128, "lr": 3e-3, "seed": 7, "progress": False, "threads": 1,
+                      "eval_batch_size": 4096,
+                      "stages": [{"name": "train", "max_steps_per_epoch": 4}]}})
+
+    torch.manual_seed(123)
+    a = train_teacher(cfg(), tmp_path / "a")
+    torch.manual_seed(456)
+    b = train_teacher(cfg(), tmp_path / "b")
+    assert a["test"] == b["test"]
+    wa = load_teacher(tmp_path / "a" / "best").state_dict()
+    wb = load_teacher(tmp_path / "b" / "best").state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 @pytest.mark.unit

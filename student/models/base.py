@@ -1,15 +1,21 @@
 """The student model contract (RecBole-style: a model scores, a trainer owns the loop).
 
-Every student scores a batch of instances against candidate items and against a whole domain's
-catalogue. Inputs are a ``StudentBatch`` of global ids (see ckd.data.multidomain); outputs are raw
-logits. Inference needs no teacher and no network.
+Every student is built for a dataset by ``from_dataset`` and scores a batch of instances against
+candidate items and against a whole domain's catalogue. Inputs are a ``StudentBatch`` of global ids
+(see ckd.data.multidomain); outputs are raw logits. Inference needs no teacher and no network.
+A student class registers itself under its ``kind`` with ``@register_student``: ``STUDENTS`` is
+the one registry ``student.models.build_student`` reads.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from ckd.data.multidomain import MultiDomainDataset
 
 
 @dataclass
@@ -40,10 +46,16 @@ class StudentBatch:
 
 
 class StudentModel(nn.Module):
-    """Subclasses implement ``score``; ``full_scores`` defaults to scoring the id range."""
+    """Subclasses implement ``from_dataset`` and ``score``; ``full_scores`` defaults to scoring the id range."""
 
     kind: str = "student"
     vocab_size: int = 0
+
+    @classmethod
+    def from_dataset(cls, dataset: MultiDomainDataset, **kwargs: Any) -> StudentModel:
+        """This student sized for ``dataset`` (vocabulary, domains, graph...); ``kwargs`` are the
+        model's own hyper-parameters, as a checkpoint's config.json stores them."""
+        raise NotImplementedError
 
     def forward(self, batch: StudentBatch) -> torch.Tensor:
         """Logits over the whole vocabulary [B, vocab_size] (PAD and other domains included;
@@ -61,10 +73,22 @@ class StudentModel(nn.Module):
         """Logits [B, stop - start] over global ids [start, stop) (one domain's catalogue)."""
         return self.score(batch, torch.arange(start, stop, device=batch.histories.device))
 
+    def ranking_scores(self, users: torch.Tensor, histories: torch.Tensor, lengths: torch.Tensor,
+                       start: int, stop: int) -> torch.Tensor:
+        """The ``ckd.metrics.RankingModel`` contract every model follows: ``full_scores`` of a batch
+        of these rows. Domains and targets are zero placeholders: no student reads them to score a
+        catalogue (FM takes the domain from the history)."""
+        zeros = torch.zeros_like(users)
+        return self.full_scores(StudentBatch(users, zeros, histories, lengths, zeros), start, stop)
 
+
+# kind -> student class; filled by @register_student as each model module is imported.
 STUDENTS: dict[str, type[StudentModel]] = {}
 
 
 def register_student(cls: type[StudentModel]) -> type[StudentModel]:
+    """Class decorator: make ``cls`` buildable by its ``kind``."""
+    if STUDENTS.get(cls.kind, cls) is not cls:
+        raise ValueError(f"student kind {cls.kind!r} is already registered by {STUDENTS[cls.kind].__name__}")
     STUDENTS[cls.kind] = cls
     return cls

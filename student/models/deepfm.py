@@ -48,6 +48,12 @@ class DeepFM(StudentModel):
         layers.append(nn.Linear(mlp[-1], 1))
         self.head = nn.Sequential(*layers)
 
+    @classmethod
+    def from_dataset(cls, dataset, **kwargs) -> "DeepFM":
+        ranges = [dataset.domain_range(d) for d in range(dataset.num_domains)]
+        return cls(dataset.vocab_size, dataset.num_domains, item_domain=dataset.item_domain,
+                   domain_ranges=ranges, **kwargs)
+
     def _pairs(self, u: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
         """Deep logits for user projections [B, H] and item projections [C, H] or [B, C, H]."""
         x = u[:, None, :] + (i[None] if i.dim() == 2 else i)

@@ -138,5 +138,9 @@ class FM(StudentModel):
         self.fields = FieldEmbeddings(vocab_size, num_domains, hidden, item_domain, init_std, last_item)
         self.drop = nn.Dropout(dropout)
 
+    @classmethod
+    def from_dataset(cls, dataset, **kwargs) -> "FM":
+        return cls(dataset.vocab_size, dataset.num_domains, item_domain=dataset.item_domain, **kwargs)
+
     def score(self, batch: StudentBatch, candidates: torch.Tensor) -> torch.Tensor:
         return fm_scores(self.fields.user_side(batch, self.drop), self.fields.item_side(candidates))

@@ -74,6 +74,14 @@ class LightGCN(StudentModel):
         self._adj: torch.Tensor | None = None
         self._cache: tuple[tuple, torch.Tensor] | None = None
 
+    @classmethod
+    def from_dataset(cls, dataset, **kwargs) -> "LightGCN":
+        """The graph is built from the training split's interactions only."""
+        tr = dataset.splits["train"]
+        users, items = training_edges(tr.users, tr.histories, tr.targets)
+        return cls(dataset.vocab_size, dataset.num_domains, num_users=dataset.num_users,
+                   edge_users=users, edge_items=items, **kwargs)
+
     @property
     def num_edges(self) -> int:
         return int(self._adj_parts[1].numel()) // 2  # each edge is stored in both directions

@@ -33,6 +33,10 @@ class SASRec(StudentModel):
                              persistent=False)
         self.apply(self._init)
 
+    @classmethod
+    def from_dataset(cls, dataset, **kwargs) -> "SASRec":
+        return cls(dataset.vocab_size, **kwargs)
+
     @staticmethod
     def _init(m: nn.Module) -> None:
         if isinstance(m, (nn.Linear, nn.Embedding)):
