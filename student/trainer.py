@@ -251,7 +251,7 @@ class Trainer:
         if self.cfg.train.progress and self.is_main:
             from tqdm import tqdm
 
-            bar = tqdm(desc=f"epoch {epoch}", unit="step", leave=False, dynamic_ncols=True)
+            bar = tqdm(total=len(selections), desc=f"epoch {epoch}", unit="step", leave=False, dynamic_ncols=True)
         t_wait = time.perf_counter()
         for pb, soft in stream:
             t0 = time.perf_counter()

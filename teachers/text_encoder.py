@@ -88,3 +88,24 @@ def cached_text_embeddings(texts: list[str], plm: str = DEFAULT_PLM, cache_dir: 
     save_file({"embeddings": np.ascontiguousarray(emb)}, str(tmp))
     os.replace(tmp, path)
     return emb
+
+
+def item_text_embeddings(dataset, plm: str = DEFAULT_PLM, cache_dir: str | Path | None = None,
+                         max_length: int = 128) -> np.ndarray | None:
+    """PLM embeddings float32 [vocab_size, hidden] of every item of ``dataset`` (a
+    ``MultiDomainDataset``), encoded and cached one domain at a time, so every teacher of the same
+    domains reads the same cache entries; rows of PAD, of items without text and of domains with no
+    text at all are zero. None when no domain has text."""
+    emb = None
+    for d in range(dataset.num_domains):
+        start, stop = dataset.domain_range(d)
+        texts = dataset.item_texts[start:stop]
+        if not any(texts):
+            continue  # a domain without text (Office): its items keep zero rows
+        part = cached_text_embeddings(texts, plm=plm, cache_dir=cache_dir, max_length=max_length)
+        if emb is None:
+            emb = np.zeros((dataset.vocab_size, part.shape[1]), dtype=np.float32)
+        emb[start:stop] = part
+    if emb is not None:
+        emb[~dataset.has_text] = 0.0
+    return emb

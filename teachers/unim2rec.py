@@ -96,9 +96,14 @@ class UniM2RecTeacher(Teacher):
         masks: dict[str, np.ndarray] = {}
         for name in modalities:
             if name == "plm_text":
-                from teachers.text_encoder import cached_text_embeddings
+                from teachers.text_encoder import item_text_embeddings
 
-                feats[name] = np.asarray(cached_text_embeddings(dataset.item_texts, plm=plm), dtype=np.float32)
+                # Per domain, as UniSRec reads them: both teachers share the cached encodings.
+                emb = item_text_embeddings(dataset, plm=plm)
+                if emb is None:
+                    raise TeacherContractError(
+                        f"modality plm_text needs item text; none of {dataset.domain_names} has any")
+                feats[name] = emb
                 masks[name] = np.asarray(dataset.has_text, dtype=bool)
             elif name in DATASET_FEATURES:
                 key = DATASET_FEATURES[name]

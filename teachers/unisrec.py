@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -130,21 +129,11 @@ class UniSRecTeacher(Teacher):
                      cache_dir: str | None = None, **kwargs) -> "UniSRecTeacher":
         """Build for ``dataset``: PLM embeddings of each item's text (cached per domain, zeros for
         items without text and for PAD), item domains, vocab hash and size."""
-        from teachers.text_encoder import cached_text_embeddings
+        from teachers.text_encoder import item_text_embeddings
 
-        emb = None
-        for d, name in enumerate(dataset.domain_names):
-            start, stop = dataset.domain_range(d)
-            texts = dataset.item_texts[start:stop]
-            if not any(texts):
-                continue  # a domain without text (Office): its items keep zero text embeddings
-            part = cached_text_embeddings(texts, plm=plm, cache_dir=cache_dir, max_length=text_max_length)
-            if emb is None:
-                emb = np.zeros((dataset.vocab_size, part.shape[1]), dtype=np.float32)
-            emb[start:stop] = part
+        emb = item_text_embeddings(dataset, plm=plm, cache_dir=cache_dir, max_length=text_max_length)
         if emb is None:
             raise ValueError(f"unisrec needs item text; none of {dataset.domain_names} has any")
-        emb[~dataset.has_text] = 0.0
         model = cls(vocab_hash=dataset.vocab_hash(), num_items=dataset.vocab_size,
                     max_history=dataset.max_len, plm_dim=int(emb.shape[1]), plm=plm,
                     num_domains=dataset.num_domains, **kwargs)

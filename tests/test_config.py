@@ -43,7 +43,7 @@ def test_plateau_decay_and_a_schedule_are_exclusive():
 @pytest.mark.parametrize("extra, problem", [
     (["--set", "model.kind=fm", "--teachers", "none"], "needs model.kind=sasrec"),
     (["--set", "curriculum.enabled=true", "--teachers", "none"], "curriculum.enabled"),
-    (["--set", "service.spec=configs/serve_quickstart.yaml"], "--teachers none"),
+    (["--set", "service.spec=configs/demo/serve.yaml"], "--teachers none"),
 ])
 def test_every_position_objective_is_for_sasrec_alone(extra, problem):
     from launch.distill import parse_args, resolve_config
@@ -60,7 +60,7 @@ def test_length_sorted_pieces_are_for_the_ce_loss_alone():
 
     with pytest.raises(ConfigError, match="length_sorted_pieces splits"):
         resolve_config(parse_args(["--set", "train.length_sorted_pieces=4",
-                                   "--set", "service.spec=configs/serve_quickstart.yaml"]))
+                                   "--set", "service.spec=configs/demo/serve.yaml"]))
     cfg = resolve_config(parse_args(["--set", "train.length_sorted_pieces=4", "--teachers", "none"]))
     assert cfg.train.length_sorted_pieces == 4
 
