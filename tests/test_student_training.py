@@ -17,12 +17,24 @@ COMMON = ["--teachers", "none", "--set", "data.domains=ScientificMM", "--set", "
           "--set", "curriculum.full_at_epoch=2"]
 
 
-def run_distill(data_dir, run_dir, *extra, env_extra=None):
+def start_distill(data_dir, run_dir, *extra, env_extra=None) -> tuple[subprocess.Popen, Path]:
+    """Start one real single-thread run of the CLI; ``finish_distill`` waits for it. Independent
+    runs started together use the box's two cores (each is deterministic at one thread)."""
     env = {**os.environ, "CKD_DATA_DIR": str(data_dir), "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    proc = subprocess.run([sys.executable, "-m", "launch.distill", "--run-dir", str(run_dir),
-                           *COMMON, *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads((Path(run_dir) / "metrics.json").read_text()), proc
+    proc = subprocess.Popen([sys.executable, "-m", "launch.distill", "--run-dir", str(run_dir), *COMMON, *extra],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc, Path(run_dir)
+
+
+def finish_distill(started: tuple[subprocess.Popen, Path]) -> tuple[dict, subprocess.CompletedProcess]:
+    proc, run_dir = started
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    return json.loads((run_dir / "metrics.json").read_text()), subprocess.CompletedProcess(proc.args, 0, out, err)
+
+
+def run_distill(data_dir, run_dir, *extra, env_extra=None):
+    return finish_distill(start_distill(data_dir, run_dir, *extra, env_extra=env_extra))
 
 
 def fingerprint(run_dir, rank=0):
@@ -91,8 +103,11 @@ def test_cosine_schedule_sets_each_epochs_lr(data_dir, tmp_path):
     (["--set", "train.lr_schedule=cosine", "--set", "train.warmup_steps=4", "--set", "train.schedule_epochs=3"],
      False)], ids=["plain", "ema", "cosine"])
 def test_interrupted_run_resumes_to_the_same_result(data_dir, tmp_path, opt, averaged):
-    straight, _ = run_distill(data_dir, tmp_path / "a", "--set", "train.epochs=3", *opt)
-    run_distill(data_dir, tmp_path / "b", "--set", "train.epochs=1", *opt)  # "interrupted" after epoch 0
+    # The straight run and the run "interrupted" after epoch 0 are independent: run them side by side.
+    straight_run = start_distill(data_dir, tmp_path / "a", "--set", "train.epochs=3", *opt)
+    interrupted_run = start_distill(data_dir, tmp_path / "b", "--set", "train.epochs=1", *opt)
+    straight, _ = finish_distill(straight_run)
+    finish_distill(interrupted_run)
     # After one epoch the best checkpoint is that epoch's weights: the live ones, or their average.
     from safetensors.torch import load_file
 
@@ -122,8 +137,9 @@ def test_length_sorted_pieces_train_as_the_whole_random_batch(data_dir, tmp_path
     # the one-pass run's losses and metrics (only the float summation order differs).
     opts = ["--set", "train.epochs=2", "--set", "train.length_bucket_batches=0", "--set", "model.dropout=0",
             "--set", "curriculum.enabled=false", "--set", "train.lr=0.003"]
-    whole, _ = run_distill(data_dir, tmp_path / "whole", *opts)
-    pieces, _ = run_distill(data_dir, tmp_path / "pieces", *opts, "--set", "train.length_sorted_pieces=4")
+    whole_run = start_distill(data_dir, tmp_path / "whole", *opts)
+    pieces_run = start_distill(data_dir, tmp_path / "pieces", *opts, "--set", "train.length_sorted_pieces=4")
+    (whole, _), (pieces, _) = finish_distill(whole_run), finish_distill(pieces_run)
     assert [h["loss"] for h in pieces["history"]] == pytest.approx([h["loss"] for h in whole["history"]], rel=1e-5)
     assert pieces["history"][-1]["loss"] < pieces["history"][0]["loss"]
     for m, v in whole["test"]["ScientificMM"].items():
