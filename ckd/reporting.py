@@ -18,7 +18,6 @@ functions, so the figure's sidecar JSON can be checked cell by cell against the 
 from __future__ import annotations
 
 import json
-import math
 import os
 import posixpath
 from dataclasses import dataclass, field
@@ -110,17 +109,32 @@ def _require(obj: dict[str, Any], key: str, where: str) -> Any:
     return obj[key]
 
 
+def _read_file(path: str | os.PathLike[str], what: str, fmt: str = "json", label: str | None = None) -> Any:
+    """Parsed content of a results file; a missing or unparsable file is a ReportError naming it
+    (``what``: how the error calls the file; ``fmt``: json or yaml, the latter read with safe_load)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ReportError(f"{what} not found: {p}")
+    text = p.read_text()
+    if fmt == "yaml":
+        import yaml
+
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ReportError(f"{label or p}: not valid YAML ({exc})") from exc
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ReportError(f"{label or p}: not valid JSON ({exc})") from exc
+
+
 def load_experiments(path: str | os.PathLike[str], label: str | None = None) -> Experiments:
     """Read and validate an experiment results file (``label``: the name the page shows for it,
     default the path). A run without inline metrics falls back to ``<run_dir>/metrics.json``; a
     run with neither is an error (a table would silently lose it)."""
     p = Path(path)
-    if not p.is_file():
-        raise ReportError(f"experiment manifest not found: {p}")
-    try:
-        raw = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise ReportError(f"{p}: not valid JSON ({exc})") from exc
+    raw = _read_file(p, "experiment manifest")
     runs_raw = _require(raw, "runs", str(p))
     if not isinstance(runs_raw, dict):
         raise ReportError(f"{p}: 'runs' must be an object of run name -> run")
@@ -175,9 +189,7 @@ def merge_experiments(parts: Sequence[Experiments]) -> Experiments:
 def load_efficiency(path: str | os.PathLike[str], label: str | None = None) -> Efficiency:
     """Read and validate results/efficiency.json (``label`` as for ``load_experiments``)."""
     p = Path(path)
-    if not p.is_file():
-        raise ReportError(f"efficiency results not found: {p}")
-    raw = json.loads(p.read_text())
+    raw = _read_file(p, "efficiency results")
     models_raw = _require(raw, "models", str(p))
     models = []
     for name, m in models_raw.items():
@@ -855,16 +867,7 @@ def parse_results_manifest(raw: Any, source: str = MANIFEST) -> ResultsManifest:
 
 def load_results_manifest(path: str | os.PathLike[str], label: str = MANIFEST) -> ResultsManifest:
     """Read and validate ``results/MANIFEST.yaml``."""
-    import yaml
-
-    p = Path(path)
-    if not p.is_file():
-        raise ReportError(f"results manifest not found: {p}")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise ReportError(f"{label}: not valid YAML ({exc})") from exc
-    return parse_results_manifest(raw, label)
+    return parse_results_manifest(_read_file(path, "results manifest", fmt="yaml", label=label), label)
 
 
 def page_body(text: str) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 
 from ckd.data.raw_amazon import EmptyDomainError, prepare_domain

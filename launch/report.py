@@ -3,14 +3,14 @@
     ckd-report                                # every page of results/MANIFEST.yaml
     ckd-report --page docs/results.md         # one page (repeatable)
     ckd-report --check                        # re-render in memory, compare with the pages on disk
-    ckd-report --allow-dirty                  # a draft from uncommitted changes (the header says so)
+    ckd-report --draft                  # a draft from uncommitted changes (the header says so)
     ckd-report --experiments A.json [--experiments B.json] --out PAGE.md
                [--efficiency E.json] [--figure F.png] [--domain Scientific] [--overwrite]
                                               # an ad-hoc page, not one of the manifest's
 
 results/MANIFEST.yaml lists, for each page, the JSON files behind it, its figure and its domain.
 A page is written only from a clean git tree (no uncommitted change to a tracked file, every input
-committed), and its header names the commit it was generated at; --allow-dirty writes a draft.
+committed), and its header names the commit it was generated at; --draft writes a draft.
 --check writes nothing: it compares each page below its header (and the figure's sidecar JSON)
 with what the JSON gives now, and exits 1 on any difference.
 
@@ -38,7 +38,7 @@ from ckd.reporting import (MANIFEST, PageSpec, ReportError, draw_figure, figure_
 
 REPO = Path(__file__).resolve().parents[1]  # the checkout: the manifest's paths are relative to it
 PROG = "ckd-report"
-DIRTY_FLAG = "--allow-dirty"
+DRAFT_FLAG = "--draft"
 
 
 # ----------------------------------------------------------------------------- git state
@@ -102,7 +102,7 @@ def tree_refusal(state: TreeState) -> str | None:
             parts.append(f"input(s) not committed: {', '.join(state.untracked_inputs)}")
         why = " and ".join(parts)
     return (f"refusing to write results pages from a dirty tree: {why}. Commit first, so the page names "
-            f"the commit it comes from, or pass {DIRTY_FLAG} for a draft whose header says so.")
+            f"the commit it comes from, or pass {DRAFT_FLAG} for a draft whose header says so.")
 
 
 # ----------------------------------------------------------------------------- pages
@@ -205,7 +205,7 @@ def _run_manifest(args: argparse.Namespace, root: Path, state: TreeState | None)
                                                      for p in exps + ([eff] if eff else [])]
     state = state or git_tree_state(root, inputs)
     refusal = tree_refusal(state)
-    if refusal and not args.allow_dirty:
+    if refusal and not args.draft_ok:
         print(f"error: {refusal}", file=sys.stderr)
         return 2
     for spec, exps, eff, out, fig in resolved:
@@ -246,7 +246,7 @@ def _run_adhoc(args: argparse.Namespace, argv: list[str], root: Path, state: Tre
     inputs = [Path(p) for p in args.experiments] + ([Path(efficiency)] if efficiency else [])
     state = state or git_tree_state(root, inputs)
     refusal = tree_refusal(state)
-    if refusal and not args.allow_dirty:
+    if refusal and not args.draft_ok:
         print(f"error: {refusal}", file=sys.stderr)
         return 2
     command = PROG + " " + " ".join(shlex.quote(a) for a in argv)
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None, state: TreeState | None = None) -> int:
     ap.add_argument("--page", action="append", default=[], help="a page of the manifest to regenerate (repeatable; "
                     "default: every page)")
     ap.add_argument("--check", action="store_true", help="write nothing; compare the pages with the JSON")
-    ap.add_argument(DIRTY_FLAG, dest="allow_dirty", action="store_true",
+    ap.add_argument(DRAFT_FLAG, dest="draft_ok", action="store_true",
                     help="write from a tree with uncommitted changes; the page's header marks it a draft")
     ap.add_argument("--root", default=str(REPO), help="repository root the manifest's paths are relative to")
     ap.add_argument("--manifest", default=None, help=f"results manifest, relative to --root (default {MANIFEST})")

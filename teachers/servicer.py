@@ -266,7 +266,6 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
         return self.info.to_proto(name=self.name, limits=self.cfg)
 
     def Score(self, request, context):  # noqa: N802
-        rid = request.request_id
         if self._draining:
             context.abort(grpc.StatusCode.UNAVAILABLE, f"teacher {self.name} is draining; retry another replica")
         with self._inflight_cv:

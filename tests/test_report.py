@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
 EXPERIMENTS = FIXTURES / "results_fixture.json"
 EFFICIENCY = FIXTURES / "efficiency_fixture.json"
-# Ad-hoc pages in tests are written whatever state the real checkout is in: --allow-dirty.
-DRAFT = "--allow-dirty"
+# Ad-hoc pages in tests are written whatever state the real checkout is in: --draft.
+DRAFT = "--draft"
 
 
 def _sections(md: str) -> dict[str, list[dict[str, str]]]:
@@ -456,10 +456,10 @@ def test_dirty_tree_is_refused_unless_draft(results_repo, capsys):
     capsys.readouterr()
     assert report.main(["--root", str(repo), "--page", "docs/results_plain.md"]) == 2
     err = capsys.readouterr().err
-    assert "dirty tree" in err and "results/suite.json" in err and "--allow-dirty" in err
+    assert "dirty tree" in err and "results/suite.json" in err and "--draft" in err
     assert page.read_text() == committed  # nothing written
 
-    assert report.main(["--root", str(repo), "--page", "docs/results_plain.md", "--allow-dirty"]) == 0
+    assert report.main(["--root", str(repo), "--page", "docs/results_plain.md", "--draft"]) == 0
     draft = page.read_text()
     head2 = _git(repo, "rev-parse", "HEAD")
     assert "**Draft:**" in draft and f"at commit `{head2}` plus uncommitted changes" in draft
@@ -569,3 +569,20 @@ def test_repository_results_are_all_in_the_manifest_and_pages_match_their_json(c
     assert manifest.page("docs/results.md").figure == "docs/figure1.png"
     assert report.main(["--check"]) == 0, capsys.readouterr().out
     assert page_body((ROOT / "docs" / "results.md").read_text()).startswith("## Figure 1")
+
+
+@pytest.mark.unit
+def test_results_files_missing_or_unparsable_are_named(tmp_path):
+    """One reader for every results file: a missing or unparsable one is a ReportError naming it."""
+    with pytest.raises(ReportError, match="efficiency results not found"):
+        load_efficiency(tmp_path / "none.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ReportError, match="bad.json: not valid JSON"):
+        load_efficiency(bad)
+    with pytest.raises(ReportError, match="bad.json: not valid JSON"):
+        load_experiments(bad)
+    manifest = tmp_path / "MANIFEST.yaml"
+    manifest.write_text("pages: [unclosed\n")
+    with pytest.raises(ReportError, match="MANIFEST.yaml: not valid YAML"):
+        load_results_manifest(manifest, label="MANIFEST.yaml")

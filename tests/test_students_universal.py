@@ -9,7 +9,7 @@ from ckd.data.multidomain import build_multidomain
 from student.models import STUDENTS, SASRec, StudentBatch, StudentModel, build_student, register_student
 from student.models.deepfm import DeepFM
 from student.models.fm import FM
-from student.models.lightgcn import LightGCN, normalized_adjacency, training_edges
+from student.models.lightgcn import LightGCN, training_edges
 
 KINDS = ["fm", "deepfm", "lightgcn"]
 # LightGCN's normalised propagation shrinks its gradients: it wants a ~5x larger step size
