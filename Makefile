@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 export CKD_DATA_DIR ?= $(abspath ../shared/data/amazon)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
+# Local only: the embedded Ray listens on 127.0.0.1 (ckd/ray_loopback.py). Never carry this into
+# cluster commands: README "Ray authentication".
 export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false

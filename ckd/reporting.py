@@ -213,6 +213,18 @@ def load_efficiency(path: str | os.PathLike[str], label: str | None = None) -> E
 # ----------------------------------------------------------------------------- formatting
 
 
+def fmt_duration(seconds: float | None) -> str:
+    """42 s, 12.3 min, 3 h 05 min (``—`` when unknown)."""
+    if seconds is None:
+        return DASH
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    h, m = divmod(int(round(seconds / 60)), 60)
+    return f"{h} h {m:02d} min"
+
+
 def fmt_metric(x: float | None) -> str:
     """Accuracy metrics: 4 decimals."""
     return DASH if x is None else f"{x:.4f}"
@@ -754,7 +766,7 @@ def render_report(exp: Experiments, eff: Efficiency | None, domain: str = "Scien
 # ----------------------------------------------------------------------------- results manifest
 
 MANIFEST = "results/MANIFEST.yaml"
-PAGE_KEYS = {"page", "experiments", "efficiency", "figure", "domain"}
+PAGE_KEYS = {"page", "experiments", "efficiency", "figure", "domain", "union"}
 
 
 @dataclass(frozen=True)
@@ -767,11 +779,13 @@ class PageSpec:
     efficiency: str | None = None
     figure: str | None = None
     domain: str = "Scientific"
+    union: str | None = None  # a page of its own kind (ckd.union_report), made from this JSON instead
 
     @property
     def inputs(self) -> list[str]:
         """The committed JSON files the page is made from."""
-        return list(self.experiments) + ([self.efficiency] if self.efficiency else [])
+        return ([self.union] if self.union else []) + list(self.experiments) + \
+            ([self.efficiency] if self.efficiency else [])
 
 
 @dataclass(frozen=True)
@@ -827,8 +841,14 @@ def parse_results_manifest(raw: Any, source: str = MANIFEST) -> ResultsManifest:
         where = f"{source}: page {page}"
         if not page.endswith(".md"):
             raise ReportError(f"{where}: a page is a .md file")
-        exps = entry.get("experiments")
-        if not isinstance(exps, list) or not exps:
+        union = entry.get("union")
+        exps = entry.get("experiments", [] if union else None)
+        if union and (exps or "domain" in entry or entry.get("figure")):
+            # The union page (ckd.union_report) has every domain and no Figure 1 yet; its
+            # efficiency input is the figure's hook.
+            raise ReportError(f"{where}: a 'union' page takes only 'efficiency' besides it, not experiments, "
+                              "domain or figure")
+        if not union and (not isinstance(exps, list) or not exps):
             raise ReportError(f"{where}: 'experiments' must be a non-empty list of JSON files")
         eff = entry.get("efficiency")
         fig = entry.get("figure")
@@ -839,7 +859,8 @@ def parse_results_manifest(raw: Any, source: str = MANIFEST) -> ResultsManifest:
             raise ReportError(f"{where}: 'domain' must be a domain name")
         spec = PageSpec(page=page, experiments=tuple(_rel_path(e, f"{where}.experiments") for e in exps),
                         efficiency=_rel_path(eff, f"{where}.efficiency") if eff else None,
-                        figure=_rel_path(fig, f"{where}.figure") if fig else None, domain=domain)
+                        figure=_rel_path(fig, f"{where}.figure") if fig else None, domain=domain,
+                        union=_rel_path(union, f"{where}.union") if union else None)
         if spec.figure and not spec.figure.endswith(".png"):
             raise ReportError(f"{where}: the figure is a .png file")
         if len(set(spec.experiments)) != len(spec.experiments):

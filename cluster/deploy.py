@@ -7,28 +7,85 @@ Spec (strict keys, see configs/serve_example.yaml)::
       - {name: unisrec, checkpoint: runs/teachers/unisrec, replicas: 2}
 
 ``TeacherDeployment`` owns the replica actors: ``deploy()``, ``scale(name, n)``, ``reconcile()``
-(apply targets set in the directory by launch/scale.py), ``shutdown()``. Replicas are placed with
-the SPREAD strategy so losing one node does not take every replica of a teacher.
-``start_embedded(spec)`` starts a local Ray and deploys: the default when no cluster is given.
+(apply targets set in the directory by launch/scale.py), ``serve_forever()`` (the reconcile loop of
+launch/serve.py), ``shutdown()``. Replicas are placed with the SPREAD strategy so losing one node
+does not take every replica of a teacher. ``start_embedded(spec)`` starts a local Ray and deploys:
+the default when no cluster is given.
+
+The directory actor may restart at any time (it restarts forever and restores its state from the
+GCS key-value store, see cluster/directory.py). Every call the deployment makes to it goes through
+``_dir_call``, which retries with backoff while the actor is unavailable, so a directory restart
+costs the reconcile loop a logged retry, never the replicas.
+
+A spec that binds the teacher servers beyond loopback must set both ``token_env`` and ``tls``; the
+only way around that is ``allow_insecure_bind: true``, which logs a warning at every load.
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import ray
+from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
 
 from ckd.config import ConfigError, from_dict, load_yaml
-from cluster.directory import get_or_create_directory
+from cluster.directory import delete_state, get_or_create_directory, state_key
 from cluster.replica import TeacherReplicaActor
 from protos.contract import DIRECTORY_NAME, ServiceLimits
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# What a directory restart looks like to a caller: calls in flight fail with ActorUnavailableError
+# (a RayActorError), calls to an actor that is not back yet may time out.
+DIRECTORY_TRANSIENT = (RayActorError, GetTimeoutError)
+
+
+class DirectoryUnavailable(RuntimeError):
+    """The directory actor did not answer within the retry budget (it is restarting or gone)."""
+
+
+def call_directory(handle: Any, method: str, *args: Any, budget_s: float = 30.0, timeout: float = 10.0,
+                   reconnect: Callable[[], Any] | None = None,
+                   on_retry: Callable[[BaseException], None] | None = None) -> Any:
+    """``handle.method(*args)``, riding out a directory restart: retry with backoff for ``budget_s``
+    (then DirectoryUnavailable). When the actor died for good, ``reconnect()`` returns the handle to
+    use next (the one by that name, created again if need be)."""
+    end = time.monotonic() + budget_s
+    attempt = 0
+    while True:
+        try:
+            return ray.get(getattr(handle, method).remote(*args), timeout=timeout)
+        except DIRECTORY_TRANSIENT as exc:
+            attempt += 1
+            if on_retry is not None:
+                on_retry(exc)
+            if time.monotonic() >= end:
+                raise DirectoryUnavailable(f"teacher directory did not answer {method} in {budget_s:.0f} s: "
+                                           f"{exc!r}") from exc
+            log.warning("teacher directory unavailable (%s, attempt %d): %s; retrying", method, attempt,
+                        type(exc).__name__)
+            if isinstance(exc, ActorDiedError) and reconnect is not None:
+                try:
+                    handle = reconnect()
+                except Exception as again:  # noqa: BLE001 — e.g. the old name is still being released
+                    log.warning("teacher directory not reachable by name yet: %r", again)
+            time.sleep(min(2.0, 0.05 * 2 ** attempt))
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this host can reach (127.0.0.0/8, ::1, localhost)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name or interface address: reachable from elsewhere
 
 
 @dataclass
@@ -74,10 +131,16 @@ class DeploySpec:
     directory_ttl_s: float = 15.0
     max_restarts: int = 3
     placement: str = "SPREAD"  # or DEFAULT
-    bind_host: str = "127.0.0.1"  # 0.0.0.0 on a multi-node cluster (then use TLS + token)
+    bind_host: str = "127.0.0.1"  # 0.0.0.0 on a multi-node cluster: then token_env and tls are required
     token_env: str | None = None  # name of an environment variable holding the shared token
     tls: TLSSpec | None = None
+    # Serve beyond loopback without a token and TLS anyway (a trusted, isolated network only): loud.
+    allow_insecure_bind: bool = False
     heartbeat_s: float = 2.0
+    # A replica whose own server misses this many health checks in a row (each waiting this long)
+    # exits so Ray restarts it; 0 turns the check off (it is off under TLS anyway).
+    liveness_failures: int = 3
+    liveness_timeout_s: float = 10.0
     drain_linger_s: float = 1.5  # scale-down: keep serving while clients refresh their replica list
     service: ServiceLimits = field(default_factory=ServiceLimits)
     # Modules each replica imports before loading its checkpoint: teacher kinds defined outside the
@@ -93,12 +156,36 @@ class DeploySpec:
             raise ConfigError(f"placement must be SPREAD or DEFAULT, got {self.placement!r}")
         if self.token_env and not os.environ.get(self.token_env):
             raise ConfigError(f"token_env={self.token_env} is set but that environment variable is empty")
+        self._check_bind()
+        if self.liveness_failures < 0 or self.liveness_timeout_s <= 0:
+            raise ConfigError(f"liveness_failures must be >= 0 and liveness_timeout_s > 0, got "
+                              f"{self.liveness_failures} and {self.liveness_timeout_s}")
         try:
             self.service.validate()
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         for t in self.teachers:
             t.validate()
+
+    def _check_bind(self) -> None:
+        """Closed by default: beyond loopback, anyone who reaches the port could score (and, without
+        TLS, read the traffic), so both a token and TLS are required unless explicitly waived."""
+        if is_loopback(self.bind_host):
+            return
+        missing = []
+        if not self.token_env:
+            missing.append("token_env (a shared token)")
+        if self.tls is None or not (self.tls.cert_chain and self.tls.private_key):
+            missing.append("tls (cert_chain and private_key)")
+        if not missing:
+            return
+        if not self.allow_insecure_bind:
+            raise ConfigError(
+                f"bind_host={self.bind_host!r} serves the teachers beyond this host, but the spec has no "
+                f"{' and no '.join(missing)}. Set both token_env and tls, or bind_host: 127.0.0.1; "
+                f"only on a trusted, isolated network: allow_insecure_bind: true")
+        log.warning("INSECURE: teacher servers bind %s without %s (allow_insecure_bind: true); anyone who "
+                    "can reach these ports can use them", self.bind_host, " and ".join(missing))
 
     def check_checkpoints(self) -> None:
         """Refuse, before any Ray process starts, a spec whose checkpoints are not all there; the
@@ -144,24 +231,49 @@ def load_spec(spec: str | os.PathLike[str] | dict[str, Any] | DeploySpec, check_
 class TeacherDeployment:
     """Replica actors of every teacher in a spec, on the Ray cluster this process is connected to."""
 
-    def __init__(self, spec: str | os.PathLike[str] | dict[str, Any] | DeploySpec):
+    def __init__(self, spec: str | os.PathLike[str] | dict[str, Any] | DeploySpec,
+                 directory_retry_s: float = 30.0):
         if not ray.is_initialized():
             raise RuntimeError("TeacherDeployment needs ray.init(...) first (or use start_embedded)")
         self.spec = load_spec(spec)
         self.namespace = self.spec.namespace
-        self.directory = get_or_create_directory(self.namespace, self.spec.directory,
-                                                 self.spec.detached_directory, self.spec.directory_ttl_s)
+        self.directory_retry_s = float(directory_retry_s)
+        # A new deployment never inherits the replicas a dead one persisted under the same name.
+        self._owner = uuid.uuid4().hex
+        self.directory = self._connect_directory()
         self._replicas: dict[str, list[tuple[str, Any]]] = {t.name: [] for t in self.spec.teachers}
         self._serial: dict[str, int] = {t.name: 0 for t in self.spec.teachers}
         self._owns_ray = False
+        self.counters: dict[str, int] = {"directory_retries": 0, "reconcile_failures": 0}
         gpus = ray.cluster_resources().get("GPU", 0)
         self._has_gpus = gpus > 0
+
+    # -- the directory -------------------------------------------------------------------------
+    def _connect_directory(self) -> Any:
+        # Replicas re-register within a heartbeat of a restart; until then clients keep what they know.
+        return get_or_create_directory(self.namespace, self.spec.directory, self.spec.detached_directory,
+                                       self.spec.directory_ttl_s, owner=self._owner,
+                                       warmup_s=2 * self.spec.heartbeat_s + 1.0)
+
+    def _reconnect_directory(self) -> Any:
+        # Dead for good: create it again; it restores targets and replicas from the GCS key-value store.
+        self.directory = self._connect_directory()
+        return self.directory
+
+    def _dir_call(self, method: str, *args: Any, timeout: float = 10.0) -> Any:
+        """A directory call that rides out a restart (``call_directory``; DirectoryUnavailable after
+        ``directory_retry_s``)."""
+        def count(_: BaseException) -> None:
+            self.counters["directory_retries"] += 1
+
+        return call_directory(self.directory, method, *args, budget_s=self.directory_retry_s, timeout=timeout,
+                              reconnect=self._reconnect_directory, on_retry=count)
 
     # -- lifecycle -----------------------------------------------------------------------------
     def deploy(self, timeout: float = 300.0) -> dict[str, list[str]]:
         """Start every teacher's replicas; returns {teacher: [address]} once all are SERVING."""
         for t in self.spec.teachers:
-            ray.get(self.directory.set_target.remote(t.name, t.replicas))
+            self._dir_call("set_target", t.name, t.replicas)
         self.reconcile(timeout=timeout)
         return self.endpoints()
 
@@ -180,21 +292,48 @@ class TeacherDeployment:
                    "client_ca": self.spec.tls.client_ca}
         actor = TeacherReplicaActor.options(**opts).remote(
             t.name, t.checkpoint, rid, self.namespace, directory=self.spec.directory,
-            service=asdict(self.spec.service), teacher_modules=list(self.spec.teacher_modules), bind_host=self.spec.bind_host, token=self.spec.token,
+            service=asdict(self.spec.service), teacher_modules=list(self.spec.teacher_modules),
+            bind_host=self.spec.bind_host, token=self.spec.token,
             tls=tls, heartbeat_s=self.spec.heartbeat_s, torch_threads=t.torch_threads,
-            expected_vocab_hash=t.expected_vocab_hash)
+            expected_vocab_hash=t.expected_vocab_hash, liveness_timeout_s=self.spec.liveness_timeout_s,
+            liveness_failures=self.spec.liveness_failures)
         return rid, actor
 
     def scale(self, name: str, replicas: int, timeout: float = 300.0) -> list[str]:
         """Set a teacher's replica count (up: start and wait SERVING; down: drain, then kill)."""
         self.spec.teacher(name)
-        ray.get(self.directory.set_target.remote(name, replicas))
+        self._dir_call("set_target", name, replicas)
         self.reconcile(timeout=timeout)
         return self.endpoints()[name]
 
+    def _await_started(self, starting: list[tuple[str, str, Any]], timeout: float) -> None:
+        """Wait until new replicas answer; one that died or hung is removed (so the next reconcile
+        starts another) and reported in a RuntimeError."""
+        refs = {a.info.remote(): (name, rid, a) for name, rid, a in starting}
+        ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
+        failed: list[str] = []
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except Exception as exc:  # noqa: BLE001 — a replica that could not load its checkpoint
+                failed.append(f"{refs[ref][1]}: {exc!r}"[:500])
+                self._remove(*refs[ref])
+        for ref in pending:
+            failed.append(f"{refs[ref][1]}: not SERVING after {timeout:.0f} s")
+            self._remove(*refs[ref])
+        if failed:
+            raise RuntimeError("teacher replica(s) failed to start:\n  " + "\n  ".join(failed))
+
+    def _remove(self, name: str, rid: str, actor: Any) -> None:
+        self._replicas[name] = [(r, a) for r, a in self._replicas[name] if r != rid]
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:  # noqa: BLE001 — already gone
+            pass
+
     def reconcile(self, timeout: float = 300.0) -> bool:
         """Bring each teacher to its target count from the directory; True if anything changed."""
-        targets = ray.get(self.directory.targets.remote())
+        targets = self._dir_call("targets")
         changed = False
         starting = []
         for t in self.spec.teachers:
@@ -203,7 +342,7 @@ class TeacherDeployment:
             while len(have) < want:
                 rid, actor = self._start_replica(t)
                 have.append((rid, actor))
-                starting.append((rid, actor))
+                starting.append((t.name, rid, actor))
                 changed = True
             victims = []
             while len(have) > want:
@@ -220,19 +359,49 @@ class TeacherDeployment:
                     ray.kill(a, no_restart=True)
                     log.info("replica %s removed", rid)
         if starting:
-            ray.get([a.info.remote() for _, a in starting], timeout=timeout)
+            self._await_started(starting, timeout)
         if changed:
             t_end = time.monotonic() + 30
             # The directory lists exactly the kept replicas once new ones registered.
             while time.monotonic() < t_end:
-                snap = ray.get(self.directory.snapshot.remote(list(self._replicas)))
+                snap = self._dir_call("snapshot", list(self._replicas))
                 if all(len(snap[n]) == len(self._replicas[n]) for n in self._replicas):
                     break
                 time.sleep(0.1)
         return changed
 
+    def serve_forever(self, stop: Callable[[], bool], every: float = 1.0,
+                      on_change: Callable[[dict[str, list[str]]], None] | None = None,
+                      max_backoff_s: float = 10.0) -> None:
+        """Reconcile every ``every`` seconds until ``stop()`` is true. A failed round (the directory
+        restarting past the retry budget, a replica that would not start) is logged and retried
+        with backoff; it never ends the loop, so the replicas keep serving meanwhile."""
+        failures = 0
+        while not stop():
+            delay = every if failures == 0 else min(max_backoff_s, every * 2 ** failures)
+            end = time.monotonic() + delay
+            while not stop() and time.monotonic() < end:
+                time.sleep(min(0.1, max(0.0, end - time.monotonic())))
+            if stop():
+                break
+            try:
+                if self.reconcile() and on_change is not None:
+                    on_change(self.endpoints())
+                if failures:
+                    log.info("reconcile recovered after %d failed round(s)", failures)
+                failures = 0
+            except (DirectoryUnavailable, *DIRECTORY_TRANSIENT) as exc:
+                failures += 1
+                self.counters["reconcile_failures"] += 1
+                log.warning("reconcile round failed (directory unavailable, %d in a row): %r; replicas keep "
+                            "serving, retrying", failures, exc)
+            except Exception:  # noqa: BLE001 — a controller logs and retries; stopping would drop the service
+                failures += 1
+                self.counters["reconcile_failures"] += 1
+                log.exception("reconcile round failed (%d in a row); replicas keep serving, retrying", failures)
+
     def endpoints(self) -> dict[str, list[str]]:
-        return ray.get(self.directory.snapshot.remote(list(self._replicas)))
+        return self._dir_call("snapshot", list(self._replicas))
 
     def replica_handles(self, name: str) -> list[tuple[str, Any]]:
         """(replica_id, actor handle) of a teacher's replicas (tests kill them to check recovery)."""
@@ -255,6 +424,7 @@ class TeacherDeployment:
                 ray.kill(self.directory, no_restart=True)
             except Exception:  # noqa: BLE001
                 pass
+            delete_state(state_key(self.namespace, self.spec.directory))
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
 
@@ -270,8 +440,14 @@ def start_embedded(spec_path_or_dict: str | os.PathLike[str] | dict[str, Any] | 
     if not ray.is_initialized():
         # Workers import the project from this checkout even when it is not pip-installed.
         pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        # Closed by default: every Ray server of this head (GCS, raylet, object manager, workers,
+        # agents) listens on 127.0.0.1 only, and there is no dashboard. Ray keeps a 127.0.0.1 node IP
+        # only in its loopback mode (ckd.ray_loopback.use_ray_loopback_mode); joiners use join_ray.
+        from ckd.ray_loopback import use_ray_loopback_mode
+
+        use_ray_loopback_mode()
         ray.init(num_cpus=num_cpus, include_dashboard=False, namespace=spec.namespace, logging_level="WARNING",
-                 runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+                 runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, _node_ip_address="127.0.0.1")
         owns = True
     try:
         dep = TeacherDeployment(spec)

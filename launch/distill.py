@@ -9,8 +9,11 @@ No teachers:      add --teachers none (plain SASRec baseline, CE only).
 With teachers and no cluster address, this entry point starts an embedded local Ray on rank 0,
 deploys the teacher replicas of service.spec from their checkpoints (CPU when there is no GPU),
 hands its address to every rank, and shuts it down once every rank has finished; the student talks
-to the replicas over loopback gRPC. With --ray-address it joins a running cluster's teacher
-service instead, and with service.endpoints it talks to servers started without Ray.
+to the replicas over loopback gRPC. The embedded default is closed: its Ray (GCS, raylet, workers,
+agents; no dashboard) and the replicas listen on 127.0.0.1 only (cluster.deploy.start_embedded),
+and the other ranks join it in Ray's loopback mode (ckd.ray_loopback.join_ray, via
+TeacherPool.from_ray). With --ray-address it joins a running cluster's teacher service instead,
+and with service.endpoints it talks to servers started without Ray.
 """
 from __future__ import annotations
 

@@ -225,7 +225,7 @@ def prepare_run_dir(step: Step, stamp: str, fresh: bool) -> str:
     return "train"
 
 
-def fmt_duration(seconds: float) -> str:
+def fmt_clock(seconds: float) -> str:
     """``seconds`` as m:ss."""
     m, s = divmod(int(round(seconds)), 60)
     return f"{m}:{s:02d}"
@@ -350,7 +350,7 @@ def run_plan(plan: Plan, data_dir: str, fresh: bool) -> int:
         todo += [s for s in plan.steps if s.key == "student_distilled" and s not in todo]
     if todo:
         print(f"demo: {len(plan.steps)} steps ({len(todo)} to run), typically "
-              f"{fmt_duration(sum(s.expected_s for s in todo))} (min:s) on a quiet 2-core CPU box; "
+              f"{fmt_clock(sum(s.expected_s for s in todo))} (min:s) on a quiet 2-core CPU box; "
               f"each step's full output goes to {show(plan.log_dir)}/", flush=True)
     timings: dict[str, float] = {}
     for i, step in enumerate(plan.steps):
@@ -365,8 +365,8 @@ def run_plan(plan: Plan, data_dir: str, fresh: bool) -> int:
             continue
         eta = clock.left(plan.steps[i:])
         print(f"\n{header}: {'resuming' if action == 'resume' else 'training'} "
-              f"(usually ~{fmt_duration(step.expected_s)}; demo elapsed {fmt_duration(clock.elapsed)}, "
-              f"about {fmt_duration(eta)} to go)", flush=True)
+              f"(usually ~{fmt_clock(step.expected_s)}; demo elapsed {fmt_clock(clock.elapsed)}, "
+              f"about {fmt_clock(eta)} to go)", flush=True)
         step.run_dir.mkdir(parents=True, exist_ok=True)
         (step.run_dir / STAMP).write_text(json.dumps({"fingerprint": stamp, "argv": step.argv}, indent=2) + "\n")
         t0 = time.time()
@@ -378,7 +378,7 @@ def run_plan(plan: Plan, data_dir: str, fresh: bool) -> int:
             return code or 1
         timings[step.key] = round(seconds, 1)
         clock.finish(step, seconds)
-        print(f"[{i + 1}/{len(plan.steps)}] {step.title}: done in {fmt_duration(seconds)}", flush=True)
+        print(f"[{i + 1}/{len(plan.steps)}] {step.title}: done in {fmt_clock(seconds)}", flush=True)
 
     rows = table_rows(plan.steps)
     table = format_results(rows)
@@ -387,8 +387,8 @@ def run_plan(plan: Plan, data_dir: str, fresh: bool) -> int:
     (plan.summary_dir / "summary.json").write_text(json.dumps(
         {"rows": rows, "step_seconds": timings, "data_dir": data_dir}, indent=2) + "\n")
     if any(timings.values()):
-        print(f"\ndemo finished in {fmt_duration(clock.elapsed)} (steps: "
-              + ", ".join(f"{k} {fmt_duration(v) if v else 'reused'}" for k, v in timings.items()) + ")\n")
+        print(f"\ndemo finished in {fmt_clock(clock.elapsed)} (steps: "
+              + ", ".join(f"{k} {fmt_clock(v) if v else 'reused'}" for k, v in timings.items()) + ")\n")
     else:
         print("\nevery step was reused from an earlier run (`ckd-demo --fresh` retrains them)\n")
     print(table)

@@ -7,6 +7,8 @@
     ckd-report --experiments A.json [--experiments B.json] --out PAGE.md
                [--efficiency E.json] [--figure F.png] [--domain Scientific] [--overwrite]
                                               # an ad-hoc page, not one of the manifest's
+    ckd-report --union U.json --out PAGE.md [--efficiency E.json] [--overwrite]
+                                              # an ad-hoc page of the union experiment's kind
 
 results/MANIFEST.yaml lists, for each page, the JSON files behind it, its figure and its domain.
 A page is written only from a clean git tree (no uncommitted change to a tracked file, every input
@@ -35,6 +37,7 @@ from pathlib import Path
 from ckd.reporting import (MANIFEST, PageSpec, ReportError, draw_figure, figure_points, load_efficiency,
                            load_experiments, load_results_manifest, merge_experiments, overwrite_refusal,
                            page_body, render_report)
+from ckd.union_report import load_union, render_union_page
 
 REPO = Path(__file__).resolve().parents[1]  # the checkout: the manifest's paths are relative to it
 PROG = "ckd-report"
@@ -118,8 +121,14 @@ def _label(path: Path, root: Path) -> str:
 
 def render_page(experiments: list[Path], efficiency: Path | None, out: Path, figure: Path | None, domain: str,
                 command: str, root: Path = REPO, generated_at: str = "",
-                draft: bool = False) -> tuple[str, dict | None]:
-    """The page's text and the figure's sidecar dict (None without efficiency results or figure)."""
+                draft: bool = False, union: Path | None = None) -> tuple[str, dict | None]:
+    """The page's text and the figure's sidecar dict (None without efficiency results or figure).
+    ``union``: the page is the union experiment's (ckd.union_report) from that JSON instead."""
+    if union is not None:
+        eff = load_efficiency(efficiency, _label(efficiency, root)) if efficiency else None
+        text = render_union_page(load_union(union, _label(union, root)), eff, generated_by=command,
+                                 generated_at=generated_at, draft=draft) + "\n"
+        return text, None
     exp = merge_experiments([load_experiments(p, _label(p, root)) for p in experiments])
     eff = load_efficiency(efficiency, _label(efficiency, root)) if efficiency else None
     sidecar, link = None, None
@@ -133,14 +142,15 @@ def render_page(experiments: list[Path], efficiency: Path | None, out: Path, fig
 
 def build_report(experiments: str | Path | list[str | Path], efficiency: str | Path | None, out: str | Path,
                  figure: str | Path | None, domain: str = "Scientific", command: str = PROG,
-                 root: Path = REPO, generated_at: str = "", draft: bool = False) -> dict[str, Path]:
+                 root: Path = REPO, generated_at: str = "", draft: bool = False,
+                 union: str | Path | None = None) -> dict[str, Path]:
     """Write the page (and the figure with its sidecar when there are efficiency results);
     returns the paths written. No git check here: ``main`` decides whether writing is allowed."""
     paths = [Path(p) for p in (experiments if isinstance(experiments, list) else [experiments])]
     out = Path(out)
     fig = Path(figure) if figure else None
     text, sidecar = render_page(paths, Path(efficiency) if efficiency else None, out, fig, domain, command,
-                                root, generated_at, draft)
+                                root, generated_at, draft, Path(union) if union else None)
     written = {"page": out}
     if sidecar is not None and fig is not None:
         draw_figure(sidecar, fig)
@@ -152,20 +162,21 @@ def build_report(experiments: str | Path | list[str | Path], efficiency: str | P
     return written
 
 
-def _spec_paths(spec: PageSpec, root: Path) -> tuple[list[Path], Path | None, Path, Path | None]:
+def _spec_paths(spec: PageSpec, root: Path) -> tuple[list[Path], Path | None, Path, Path | None, Path | None]:
     exps = [root / e for e in spec.experiments]
     eff = root / spec.efficiency if spec.efficiency else None
-    missing = [str(p) for p in exps + ([eff] if eff else []) if not p.is_file()]
+    union = root / spec.union if spec.union else None
+    missing = [str(p) for p in exps + [x for x in (eff, union) if x] if not p.is_file()]
     if missing:
         raise ReportError(f"{spec.page}: input(s) listed in {MANIFEST} not found: {', '.join(missing)}")
-    return exps, eff, root / spec.page, (root / spec.figure if spec.figure else None)
+    return exps, eff, root / spec.page, (root / spec.figure if spec.figure else None), union
 
 
 def check_page(spec: PageSpec, root: Path) -> list[str]:
     """Differences between the page (and sidecar) on disk and what the JSON gives now, below the
     header; [] when they match."""
-    exps, eff, out, fig = _spec_paths(spec, root)
-    text, sidecar = render_page(exps, eff, out, fig, spec.domain, f"{PROG} --page {spec.page}", root)
+    exps, eff, out, fig, union = _spec_paths(spec, root)
+    text, sidecar = render_page(exps, eff, out, fig, spec.domain, f"{PROG} --page {spec.page}", root, union=union)
     if not out.is_file():
         return [f"{spec.page}: missing"]
     problems = []
@@ -201,16 +212,16 @@ def _run_manifest(args: argparse.Namespace, root: Path, state: TreeState | None)
     # Every input is checked (and the tree judged) before the first page is written: writing one
     # page makes the tree dirty for the next.
     resolved = [(spec, *_spec_paths(spec, root)) for spec in specs]
-    inputs = [_manifest_path(args, root)] + [p for _, exps, eff, _, _ in resolved
-                                                     for p in exps + ([eff] if eff else [])]
+    inputs = [_manifest_path(args, root)] + [p for _, exps, eff, _, _, union in resolved
+                                                     for p in exps + [x for x in (eff, union) if x]]
     state = state or git_tree_state(root, inputs)
     refusal = tree_refusal(state)
     if refusal and not args.draft_ok:
         print(f"error: {refusal}", file=sys.stderr)
         return 2
-    for spec, exps, eff, out, fig in resolved:
+    for spec, exps, eff, out, fig, union in resolved:
         written = build_report(exps, eff, out, fig, spec.domain, f"{PROG} --page {spec.page}", root,
-                               generated_at=state.commit, draft=not state.clean)
+                               generated_at=state.commit, draft=not state.clean, union=union)
         for what, path in written.items():
             print(f"written {what}: {_label(path, root)}" + (" (draft)" if what == "page" and not state.clean else ""))
     return 0
@@ -218,7 +229,7 @@ def _run_manifest(args: argparse.Namespace, root: Path, state: TreeState | None)
 
 def _run_adhoc(args: argparse.Namespace, argv: list[str], root: Path, state: TreeState | None) -> int:
     if not args.out:
-        print("error: an ad-hoc page (--experiments) needs --out; the manifest's pages are written by "
+        print("error: an ad-hoc page (--experiments/--union) needs --out; the manifest's pages are written by "
               f"`{PROG}` or `{PROG} --page PAGE`", file=sys.stderr)
         return 2
     manifest_path = _manifest_path(args, root)
@@ -243,15 +254,15 @@ def _run_adhoc(args: argparse.Namespace, argv: list[str], root: Path, state: Tre
         if refusal:
             print(f"error: {refusal}", file=sys.stderr)
             return 2
-    inputs = [Path(p) for p in args.experiments] + ([Path(efficiency)] if efficiency else [])
+    inputs = [Path(p) for p in args.experiments or []] + [Path(p) for p in (efficiency, args.union) if p]
     state = state or git_tree_state(root, inputs)
     refusal = tree_refusal(state)
     if refusal and not args.draft_ok:
         print(f"error: {refusal}", file=sys.stderr)
         return 2
     command = PROG + " " + " ".join(shlex.quote(a) for a in argv)
-    written = build_report(args.experiments, efficiency, args.out, figure, args.domain, command.strip(), root,
-                           generated_at=state.commit, draft=not state.clean)
+    written = build_report(args.experiments or [], efficiency, args.out, figure, args.domain, command.strip(), root,
+                           generated_at=state.commit, draft=not state.clean, union=args.union)
     for what, path in written.items():
         print(f"written {what}: {path}")
     return 0
@@ -270,6 +281,8 @@ def main(argv: list[str] | None = None, state: TreeState | None = None) -> int:
     adhoc = ap.add_argument_group("ad-hoc page (not in the manifest)")
     adhoc.add_argument("--experiments", action="append", default=None,
                        help="experiment results JSON (repeatable: the runs are merged)")
+    adhoc.add_argument("--union", default=None, help="union experiment results JSON (python -m research.union "
+                       "collect): a page like docs/results_union.md, instead of --experiments")
     adhoc.add_argument("--efficiency", default=None, help="inference benchmark JSON; a missing file is reported "
                        "and skipped")
     adhoc.add_argument("--out", default=None, help="the page to write")
@@ -279,13 +292,18 @@ def main(argv: list[str] | None = None, state: TreeState | None = None) -> int:
     given = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(given)
     root = Path(args.root).resolve()
-    if args.experiments and (args.page or args.check):
-        ap.error("--page/--check regenerate manifest pages; --experiments makes an ad-hoc page")
-    if not args.experiments and (args.out or args.figure or args.efficiency or args.overwrite):
-        ap.error("--out/--figure/--efficiency/--overwrite are for an ad-hoc page (with --experiments); "
+    adhoc_page = args.experiments or args.union
+    if args.experiments and args.union:
+        ap.error("--union makes a page of its own kind: give it without --experiments")
+    if args.union and args.figure:
+        ap.error("--figure: the union page has no Figure 1 yet (--efficiency lists the measurements)")
+    if adhoc_page and (args.page or args.check):
+        ap.error("--page/--check regenerate manifest pages; --experiments/--union make an ad-hoc page")
+    if not adhoc_page and (args.out or args.figure or args.efficiency or args.overwrite):
+        ap.error("--out/--figure/--efficiency/--overwrite are for an ad-hoc page (with --experiments or --union); "
                  f"the manifest's pages are set in {MANIFEST}")
     try:
-        if args.experiments:
+        if adhoc_page:
             return _run_adhoc(args, given, root, state)
         return _run_manifest(args, root, state)
     except ReportError as exc:

@@ -4,7 +4,9 @@
     ckd-serve --spec configs/serve_example.yaml --address HOST:6379
 
 Prints the Ray address and namespace students connect to (TeacherPool.from_ray) and each replica's
-endpoint. Replica counts follow targets set by launch/scale.py (reconciled every second).
+endpoint. Replica counts follow targets set by launch/scale.py (reconciled every second). The loop
+rides out a restart of the directory actor (it retries with backoff and logs); only Ctrl-C or
+SIGTERM stops it and takes the replicas down.
 """
 from __future__ import annotations
 
@@ -13,12 +15,12 @@ import json
 import logging
 import signal
 import sys
-import time
 
 import ray
 
 from ckd.config import ConfigError
 from cluster.deploy import TeacherDeployment, load_spec, start_embedded
+from ckd.ray_loopback import join_ray
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.address:
-        ray.init(address=args.address, namespace=spec.namespace, logging_level="WARNING")
+        join_ray(args.address, namespace=spec.namespace, logging_level="WARNING")
         dep = TeacherDeployment(spec)
         dep.deploy()
         address = args.address
@@ -48,10 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"ray_address": address, "namespace": spec.namespace, "endpoints": dep.endpoints()}),
           flush=True)
     try:
-        while not stop["now"]:
-            time.sleep(args.reconcile_every)
-            if dep.reconcile():
-                print(json.dumps({"endpoints": dep.endpoints()}), flush=True)
+        # Transient failures (a directory restart, a replica that will not start) are retried inside;
+        # the finally below runs only when we are asked to stop.
+        dep.serve_forever(lambda: stop["now"], every=args.reconcile_every,
+                          on_change=lambda eps: print(json.dumps({"endpoints": eps}), flush=True))
     finally:
         dep.shutdown()
         if ray.is_initialized():

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rteacher.proto\x12\x0e\x63kd.teacher.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xba\x01\n\x0cScoreRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12-\n\rhistory_items\x18\x02 \x01(\x0b\x32\x16.ckd.teacher.v1.Tensor\x12\'\n\x07lengths\x18\x03 \x01(\x0b\x32\x16.ckd.teacher.v1.Tensor\x12*\n\ncandidates\x18\x04 \x01(\x0b\x32\x16.ckd.teacher.v1.Tensor\x12\x12\n\nvocab_hash\x18\x05 \x01(\t\"w\n\nScoreReply\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12&\n\x06scores\x18\x02 \x01(\x0b\x32\x16.ckd.teacher.v1.Tensor\x12\x14\n\x0cteacher_name\x18\x03 \x01(\t\x12\x17\n\x0fteacher_version\x18\x04 \x01(\t\"\x11\n\x0f\x44\x65scribeRequest\"\xf8\x01\n\x12TeacherDescription\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nvocab_hash\x18\x03 \x01(\t\x12\x11\n\tnum_items\x18\x04 \x01(\x03\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\x13\n\x0bmax_history\x18\x06 \x01(\x03\x12\x19\n\x11\x63heckpoint_sha256\x18\x07 \x01(\t\x12\x0c\n\x04kind\x18\x08 \x01(\t\x12\x16\n\x0emax_batch_rows\x18\t \x01(\x03\x12\x16\n\x0emax_candidates\x18\n \x01(\x03\x12\x19\n\x11max_message_bytes\x18\x0b \x01(\x03\x32\x9d\x01\n\x07Teacher\x12\x41\n\x05Score\x12\x1c.ckd.teacher.v1.ScoreRequest\x1a\x1a.ckd.teacher.v1.ScoreReply\x12O\n\x08\x44\x65scribe\x12\x1f.ckd.teacher.v1.DescribeRequest\x1a\".ckd.teacher.v1.TeacherDescriptionb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rteacher.proto\x12\x0e\x63kd.teacher.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xba\x01\n\x0cScoreRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12-\n\rhistory_items\x18\x02 \x01(\x0b\x32\x16.ckd.teacher.v1.Tensor\x12\'\n\x07lengths\x18\x03 \x01(\x0b\x32\x16.ckd.teacher.v1.Tensor\x12*\n\ncandidates\x18\x04 \x01(\x0b\x32\x16.ckd.teacher.v1.Tensor\x12\x12\n\nvocab_hash\x18\x05 \x01(\t\"w\n\nScoreReply\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12&\n\x06scores\x18\x02 \x01(\x0b\x32\x16.ckd.teacher.v1.Tensor\x12\x14\n\x0cteacher_name\x18\x03 \x01(\t\x12\x17\n\x0fteacher_version\x18\x04 \x01(\t\"\x11\n\x0f\x44\x65scribeRequest\"\xc8\x02\n\x12TeacherDescription\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nvocab_hash\x18\x03 \x01(\t\x12\x11\n\tnum_items\x18\x04 \x01(\x03\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\x13\n\x0bmax_history\x18\x06 \x01(\x03\x12\x19\n\x11\x63heckpoint_sha256\x18\x07 \x01(\t\x12\x0c\n\x04kind\x18\x08 \x01(\t\x12\x16\n\x0emax_batch_rows\x18\t \x01(\x03\x12\x16\n\x0emax_candidates\x18\n \x01(\x03\x12\x19\n\x11max_message_bytes\x18\x0b \x01(\x03\x12\x17\n\x0fmax_score_cells\x18\x0c \x01(\x03\x12\x18\n\x10max_gather_bytes\x18\r \x01(\x03\x12\x1b\n\x13\x63uts_long_histories\x18\x0e \x01(\x08\x32\x9d\x01\n\x07Teacher\x12\x41\n\x05Score\x12\x1c.ckd.teacher.v1.ScoreRequest\x1a\x1a.ckd.teacher.v1.ScoreReply\x12O\n\x08\x44\x65scribe\x12\x1f.ckd.teacher.v1.DescribeRequest\x1a\".ckd.teacher.v1.TeacherDescriptionb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,7 +40,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DESCRIBEREQUEST']._serialized_start=397
   _globals['_DESCRIBEREQUEST']._serialized_end=414
   _globals['_TEACHERDESCRIPTION']._serialized_start=417
-  _globals['_TEACHERDESCRIPTION']._serialized_end=665
-  _globals['_TEACHER']._serialized_start=668
-  _globals['_TEACHER']._serialized_end=825
+  _globals['_TEACHERDESCRIPTION']._serialized_end=745
+  _globals['_TEACHER']._serialized_start=748
+  _globals['_TEACHER']._serialized_end=905
 # @@protoc_insertion_point(module_scope)

@@ -45,11 +45,12 @@ def decode(msg: teacher_pb2.Tensor, *, writable: bool = False) -> np.ndarray:
     for s in shape:
         count *= s
     expected = count * wire.itemsize
-    if len(msg.data) != expected:
+    data = msg.data  # read once: each read of a bytes field copies it out of the message
+    if len(data) != expected:
         raise TensorCodecError(f"tensor of dtype {msg.dtype} and shape {list(shape)} needs {expected} "
-                               f"bytes, got {len(msg.data)}")
+                               f"bytes, got {len(data)}")
     try:  # e.g. an empty tensor declaring a dimension numpy cannot allocate, [2**63-1, 0]
-        arr = np.frombuffer(msg.data, dtype=wire).reshape(shape)
+        arr = np.frombuffer(data, dtype=wire).reshape(shape)
     except ValueError as exc:
         raise TensorCodecError(f"tensor shape {list(shape)} cannot be built: {exc}") from None
     native = arr.dtype.newbyteorder("=")

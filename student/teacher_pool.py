@@ -4,8 +4,14 @@ Discovers replicas from the directory actor (``from_ray``) or a static endpoint 
 channel per replica per process (created lazily, re-created after a fork), round-robins over healthy
 replicas, puts a deadline on every call, retries another replica with exponential backoff on
 UNAVAILABLE / DEADLINE_EXCEEDED, quarantines failing replicas until a background health probe finds
-them SERVING again, splits a batch on RESOURCE_EXHAUSTED or when it would exceed the message limit,
-and fails fast (TeacherContractError) on INVALID_ARGUMENT / FAILED_PRECONDITION.
+them SERVING again (a replica quarantined again and again waits longer between probes, so a slow
+one that keeps missing its deadline is mostly routed around), splits a batch on RESOURCE_EXHAUSTED
+or when it would exceed the message limit, and fails fast (TeacherContractError) on
+INVALID_ARGUMENT / FAILED_PRECONDITION.
+
+A directory that has just restarted says so (``Discovery.settled`` False): until it settles, the
+pool adds the replicas it lists but drops none it knows, so it never adopts an empty or partial
+list while replicas are still re-registering.
 
 A teacher with no live replica is handled by ``on_unavailable``: "fail" raises TeacherUnavailable,
 "skip" returns None for that teacher for the batch (counted in ``stats()['skipped/<name>']``),
@@ -31,6 +37,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ckd.ray_loopback import join_ray
 from protos import teacher_pb2, teacher_pb2_grpc
 from protos.contract import (DIRECTORY_NAME, SERVICE_NAME, ServiceLimits, TeacherContractError, TeacherInfo,
                              TeacherUnavailable, auth_metadata, grpc_message_options)
@@ -48,6 +55,7 @@ class PoolSettings:
     on_unavailable: Literal["fail", "skip", "wait"] = "fail"
     wait_budget_s: float = 60.0  # "wait": give up (TeacherUnavailable) after this long
     probe_interval_s: float = 0.5  # health probes of quarantined replicas
+    quarantine_max_s: float = 5.0  # a replica quarantined k times in a row waits min(this, probe * 2**(k-1))
     refresh_interval_s: float = 1.0  # directory refresh
     max_message_bytes: int = ServiceLimits.max_message_bytes  # must equal the server's limit
     token: str | None = None  # shared token, sent on every call
@@ -74,11 +82,22 @@ class _Exhausted(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class Discovery:
+    """A discovery source's answer when it knows more than the endpoints: ``settled`` False means
+    the directory has just restarted and replicas may still be re-registering (so a missing
+    replica is not evidence that it is gone); ``generation`` counts directory (re)starts."""
+    endpoints: dict[str, list[str]]
+    settled: bool = True
+    generation: int = 0
+
+
 @dataclass
 class _Replica:
     address: str
     quarantined: bool = False
-    failures: int = 0
+    failures: int = 0  # quarantines in a row without a successful call in between
+    probe_after: float = 0.0  # clock time before which the probe leaves it quarantined
 
 
 class _Conn:
@@ -132,7 +151,8 @@ class TeacherPool:
     """Soft-label client over every replica of the named teachers."""
 
     def __init__(self, endpoints: dict[str, list[str]] | None = None, *,
-                 source: Callable[[], dict[str, list[str]]] | None = None, teachers: list[str] | None = None,
+                 source: Callable[[], dict[str, list[str]] | Discovery] | None = None,
+                 teachers: list[str] | None = None,
                  sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic,
                  **settings: Any):
         known = {f.name for f in fields(PoolSettings)}
@@ -177,19 +197,26 @@ class TeacherPool:
 
         owns = False
         if not ray.is_initialized():
-            ray.init(address=address, namespace=namespace, logging_level="WARNING", log_to_driver=False)
+            # join_ray: the embedded default listens on loopback only, which needs Ray's loopback mode.
+            join_ray(address, namespace=namespace, logging_level="WARNING", log_to_driver=False)
             owns = True
         name = settings.get("directory", DIRECTORY_NAME)
         try:
-            directory = ray.get_actor(name, namespace=namespace)
+            handle = [ray.get_actor(name, namespace=namespace)]
         except ValueError:
             if owns:
                 ray.shutdown()
             raise TeacherUnavailable(f"no teacher directory {name!r} in Ray namespace {namespace!r} at {address}; "
                                      f"is launch/serve.py running?") from None
 
-        def fetch() -> dict[str, list[str]]:
-            return ray.get(directory.snapshot.remote(list(teachers)), timeout=10)
+        def fetch() -> Discovery:
+            try:
+                view = ray.get(handle[0].view.remote(list(teachers)), timeout=10)
+            except ray.exceptions.ActorDiedError:
+                # Dead for good: its deployment creates it again under the same name; look it up.
+                handle[0] = ray.get_actor(name, namespace=namespace)
+                raise
+            return Discovery(view["endpoints"], bool(view["settled"]), int(view["generation"]))
 
         pool = cls(source=fetch, teachers=list(teachers), **settings)
         if owns:
@@ -198,16 +225,28 @@ class TeacherPool:
 
     # -- replicas -----------------------------------------------------------------------------
     def refresh(self) -> None:
-        """Re-read the replica list: new replicas join healthy, vanished ones are dropped."""
+        """Re-read the replica list: new replicas join healthy, vanished ones are dropped (but none
+        while the directory is unsettled after a restart)."""
         try:
             current = self._source()
         except Exception as exc:  # noqa: BLE001 — keep the last known list; probes still run
+            with self._lock:
+                self._counters["refresh_failures"] += 1
             log.warning("teacher directory refresh failed: %r", exc)
             return
+        found = current if isinstance(current, Discovery) else Discovery(dict(current))
         with self._lock:
+            self._counters["directory_generation"] = float(found.generation)
             for t in self.teachers:
-                addrs = list(dict.fromkeys(current.get(t, [])))
+                addrs = list(dict.fromkeys(found.endpoints.get(t, [])))
                 old = {r.address: r for r in self._replicas[t]}
+                if not found.settled:
+                    held = [a for a in old if a not in addrs]
+                    if held:
+                        self._counters["refresh_held"] += 1
+                        log.info("teacher directory restarted and unsettled: keeping %d known replica(s) of %s",
+                                 len(held), t)
+                    addrs = list(old) + [a for a in addrs if a not in old]
                 self._replicas[t] = [old.get(a) or _Replica(a) for a in addrs]
             live = {r.address for rs in self._replicas.values() for r in rs}
             for a in [a for a in self._conns if a not in live]:
@@ -246,13 +285,19 @@ class TeacherPool:
         with self._lock:
             if not rep.quarantined:
                 rep.quarantined = True
+                rep.failures += 1
+                # Health says SERVING for a replica that is merely slow: back off its re-admission.
+                hold = min(self.settings.quarantine_max_s, self.settings.probe_interval_s * 2 ** (rep.failures - 1))
+                rep.probe_after = self._clock() + hold
                 self._counters["quarantines"] += 1
-                log.warning("teacher %s replica %s quarantined: %s", teacher, rep.address, why)
+                log.warning("teacher %s replica %s quarantined (%d in a row, next probe in %.1f s): %s", teacher,
+                            rep.address, rep.failures, hold, why)
 
     def probe(self) -> None:
-        """Health-check quarantined replicas once; SERVING ones rejoin."""
+        """Health-check quarantined replicas whose hold has passed; SERVING ones rejoin."""
+        now = self._clock()
         with self._lock:
-            todo = [(t, r) for t, rs in self._replicas.items() for r in rs if r.quarantined]
+            todo = [(t, r) for t, rs in self._replicas.items() for r in rs if r.quarantined and now >= r.probe_after]
         for t, r in todo:
             try:
                 resp = self._conn(r.address).health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
@@ -456,12 +501,18 @@ class TeacherPool:
             try:
                 scores = decode(reply.scores)
             except TensorCodecError as exc:
-                raise TeacherContractError(f"request {rid} teacher {t} replica {rep.address}: bad reply: {exc}") from None
-            if scores.shape != (b, c) or scores.dtype != np.float32 or reply.request_id != rid:
-                raise TeacherContractError(f"request {rid} teacher {t} replica {rep.address}: reply {reply.request_id} "
-                                           f"has {scores.dtype} {scores.shape}, expected float32 {(b, c)}")
+                raise TeacherContractError(f"request {rid} teacher {t} replica {rep.address}: malformed reply: "
+                                           f"field scores: {exc}", field="scores") from None
+            if reply.request_id != rid:
+                raise TeacherContractError(f"request {rid} teacher {t} replica {rep.address}: malformed reply: "
+                                           f"field request_id: {reply.request_id}, expected {rid}", field="request_id")
+            if scores.shape != (b, c) or scores.dtype != np.float32:
+                raise TeacherContractError(f"request {rid} teacher {t} replica {rep.address}: malformed reply: "
+                                           f"field scores: {scores.dtype} {list(scores.shape)}, expected float32 "
+                                           f"{[b, c]}", field="scores")
             self._timings.add("decode", (time.perf_counter() - t_dec) * 1e3)
             with self._lock:
+                rep.failures = 0
                 self._counters["calls"] += 1
                 self._counters[f"calls/{t}@{rep.address}"] += 1
             return scores
@@ -471,8 +522,9 @@ class TeacherPool:
 
     # -- reporting / teardown -------------------------------------------------------------------
     def stats(self) -> dict[str, float]:
-        """Counters (calls, retries, quarantines, splits, skipped/<t>, unavailable/<t>), replica counts
-        and per-stage timings (encode, rpc, decode, score: mean/p50/p95 in ms)."""
+        """Counters (calls, retries, quarantines, splits, skipped/<t>, unavailable/<t>, refresh_failures,
+        refresh_held, directory_generation), replica counts and per-stage timings (encode, rpc,
+        decode, score: mean/p50/p95 in ms)."""
         with self._lock:
             out = dict(self._counters)
             for t, rs in self._replicas.items():

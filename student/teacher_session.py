@@ -43,6 +43,10 @@ class TeacherSession:
                                      in_batch_negatives=kd.in_batch_negatives,
                                      label_smoothing=cfg.train.label_smoothing)
         self.kd_skipped_batches = 0
+        # Rows seen and rows that got soft labels, per domain (metrics.json "teacher_client"): the
+        # evidence that every row of every covered domain was distilled.
+        self.rows_seen = np.zeros(dataset.num_domains, dtype=np.int64)
+        self.rows_labelled = np.zeros(dataset.num_domains, dtype=np.int64)
         # The teachers serve the first k domains' id space; rows of later domains get no KD.
         self.covered_domains = dataset.num_domains if covered_domains is None else covered_domains
 
@@ -76,8 +80,16 @@ class TeacherSession:
     @classmethod
     def _checked(cls, cfg, dataset: MultiDomainDataset, acc, pool) -> "TeacherSession":
         """Wait for every teacher, then refuse any trained on another item vocabulary."""
+        from protos.contract import TeacherContractError
+
         pool.wait_ready(timeout=cfg.service.ready_timeout_s)
-        infos, covered = pool.check_coverage(dataset.prefix_vocabularies())
+        try:
+            infos, covered = pool.check_coverage(dataset.prefix_vocabularies())
+        except TeacherContractError as err:
+            hint = vocabulary_order_hint(pool.describe(), dataset)
+            if hint:
+                raise TeacherContractError(f"{err}. {hint}") from None
+            raise
         for n, i in infos.items():
             log.info("teacher %s: kind %s, %d replica(s), tau %.3f, checkpoint %s", n, i.kind, i.replicas,
                      i.temperature, i.checkpoint_sha256[:12])
@@ -95,7 +107,10 @@ class TeacherSession:
         return {n: dataclasses.asdict(i) for n, i in self.infos.items()}
 
     def stats(self) -> dict[str, float]:
-        return {**self.pool.stats(), "kd_skipped_batches": self.kd_skipped_batches}
+        names = self.dataset.domain_names
+        return {**self.pool.stats(), "kd_skipped_batches": self.kd_skipped_batches,
+                "kd_rows_seen": {n: int(v) for n, v in zip(names, self.rows_seen)},
+                "kd_rows_labelled": {n: int(v) for n, v in zip(names, self.rows_labelled)}}
 
     # -- Distiller -----------------------------------------------------------------------------
     def prepare(self, batch: StudentBatch, step_seed: int) -> PreparedBatch:
@@ -132,10 +147,34 @@ class TeacherSession:
         dev = logits.device
         scores = {t: (torch.from_numpy(np.array(v, dtype=np.float32)).to(dev) if v is not None else None)
                   for t, v in soft.items()}
-        if soft and all(v is None for v in scores.values()):
+        labelled = any(v is not None for v in scores.values())
+        if soft and not labelled:
             self.kd_skipped_batches += 1
+        nd = self.dataset.num_domains
+        self.rows_seen += np.bincount(batch.domains.cpu().numpy(), minlength=nd)
+        if labelled:
+            doms = batch.domains if prepared.kd_rows is None else batch.domains[prepared.kd_rows.to(batch.domains.device)]
+            self.rows_labelled += np.bincount(doms.cpu().numpy(), minlength=nd)
         kd_rows = prepared.kd_rows.to(dev) if prepared.kd_rows is not None else None
         total, terms = self.criterion(logits, batch.targets, batch.domains, prepared.candidates.to(dev),
                                       prepared.target_col.to(dev), prepared.valid_mask.to(dev), scores,
                                       kd_rows=kd_rows)
         return total, {k: float(v) for k, v in terms.items()}
+
+
+def vocabulary_order_hint(infos: dict[str, Any], dataset: MultiDomainDataset) -> str:
+    """For teachers whose item vocabulary is no prefix of the student's: the domain order each was
+    trained on, when it is an ordering of the student's own domains, next to the student's order
+    (the fix is then to list the domains in the teacher's order). "" when nothing can be said."""
+    prefixes = {h for h, _ in dataset.prefix_vocabularies()}
+    hints = []
+    for name, info in infos.items():
+        if info.vocab_hash in prefixes:
+            continue
+        order = dataset.domain_order_of(info.vocab_hash)
+        if order is not None:
+            hints.append(f"teacher {name} was trained on the domains in the order [{', '.join(order)}], "
+                         f"the student's order is [{', '.join(dataset.domain_names)}]: global item ids "
+                         f"differ, so list the student's domains in the teacher's order "
+                         f"(data.domains=[{','.join(order + [d for d in dataset.domain_names if d not in order])}])")
+    return "; ".join(hints)

@@ -13,13 +13,69 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from protos.contract import TeacherContractError, TeacherInfo
+from protos.contract import ServiceLimits, TeacherContractError, TeacherInfo
+
+# Default bound on the candidate embeddings gathered at once (the service's own default).
+DEFAULT_GATHER_BYTES = ServiceLimits.max_gather_bytes
+
+
+@dataclass(frozen=True)
+class GatherPlan:
+    """How a [rows, cols] score matrix is filled block by block so that the candidate embeddings
+    gathered for one block stay within a byte budget.
+
+    Per-row candidates ([B, C]) gather [block_rows, block_cols, D] per block: whole rows while one row
+    fits the budget, else one row cut into column blocks. Shared candidates ([C]) gather
+    [block_cols, D] per block, for every row at once. A block always holds at least one embedding,
+    so a budget below one embedding gathers exactly one.
+    """
+
+    rows: int
+    cols: int
+    per_row: bool
+    embedding_bytes: int  # D * itemsize
+    block_rows: int
+    block_cols: int
+
+    @classmethod
+    def make(cls, rows: int, cols: int, per_row: bool, embedding_bytes: int, budget: int) -> "GatherPlan":
+        """The plan for a [rows, cols] matrix under ``budget`` bytes per gathered block."""
+        if min(rows, cols, embedding_bytes, budget) < 1:
+            raise ValueError(f"gather plan needs positive sizes, got rows={rows} cols={cols} "
+                             f"embedding_bytes={embedding_bytes} budget={budget}")
+        fit = max(1, budget // embedding_bytes)  # embeddings one block may hold
+        if not per_row:
+            return cls(rows, cols, False, embedding_bytes, rows, min(cols, fit))
+        if cols <= fit:
+            return cls(rows, cols, True, embedding_bytes, min(rows, fit // cols), cols)
+        return cls(rows, cols, True, embedding_bytes, 1, fit)
+
+    @property
+    def block_embeddings(self) -> int:
+        """Embeddings gathered for one (full) block."""
+        return self.block_rows * self.block_cols if self.per_row else self.block_cols
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one (full) gathered block: the most the plan ever gathers at once."""
+        return self.block_embeddings * self.embedding_bytes
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.rows // self.block_rows) * -(-self.cols // self.block_cols)
+
+    def blocks(self) -> Iterator[tuple[slice, slice]]:
+        """(row slice, column slice) of every block, row-major; together they tile the matrix once."""
+        for r in range(0, self.rows, self.block_rows):
+            for c in range(0, self.cols, self.block_cols):
+                yield slice(r, min(self.rows, r + self.block_rows)), slice(c, min(self.cols, c + self.block_cols))
 
 
 class Teacher(torch.nn.Module):
@@ -62,7 +118,50 @@ class Teacher(torch.nn.Module):
     def score(self, histories: torch.Tensor, lengths: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """Raw scores float32 [B, C] of each history against the candidates."""
         seq = self.encode_histories(histories, lengths)
-        return self.similarity(seq, self.candidate_embeddings(candidates)).float()
+        return self.score_candidates(seq, candidates)
+
+    def gather_plan(self, seq: torch.Tensor, candidates: torch.Tensor,
+                    max_gather_bytes: int = DEFAULT_GATHER_BYTES) -> GatherPlan:
+        """The blocks ``score_candidates`` fills for these sequence representations and candidates."""
+        b, c = int(seq.shape[0]), int(candidates.shape[-1])
+        return GatherPlan.make(b, c, candidates.dim() == 2, self.embedding_bytes(seq), max_gather_bytes)
+
+    def embedding_bytes(self, seq: torch.Tensor) -> int:
+        """Bytes of one gathered item embedding: a row of the item table (eval mode), and never
+        less than a row of ``seq`` (item and sequence representations share D)."""
+        per_seq = int(seq.shape[-1]) * seq.element_size()
+        cache = self._item_cache
+        if cache is not None and cache.dim() == 2:
+            return max(1, per_seq, int(cache.shape[1]) * cache.element_size())
+        return max(1, per_seq)
+
+    @torch.no_grad()
+    def score_candidates(self, seq: torch.Tensor, candidates: torch.Tensor,
+                         max_gather_bytes: int = DEFAULT_GATHER_BYTES) -> torch.Tensor:
+        """``similarity(seq, candidate_embeddings(candidates))`` as float32 [B, C], gathering at most
+        ``max_gather_bytes`` of candidate embeddings at once (see ``GatherPlan``).
+
+        Gathering per-row candidates [B, C] in one go would hold a [B, C, D] tensor (a 16 MB request
+        to a 32-d teacher needed over 1 GiB); block by block it holds one block. Each score is the
+        same product of the same two vectors, so the result equals the one-block product (the tests
+        check it)."""
+        if candidates.dim() not in (1, 2) or seq.dim() != 2 or (candidates.dim() == 2
+                                                                and candidates.shape[0] != seq.shape[0]):
+            raise ValueError(f"score_candidates: seq [B, D] and candidates [C] or [B, C], got "
+                             f"{list(seq.shape)} and {list(candidates.shape)}")
+        b, c = int(seq.shape[0]), int(candidates.shape[-1])
+        if b == 0 or c == 0:
+            return torch.zeros(b, c, dtype=torch.float32, device=seq.device)
+        if not self.training:
+            self._item_table(candidates.device)  # its row size is what one gathered embedding takes
+        plan = self.gather_plan(seq, candidates, max_gather_bytes)
+        if plan.num_blocks == 1:
+            return self.similarity(seq, self.candidate_embeddings(candidates)).float()
+        out = torch.empty(b, c, dtype=torch.float32, device=seq.device)
+        for rows, cols in plan.blocks():
+            block = candidates[rows, cols] if plan.per_row else candidates[cols]
+            out[rows, cols] = self.similarity(seq[rows], self.candidate_embeddings(block)).float()
+        return out
 
     def candidate_embeddings(self, candidates: torch.Tensor) -> torch.Tensor:
         """``item_embeddings(candidates)``; in eval mode read from a table of every item, built once.
@@ -74,13 +173,17 @@ class Teacher(torch.nn.Module):
         """
         if self.training:
             return self.item_embeddings(candidates)
+        return self._item_table(candidates.device)[candidates]
+
+    def _item_table(self, device: torch.device) -> torch.Tensor:
+        """The eval-mode table of every item's embedding on ``device``, built on first use."""
         cache = self._item_cache
-        if cache is None or cache.device != candidates.device:
-            ids = torch.arange(self.num_items, device=candidates.device)
+        if cache is None or cache.device != device:
+            ids = torch.arange(self.num_items, device=device)
             with torch.no_grad():
                 cache = torch.cat([self.item_embeddings(ids[i: i + 4096]) for i in range(0, self.num_items, 4096)])
             self._item_cache = cache
-        return cache[candidates]
+        return cache
 
     def train(self, mode: bool = True) -> "Teacher":
         self._item_cache = None

@@ -15,8 +15,16 @@ the encoder is trained with softmax cross-entropy of cosine/0.05 over the items 
 domain; in stage 2 the table is frozen and only the sequence side keeps learning. The table is
 saved with the checkpoint, so inference never re-encodes the catalogue.
 
-Cut versus the paper for CPU training (all are settings): no MLM / item-item contrastive
-pre-training on 7 domains (the PLM weights go straight to fine-tuning), ``num_layers`` of the PLM's
+Pre-training (``objective="pretrain"``, the paper's Section 3.3): the item-item contrastive loss
+(the sequence's representation against its next item's, both from the encoder, cosine / 0.05 with
+in-batch negatives) plus ``mlm_weight`` (0.1) times masked language modelling over the sequence's
+tokens (15% of the non-[CLS] tokens; 80% [MASK], 10% a random word piece, 10% kept), predicted by
+a BERT-style head whose decoder is the (tied) word-piece table. The MLM forward is a separate pass
+over the masked tokens, as in the authors' code. A fine-tuning stage starts from the pre-trained
+encoder with ``init_from: previous`` (the MLM head is dropped).
+
+Cut versus the paper for CPU training (all are settings): pre-training on the run's own domains
+(not the paper's 7 others) for as many steps as the config gives, ``num_layers`` of the PLM's
 layers kept (default 2 of 6), ``item_tokens`` tokens per item (default 32), ``max_seq_tokens`` per
 sequence (default 256) and the last ``max_seq_items`` items (default 12).
 """
@@ -34,6 +42,8 @@ from teachers.text_encoder import mean_pool
 
 TYPE_VALUE, TYPE_KEY, TYPE_CLS = 0, 1, 2  # value = BERT's segment 0, so PLM behaviour is kept on text
 ATTRIBUTES = ("title", "brand", "category")
+OBJECTIVES = ("finetune", "pretrain")
+IGNORE_INDEX = -100  # label of a token the MLM loss skips (torch's cross_entropy default)
 # Value-token caps per attribute (keys add one word piece each): with item_tokens=24 the title
 # keeps its first 14 pieces, the brand 3, the category its last 4 (its most specific level).
 DEFAULT_ATTR_TOKENS = {"title": 14, "brand": 3, "category": 4}
@@ -90,6 +100,42 @@ def tokenize_items(tokenizer, texts: list[str], item_tokens: int, attr_tokens: d
     return ids, types, lens
 
 
+def mask_tokens(ids: torch.Tensor, maskable: torch.Tensor, probability: float, mask_token_id: int,
+                vocab_size: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking of ``ids`` [N, S] where ``maskable``: each maskable token is chosen with
+    ``probability``; a chosen token becomes [MASK] (80%), a random word piece (10%) or stays (10%).
+    Returns (masked ids, labels): labels are the original ids at chosen tokens, IGNORE_INDEX elsewhere."""
+    dev = ids.device
+    chosen = (torch.rand(ids.shape, generator=generator, device=dev) < probability) & maskable
+    labels = torch.where(chosen, ids, torch.full_like(ids, IGNORE_INDEX))
+    roll = torch.rand(ids.shape, generator=generator, device=dev)
+    random_ids = torch.randint(0, vocab_size, ids.shape, generator=generator, device=dev)
+    out = torch.where(chosen & (roll < 0.8), torch.full_like(ids, mask_token_id), ids)
+    out = torch.where(chosen & (roll >= 0.8) & (roll < 0.9), random_ids, out)
+    return out, labels
+
+
+def contrastive_loss(sequences: torch.Tensor, items: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Item-item contrastive loss: row i of ``sequences`` [B, H] against row i of ``items`` [B, H]
+    (its next item), the other rows being in-batch negatives; cosine / ``temperature``, softmax CE."""
+    logits = F.normalize(sequences, dim=-1) @ F.normalize(items, dim=-1).T / temperature
+    return F.cross_entropy(logits, torch.arange(logits.shape[0], device=logits.device))
+
+
+class MaskedLMHead(torch.nn.Module):
+    """BERT's prediction head: dense + GELU + LayerNorm, then the word-piece table (tied, passed in
+    at call time so it is not a second copy in the checkpoint) plus a per-word bias."""
+
+    def __init__(self, hidden: int, vocab_size: int, eps: float = 1e-12):
+        super().__init__()
+        self.dense = torch.nn.Linear(hidden, hidden)
+        self.norm = torch.nn.LayerNorm(hidden, eps=eps)
+        self.bias = torch.nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, hidden: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
+        return self.norm(F.gelu(self.dense(hidden))) @ word_embeddings.T + self.bias
+
+
 def _encoder_config(config_dict: dict[str, Any]):
     from transformers import AutoConfig
 
@@ -107,8 +153,11 @@ class RecformerTeacher(Teacher):
                  item_tokens: int = 24, attr_tokens: dict[str, int] | None = None,
                  max_seq_tokens: int = 128, max_seq_items: int = 8, pooling: str = "mean",
                  stage1_epochs: int = 2, cls_token_id: int = 101, encode_batch_size: int = 256,
-                 freeze_word_embeddings: bool = True):
+                 freeze_word_embeddings: bool = True, objective: str = "finetune", mlm_weight: float = 0.1,
+                 mlm_probability: float = 0.15, mask_token_id: int = 103):
         super().__init__(vocab_hash, num_items, temperature, max_history)
+        if objective not in OBJECTIVES:
+            raise ValueError(f"recformer objective {objective!r} is not one of {OBJECTIVES}")
         from transformers import AutoModel
 
         if encoder_config is None:
@@ -127,6 +176,11 @@ class RecformerTeacher(Teacher):
         self.encode_batch_size = int(encode_batch_size)
         self.model_type = cfg.model_type
         self.encoder = AutoModel.from_config(cfg, add_pooling_layer=False)
+        self.objective, self.mlm_weight = objective, float(mlm_weight)
+        self.mlm_probability, self.mask_token_id = float(mlm_probability), int(mask_token_id)
+        # Only a pre-training model carries the MLM head; fine-tuning drops it (transfer skips it).
+        self.mlm_head = (MaskedLMHead(cfg.hidden_size, cfg.vocab_size, cfg.layer_norm_eps)
+                         if objective == "pretrain" else None)
         # The word-piece table is 2/3 of a 2-layer MiniLM's weights; frozen, it keeps the PLM's
         # lexical space shared by items never seen in training, and makes steps cheaper.
         self.freeze_word_embeddings = bool(freeze_word_embeddings)
@@ -166,7 +220,7 @@ class RecformerTeacher(Teacher):
             enc_cfg.pop(k, None)
         model = cls(vocab_hash=dataset.vocab_hash(), num_items=dataset.vocab_size, temperature=temperature,
                     max_history=dataset.max_len, encoder_config=enc_cfg, plm=plm,
-                    cls_token_id=tok.cls_token_id, **kwargs)
+                    cls_token_id=tok.cls_token_id, mask_token_id=tok.mask_token_id, **kwargs)
         # PLM weights: keep the first num_layers layers; the 3-row token-type table starts from the
         # PLM's segment-0 row for every type it does not have.
         src = {k: v for k, v in plm_model.state_dict().items() if not k.startswith("pooler.")}
@@ -192,12 +246,23 @@ class RecformerTeacher(Teacher):
                 "attr_tokens": self.attr_tokens, "max_seq_tokens": self.max_seq_tokens, "pooling": self.pooling,
                 "max_seq_items": self.max_seq_items, "stage1_epochs": self.stage1_epochs,
                 "cls_token_id": self.cls_token_id, "encode_batch_size": self.encode_batch_size,
-                "freeze_word_embeddings": self.freeze_word_embeddings}
+                "freeze_word_embeddings": self.freeze_word_embeddings, "objective": self.objective,
+                "mlm_weight": self.mlm_weight, "mlm_probability": self.mlm_probability,
+                "mask_token_id": self.mask_token_id}
 
     # -- encoder ----------------------------------------------------------------------------------
     def _encode(self, ids: torch.Tensor, types: torch.Tensor, item_pos: torch.Tensor,
                 mask: torch.Tensor) -> torch.Tensor:
-        """First-token state of the encoder over [N, S] token ids / types / item positions / mask."""
+        """Pooled encoder state (first token or masked mean) over [N, S] token ids / types / item
+        positions / mask."""
+        hidden = self._hidden_states(ids, types, item_pos, mask)
+        if self.pooling == "first":
+            return hidden[:, 0]
+        return mean_pool(hidden, mask)
+
+    def _hidden_states(self, ids: torch.Tensor, types: torch.Tensor, item_pos: torch.Tensor,
+                       mask: torch.Tensor) -> torch.Tensor:
+        """Final token states [N, S, H] of the encoder."""
         cfg = self.encoder.config
         pos = torch.arange(ids.shape[1], device=ids.device) + self._position_offset(cfg)
         embeds = self.encoder.get_input_embeddings()(ids) + self.item_position(item_pos)
@@ -207,10 +272,7 @@ class RecformerTeacher(Teacher):
                                                ).long().expand_as(ids)
         out = self.encoder(inputs_embeds=embeds, attention_mask=mask.long(), token_type_ids=types,
                            position_ids=pos.unsqueeze(0).expand_as(ids), **kwargs)
-        hidden = out.last_hidden_state
-        if self.pooling == "first":
-            return hidden[:, 0]
-        return mean_pool(hidden, mask)
+        return out.last_hidden_state
 
     def flatten_histories(self, histories: torch.Tensor, lengths: torch.Tensor
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -282,15 +344,49 @@ class RecformerTeacher(Teacher):
         return super().similarity(F.normalize(seq, dim=-1), F.normalize(items, dim=-1))
 
     def prepare_epoch(self, epoch: int) -> None:
-        """Stage 1 (epoch < stage1_epochs): re-encode the item table; stage 2: keep it frozen."""
+        """Stage 1 (epoch < stage1_epochs): re-encode the item table; stage 2: keep it frozen.
+        Pre-training encodes items on the fly and needs no table."""
+        if self.objective == "pretrain":
+            return
         if epoch < self.stage1_epochs or not bool(self.item_table.abs().sum() > 0):
             self.refresh_item_table()
 
     def training_loss(self, histories: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor,
                       domains: torch.Tensor) -> torch.Tensor:
-        """Softmax CE of cosine/temperature over all items of each example's domain (table fixed)."""
+        """Fine-tuning: softmax CE of cosine/temperature over all items of each example's domain
+        (table fixed). Pre-training: ``pretraining_loss``."""
+        if self.objective == "pretrain":
+            return self.pretraining_loss(histories, lengths, targets)
         seq = F.normalize(self.encode_histories(histories, lengths), dim=-1)
         table = F.normalize(self.item_table, dim=-1)
         logits = seq @ table.T / self.temperature
         logits = logits.masked_fill(self.item_domain.view(1, -1) != domains.view(-1, 1), float("-inf"))
         return F.cross_entropy(logits, targets)
+
+    # -- pre-training -------------------------------------------------------------------------------
+    def mlm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the MLM head's word-piece prediction at every labelled token
+        (labels != IGNORE_INDEX) of ``hidden`` [N, S, H]; 0 when no token is labelled."""
+        if self.mlm_head is None:
+            raise TeacherContractError("mlm_loss needs a model built with objective='pretrain'")
+        chosen = labels != IGNORE_INDEX
+        if not bool(chosen.any()):
+            return hidden.sum() * 0.0
+        logits = self.mlm_head(hidden[chosen], self.encoder.get_input_embeddings().weight)
+        return F.cross_entropy(logits, labels[chosen])
+
+    def pretraining_loss(self, histories: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+        """Item-item contrastive loss of (history, next item) + ``mlm_weight`` x MLM on the history."""
+        ids, types, item_pos, mask = self.flatten_histories(histories, lengths)
+        seq = self._encode(ids, types, item_pos, mask)
+        items = self.encode_items(targets)
+        loss = contrastive_loss(seq, items, self.temperature)
+        if self.mlm_weight > 0:
+            maskable = mask.clone()
+            maskable[:, 0] = False  # never the [CLS] token
+            mlm_ids, labels = mask_tokens(ids, maskable, self.mlm_probability, self.mask_token_id,
+                                          self.encoder.config.vocab_size, generator)
+            hidden = self._hidden_states(mlm_ids, types, item_pos, mask)
+            loss = loss + self.mlm_weight * self.mlm_loss(hidden, labels)
+        return loss

@@ -1,12 +1,19 @@
 """gRPC servicer around any ``teachers.base.Teacher``: validated, coalesced, health-reporting.
 
 * Every request is validated before it reaches the model; a bad one is answered with
-  INVALID_ARGUMENT and a message naming the problem, and the server goes on serving.
+  INVALID_ARGUMENT and a message naming the field and the problem ("field lengths: ..."), and the
+  server goes on serving. A history longer than the teacher's ``max_history`` is cut to its last
+  ``max_history`` items (Describe says so: ``cuts_long_histories``), not refused.
 * Requests from many clients are coalesced by one batcher thread up to a row / latency budget:
   their histories are encoded in one forward pass, then each request is scored against its own
-  candidates. (A teacher that overrides ``score`` is scored request by request instead.)
+  candidates, gathering at most ``max_gather_bytes`` of candidate embeddings at once
+  (``Teacher.score_candidates``). (A teacher that overrides ``score`` is scored request by request
+  instead, and its own ``score`` decides its memory.)
+* A failure inside the teacher is answered INTERNAL with a generic message and an error id; the
+  exception and its traceback go to the server log under that id, never to the caller.
 * ``grpc.health.v1`` reports NOT_SERVING until ``warm_up`` has pushed a batch through the same
-  path; ``drain`` flips it back to NOT_SERVING and refuses new work with UNAVAILABLE.
+  path; ``drain`` flips it back to NOT_SERVING and refuses new work with UNAVAILABLE. The drain
+  flag and the in-flight count share one lock, so no call is admitted after ``drain`` has begun.
 * An optional shared token is checked on every call (``authorization: Bearer <token>`` metadata).
 """
 from __future__ import annotations
@@ -16,6 +23,8 @@ import logging
 import queue
 import threading
 import time
+import uuid
+import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -32,7 +41,12 @@ from teachers.base import Teacher
 log = logging.getLogger(__name__)
 
 class RequestError(ValueError):
-    """A Score request is malformed; the message names the problem (-> INVALID_ARGUMENT)."""
+    """A Score request is malformed (-> INVALID_ARGUMENT); ``field`` names the ScoreRequest field to
+    blame and the message starts with it."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"field {field}: {problem}")
+        self.field = field
 
 
 class ServerBusy(RuntimeError):
@@ -50,11 +64,12 @@ def _int_tensor(msg: teacher_pb2.Tensor, field: str, ndims: tuple[int, ...]) -> 
     try:
         arr = decode(msg)
     except TensorCodecError as exc:
-        raise RequestError(f"malformed tensor {field}: {exc}") from None
+        raise RequestError(field, f"malformed tensor {field}: {exc}") from None
     if arr.dtype.kind not in "iu":
-        raise RequestError(f"{field} must be an integer tensor, got dtype {arr.dtype.name}")
+        raise RequestError(field, f"{field} must be an integer tensor, got dtype {arr.dtype.name}")
     if arr.ndim not in ndims:
-        raise RequestError(f"{field} must have {' or '.join(map(str, ndims))} dims, got shape {list(arr.shape)}")
+        raise RequestError(field, f"{field} must have {' or '.join(map(str, ndims))} dims, got shape "
+                                  f"{list(arr.shape)}")
     return arr
 
 
@@ -62,42 +77,46 @@ def _check_ids(arr: np.ndarray, field: str, num_items: int) -> None:
     lo, hi = int(arr.min()), int(arr.max())
     if lo < 1 or hi >= num_items:
         bad = lo if lo < 1 else hi
-        raise RequestError(f"item id out of range in {field}: {bad} (valid ids are 1..{num_items - 1}; "
-                           f"0 is padding and is not sent)")
+        raise RequestError(field, f"item id out of range in {field}: {bad} (valid ids are 1..{num_items - 1}; "
+                                  f"0 is padding and is not sent)")
 
 
 def parse_request(req: teacher_pb2.ScoreRequest, info_vocab_hash: str, num_items: int, max_history: int,
                   cfg: ServiceLimits) -> ParsedRequest:
-    """Validate a ScoreRequest and turn it into padded int64 arrays; raises RequestError."""
+    """Validate a ScoreRequest and turn it into padded int64 arrays; raises RequestError naming the field.
+
+    Rows longer than ``max_history`` keep their last ``max_history`` items (the contract says so)."""
     if req.vocab_hash and req.vocab_hash != info_vocab_hash:
-        raise RequestError(f"wrong vocabulary hash: request ids belong to {req.vocab_hash[:16]}..., "
-                           f"this teacher serves {info_vocab_hash[:16]}...")
+        raise RequestError("vocab_hash", f"wrong vocabulary hash: request ids belong to {req.vocab_hash[:16]}..., "
+                                         f"this teacher serves {info_vocab_hash[:16]}...")
     items = _int_tensor(req.history_items, "history_items", (1,))
     lengths = _int_tensor(req.lengths, "lengths", (1,))
     cands = _int_tensor(req.candidates, "candidates", (1, 2))
     b, c = int(lengths.shape[0]), int(cands.shape[-1])
     if b == 0:
-        raise RequestError("empty batch: lengths has 0 rows")
+        raise RequestError("lengths", "empty batch: lengths has 0 rows")
     if b > cfg.max_batch_rows:
-        raise RequestError(f"oversized batch: {b} rows > max_batch_rows={cfg.max_batch_rows}")
+        raise RequestError("lengths", f"oversized batch: {b} rows > max_batch_rows={cfg.max_batch_rows}")
     if c == 0:
-        raise RequestError("empty batch: 0 candidates")
+        raise RequestError("candidates", "empty batch: 0 candidates")
     if c > cfg.max_candidates:
-        raise RequestError(f"oversized batch: {c} candidates > max_candidates={cfg.max_candidates}")
+        raise RequestError("candidates", f"oversized batch: {c} candidates > max_candidates={cfg.max_candidates}")
     if b * c > cfg.max_score_cells:
-        raise RequestError(f"oversized batch: {b}x{c} scores > max_score_cells={cfg.max_score_cells}")
+        raise RequestError("candidates", f"oversized batch: {b}x{c} scores > max_score_cells={cfg.max_score_cells}")
     if int(lengths.min()) < 1:
-        raise RequestError(f"length mismatch: every history needs >= 1 item, row {int(np.argmin(lengths))} "
-                           f"has length {int(lengths.min())}")
+        raise RequestError("lengths", f"length mismatch: every history needs >= 1 item, row "
+                                      f"{int(np.argmin(lengths))} has length {int(lengths.min())}")
     total = int(lengths.astype(np.int64).sum()) if int(lengths.max()) <= 2**40 else -1
     if total != items.shape[0]:
-        raise RequestError(f"length mismatch: sum(lengths)={total} but history_items has {items.shape[0]} ids")
+        raise RequestError("lengths", f"length mismatch: sum(lengths)={total} but history_items has "
+                                      f"{items.shape[0]} ids")
     if cands.ndim == 2 and cands.shape[0] != b:
-        raise RequestError(f"length mismatch: candidates has {cands.shape[0]} rows, the batch has {b}")
+        raise RequestError("candidates", f"length mismatch: candidates has {cands.shape[0]} rows, the batch has {b}")
     _check_ids(items, "history_items", num_items)
     _check_ids(cands, "candidates", num_items)
-    lengths = lengths.astype(np.int64)
-    items = items.astype(np.int64)
+    # copy=False: int64 ids (what the client sends) are used as decoded, not copied once more.
+    lengths = lengths.astype(np.int64, copy=False)
+    items = items.astype(np.int64, copy=False)
     # Keep the most recent max_history items of each row (teachers are trained on capped histories).
     take = np.minimum(lengths, max_history)
     width = int(take.max())
@@ -105,7 +124,7 @@ def parse_request(req: teacher_pb2.ScoreRequest, info_vocab_hash: str, num_items
     pos = (ends - take)[:, None] + np.arange(width)[None, :]
     mask = np.arange(width)[None, :] < take[:, None]
     hist = np.where(mask, items[np.minimum(pos, items.shape[0] - 1)], 0)
-    return ParsedRequest(hist, take, cands.astype(np.int64))
+    return ParsedRequest(hist, take, cands.astype(np.int64, copy=False))
 
 
 @dataclass
@@ -190,8 +209,8 @@ class Batcher:
             r = 0
             for j in jobs:
                 b = j.req.lengths.shape[0]
-                items = self.teacher.candidate_embeddings(self._t(j.req.candidates))
-                self._finish(j, self.teacher.similarity(seq[r:r + b], items).float())
+                self._finish(j, self.teacher.score_candidates(seq[r:r + b], self._t(j.req.candidates),
+                                                              self.cfg.max_gather_bytes))
                 r += b
         except Exception as exc:  # noqa: BLE001 — reported to each waiting caller, the thread lives on
             log.exception("teacher batch of %d request(s) failed", len(jobs))
@@ -200,10 +219,17 @@ class Batcher:
                     j.future.set_exception(exc)
 
     def _t(self, a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(a).to(self.device)
+        # Decoded ids are read-only views of the request bytes; the model only reads them, so they
+        # are not copied (torch would warn that it cannot protect a read-only array from writes).
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.from_numpy(a).to(self.device)
 
     def _score_one(self, req: ParsedRequest) -> torch.Tensor:
-        return self.teacher.score(self._t(req.histories), self._t(req.lengths), self._t(req.candidates))
+        if not self.coalescable:  # the teacher's own score (and its own memory)
+            return self.teacher.score(self._t(req.histories), self._t(req.lengths), self._t(req.candidates))
+        seq = self.teacher.encode_histories(self._t(req.histories), self._t(req.lengths))
+        return self.teacher.score_candidates(seq, self._t(req.candidates), self.cfg.max_gather_bytes)
 
     @staticmethod
     def _finish(job: _Job, scores: torch.Tensor) -> None:
@@ -222,10 +248,13 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
         self.batcher = Batcher(teacher, self.cfg)
         self.health = health.HealthServicer()
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        # One lock for the drain flag and the in-flight count: a call is admitted (counted) only
+        # while the flag is down, so once drain() has set it, the count can only fall.
         self._draining = False
         self._inflight = 0
         self._inflight_cv = threading.Condition()
         self.bad_requests = 0
+        self.internal_errors = 0
 
     # -- lifecycle ------------------------------------------------------------------------------
     def _set_health(self, status: int) -> None:
@@ -246,7 +275,8 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
 
     def drain(self, timeout: float = 30.0) -> bool:
         """Report NOT_SERVING, refuse new Score calls, wait for those in flight; True if all finished."""
-        self._draining = True
+        with self._inflight_cv:
+            self._draining = True
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         end = time.monotonic() + timeout
         with self._inflight_cv:
@@ -266,12 +296,16 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
         return self.info.to_proto(name=self.name, limits=self.cfg)
 
     def Score(self, request, context):  # noqa: N802
-        if self._draining:
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"teacher {self.name} is draining; retry another replica")
         with self._inflight_cv:
-            self._inflight += 1
+            admitted = not self._draining
+            if admitted:
+                self._inflight += 1
+        if not admitted:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"teacher {self.name} is draining; retry another replica")
         try:
             code, msg, reply = self._score(request)
+        except Exception:  # noqa: BLE001 — never UNKNOWN with a Python message: log it, answer INTERNAL
+            code, msg, reply = self._internal(request.request_id, "scoring the request")
         finally:
             with self._inflight_cv:
                 self._inflight -= 1
@@ -279,6 +313,14 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
         if code is not None:
             context.abort(code, msg)
         return reply
+
+    def _internal(self, rid: int, what: str) -> tuple[grpc.StatusCode, str, None]:
+        """Log the current exception under a fresh error id; the caller gets the id, not the text."""
+        eid = uuid.uuid4().hex[:12]
+        self.internal_errors += 1
+        log.exception("request %d to %s failed (%s) [error id %s]", rid, self.name, what, eid)
+        return (grpc.StatusCode.INTERNAL,
+                f"request {rid}: teacher {self.name} failed internally; error id {eid} (see the server log)", None)
 
     def _score(self, request) -> tuple[grpc.StatusCode | None, str, teacher_pb2.ScoreReply | None]:
         rid = request.request_id
@@ -293,9 +335,8 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
             scores = self.batcher.submit(parsed).result()
         except ServerBusy as exc:
             return grpc.StatusCode.RESOURCE_EXHAUSTED, f"request {rid}: {exc}", None
-        except Exception as exc:  # noqa: BLE001 — a model failure must not take the server down
-            log.exception("request %d to %s failed in the model", rid, self.name)
-            return grpc.StatusCode.INTERNAL, f"request {rid}: teacher {self.name} failed: {exc!r}", None
+        except Exception:  # noqa: BLE001 — a model failure must not take the server down
+            return self._internal(rid, "in the model")
         return None, "", teacher_pb2.ScoreReply(request_id=rid, scores=encode(scores), teacher_name=self.name,
                                                 teacher_version=self.info.version)
 

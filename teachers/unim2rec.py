@@ -28,6 +28,7 @@ from torch import nn
 
 from protos.contract import TeacherContractError
 from teachers.base import Teacher, register_teacher
+from teachers.losses import domain_cross_entropy, domain_ranges
 
 # Dataset feature name -> modality name used by this teacher.
 DATASET_FEATURES = {"clip_text": "feat1CLS", "image": "feat3CLS"}
@@ -199,6 +200,7 @@ class UniM2RecTeacher(Teacher):
         all_ids = torch.arange(self.num_items, device=histories.device)
         table = self.fuse(all_ids)
         seq = self._encode_fused(table[histories], histories, lengths)
-        logits = F.normalize(seq, dim=-1) @ F.normalize(table, dim=-1).T / self.temperature
-        logits = logits.masked_fill(self.item_domain.view(1, -1) != domains.view(-1, 1), float("-inf"))
-        return F.cross_entropy(logits, targets)
+        if getattr(self, "_ranges", None) is None:
+            self._ranges = domain_ranges(self.item_domain.cpu())
+        return domain_cross_entropy(F.normalize(seq, dim=-1), F.normalize(table, dim=-1), targets, domains,
+                                    self._ranges, self.temperature)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from teachers.base import Teacher, register_teacher
+from teachers.losses import domain_cross_entropy, domain_ranges
 
 ITEM_MODES = ("text+id", "text")
 OBJECTIVES = ("finetune", "pretrain")
@@ -201,10 +202,13 @@ class UniSRecTeacher(Teacher):
         # One adaptor pass over the whole catalogue serves both the inputs and the logits.
         table = self._item_repr(torch.arange(self.num_items, device=hist.device))
         seq = F.normalize(self._encode(hist, lengths, table[hist]), dim=-1)
-        logits = seq @ F.normalize(table, dim=-1).T / self.temperature
-        other = self.item_domain.unsqueeze(0) != domains.unsqueeze(1)  # also masks PAD (-1)
-        logits = logits.masked_fill(other, float("-inf"))
-        return F.cross_entropy(logits, targets)
+        return domain_cross_entropy(seq, F.normalize(table, dim=-1), targets, domains, self._domain_ranges(),
+                                    self.temperature)
+
+    def _domain_ranges(self) -> dict[int, tuple[int, int]]:
+        if getattr(self, "_ranges", None) is None:
+            self._ranges = domain_ranges(self.item_domain.cpu())
+        return self._ranges
 
     def _augment(self, hist: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Item drop: remove each real item with prob ``item_drop`` (at least one kept), re-packed

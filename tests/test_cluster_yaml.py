@@ -49,3 +49,33 @@ def test_commented_cloud_example_validates():
     types = cfg["available_node_types"]
     assert types["teacher_gpu"]["resources"]["GPU"] == 1 and types["teacher_gpu"]["resources"]["teacher"] == 1
     validate_config(prepare_config(copy.deepcopy(cfg)))
+
+
+# --- cluster/cluster_local.yaml: the single-host variant that cluster/ray_up_local.sh brings up for
+# real (over SSH to 127.0.0.1; not run here, CI has no sshd). These checks are static.
+LOCAL_YAML = CLUSTER_YAML.with_name("cluster_local.yaml")
+RAY_UP_LOCAL = CLUSTER_YAML.with_name("ray_up_local.sh")
+
+
+def test_single_host_config_validates():
+    cfg = yaml.safe_load(LOCAL_YAML.read_text())
+    assert cfg["provider"] == {"type": "local", "head_ip": "127.0.0.1", "worker_ips": []}
+    prepared = prepare_config(copy.deepcopy(cfg))
+    validate_config(prepared)
+    assert prepared["max_workers"] == 0 and not cfg["file_mounts"]  # head only; the checkout is already there
+    start = " ".join(prepared["head_start_ray_commands"])
+    # One host plays both roles, so teacher specs written for cluster.yaml schedule here unchanged.
+    assert '--resources=\'{"teacher": 1, "student": 1}\'' in start and "--head" in start
+    assert "--autoscaling-config=~/ray_bootstrap_config.yaml" in start
+    # Nothing is installed or downloaded: setup only checks the checkout's own .venv.
+    assert all("pip" not in c for c in cfg["setup_commands"])
+    # `ray stop` resolves through PATH (the script's stop of this cluster only), never the .venv's
+    # ray directly, which would stop every Ray process on the host.
+    assert ".venv/bin/ray stop" not in start
+
+
+def test_single_host_script_parses():
+    import subprocess
+
+    assert RAY_UP_LOCAL.stat().st_mode & 0o111, "ray_up_local.sh must be executable"
+    subprocess.run(["bash", "-n", str(RAY_UP_LOCAL)], check=True)

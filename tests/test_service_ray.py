@@ -106,7 +106,7 @@ class TestEmbedded:
             info = {i["replica_id"]: i for i in dep.infos("fx")}
             assert info["fx-0"]["restarted"] is True and info["fx-1"]["restarted"] is False
             new = info["fx-0"]["address"]
-            _wait(lambda: pool.stats().get(f"healthy/fx") == 2, what="pool refresh")
+            _wait(lambda: pool.stats().get("healthy/fx") == 2, what="pool refresh")
             for batch in _batches(4, seed=4):
                 np.testing.assert_allclose(pool.score(*batch)["fx"], _expected(fx, batch), rtol=1e-5, atol=1e-6)
             assert pool.stats().get(f"calls/fx@{new}", 0) >= 1
@@ -156,6 +156,20 @@ class TestEmbedded:
         assert dep.reconcile() is True and len(dep.endpoints()["fy"]) == 2
         request_scale(NS, "fy", 1)
         assert dep.reconcile() is True and len(dep.endpoints()["fy"]) == 1
+
+    def test_scale_names_a_deployment_nobody_reconciles(self, deployed):
+        """start_embedded (what ckd-distill runs) has no reconcile loop: ckd-scale says so instead of
+        waiting for a replica count that never comes; a reconcile clears it."""
+        from launch.scale import ScaleError, reconciler_problem, request_scale
+
+        _, dep, _, _ = deployed
+        with pytest.raises(ScaleError, match="known teachers: fx, fy"):
+            request_scale(NS, "fz", 1)
+        time.sleep(1.2)
+        problem = reconciler_problem(dep.directory, silence_s=1.0)
+        assert problem and "ckd-serve" in problem and "ckd-distill" in problem
+        dep.reconcile()
+        assert reconciler_problem(dep.directory, silence_s=1.0) is None
 
     def test_policy_when_teacher_scaled_to_zero(self, deployed):
         address, dep, _, _ = deployed

@@ -8,7 +8,8 @@ import torch
 
 from protos.contract import TeacherContractError
 from teachers.base import load_teacher, save_teacher
-from teachers.recformer import TYPE_CLS, TYPE_KEY, TYPE_VALUE, RecformerTeacher, parse_item_text
+from teachers.recformer import (IGNORE_INDEX, TYPE_CLS, TYPE_KEY, TYPE_VALUE, RecformerTeacher, contrastive_loss,
+                                mask_tokens, parse_item_text)
 
 pytestmark = pytest.mark.integration
 
@@ -104,3 +105,90 @@ def test_checkpoint_round_trip_and_vocab_check(model, scientific_mm, tmp_path):
     assert loaded.describe().temperature == pytest.approx(0.05)
     with pytest.raises(TeacherContractError):
         load_teacher(tmp_path / "ck", expected_vocab_hash="0" * 64)
+
+
+# -- pre-training objectives (the paper's MLM + item-item contrastive) ------------------------------
+
+@pytest.fixture(scope="module")
+def pretrain_model(scientific_mm):
+    torch.manual_seed(0)
+    return RecformerTeacher.from_dataset(scientific_mm, objective="pretrain", encode_table=False, **TINY)
+
+
+def test_mlm_loss_equals_the_hand_computed_value(pretrain_model):
+    m = pretrain_model
+    H = m.encoder.config.hidden_size
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 3, H, generator=g)
+    labels = torch.tensor([[IGNORE_INDEX, 2003, IGNORE_INDEX], [1037, IGNORE_INDEX, 7592]])
+    got = m.mlm_loss(hidden, labels)
+    # By hand: dense, exact-erf GELU, LayerNorm written out, tied word table, bias, then the mean
+    # over the three labelled tokens of -log softmax at the label.
+    W = m.encoder.get_input_embeddings().weight.detach().double()
+    head = m.mlm_head
+    losses = []
+    for r, c in [(0, 1), (1, 0), (1, 2)]:
+        x = hidden[r, c].double() @ head.dense.weight.detach().double().T + head.dense.bias.detach().double()
+        x = 0.5 * x * (1.0 + torch.erf(x / 2 ** 0.5))
+        x = (x - x.mean()) / torch.sqrt(x.var(unbiased=False) + head.norm.eps)
+        x = x * head.norm.weight.detach().double() + head.norm.bias.detach().double()
+        logits = W @ x + head.bias.detach().double()
+        y = int(labels[r, c])
+        losses.append(float(torch.logsumexp(logits, 0) - logits[y]))
+    assert got.item() == pytest.approx(sum(losses) / 3, rel=1e-5)
+
+
+def test_contrastive_loss_is_lowest_when_the_pairs_match():
+    # Hand-computed: orthogonal unit pairs at temperature 0.5 give logits [[2, 0], [0, 2]], so the
+    # loss is log(1 + e^-2) for each row.
+    eye = torch.eye(2)
+    assert contrastive_loss(eye, eye, 0.5).item() == pytest.approx(np.log1p(np.exp(-2.0)), rel=1e-6)
+    import itertools
+
+    g = torch.Generator().manual_seed(0)
+    seq = torch.randn(4, 16, generator=g)
+    items = seq + 0.1 * torch.randn(4, 16, generator=g)  # each sequence's own next item is nearest
+    matched = contrastive_loss(seq, items, 0.05).item()
+    for perm in itertools.permutations(range(4)):
+        if list(perm) != [0, 1, 2, 3]:
+            assert matched < contrastive_loss(seq, items[list(perm)], 0.05).item(), perm
+
+
+def test_mask_tokens_follows_the_bert_recipe():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 2000, (64, 200), generator=g)
+    maskable = torch.ones_like(ids, dtype=torch.bool)
+    maskable[:, 0] = False  # [CLS]
+    out, labels = mask_tokens(ids, maskable, 0.15, mask_token_id=103, vocab_size=30522, generator=g)
+    chosen = labels != IGNORE_INDEX
+    assert not chosen[:, 0].any() and (labels[chosen] == ids[chosen]).all()
+    assert (out[~chosen] == ids[~chosen]).all()  # unchosen tokens are untouched
+    frac = chosen[:, 1:].float().mean().item()
+    assert 0.13 < frac < 0.17
+    n = chosen.sum().item()
+    as_mask = (out[chosen] == 103).sum().item() / n
+    kept = (out[chosen] == ids[chosen]).sum().item() / n
+    assert 0.76 < as_mask < 0.84 and 0.07 < kept < 0.13
+
+
+def test_pretraining_lowers_its_loss_and_hands_the_encoder_to_fine_tuning(scientific_mm, pretrain_model):
+    from teachers.training import transfer_parameters
+
+    torch.manual_seed(0)
+    m = RecformerTeacher.from_dataset(scientific_mm, objective="pretrain", encode_table=False, **TINY).train()
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
+    h, l, t, d = _batch(scientific_mm)
+    losses = []
+    for step in range(5):
+        loss = m.training_loss(h, l, t, d)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.isfinite(losses).all() and losses[-1] < losses[0], losses
+    fine = RecformerTeacher.from_dataset(scientific_mm, encode_table=False, **TINY)
+    copied, skipped = transfer_parameters(m, fine)
+    assert fine.mlm_head is None and not any(k.startswith("mlm_head") for k in copied)
+    w = "encoder.encoder.layer.0.attention.self.query.weight"
+    assert w in copied and torch.equal(fine.state_dict()[w], m.state_dict()[w])
+    assert "item_table" in skipped  # the catalogue belongs to the vocabulary, not the encoder

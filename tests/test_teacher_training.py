@@ -111,3 +111,30 @@ def test_stages_pretrain_then_finetune_transfers_weights(data_dir, tmp_path):
     copied, skipped = transfer_parameters(pre, fin_fresh)
     assert "id_emb.weight" in skipped and "text_emb" in skipped and "adaptor.w_gate" in copied
     assert (tmp_path / "run" / "best" / "config.json").is_file()
+
+
+@pytest.mark.unit
+def test_domain_cross_entropy_equals_the_masked_full_softmax():
+    """The per-domain-block loss the union teachers train with is the masked [B, V] softmax CE."""
+    import torch.nn.functional as F
+
+    from teachers.losses import domain_cross_entropy, domain_ranges
+
+    g = torch.Generator().manual_seed(0)
+    item_domain = torch.tensor([-1] + [0] * 5 + [1] * 9 + [2] * 3)
+    ranges = domain_ranges(item_domain)
+    assert ranges == {0: (1, 6), 1: (6, 15), 2: (15, 18)}
+    seq = torch.randn(7, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    table = torch.randn(18, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    domains = torch.tensor([0, 1, 1, 2, 0, 1, 2])
+    targets = torch.tensor([3, 7, 14, 17, 1, 6, 15])
+    got = domain_cross_entropy(seq, table, targets, domains, ranges, 0.07)
+    full = (seq @ table.T / 0.07).masked_fill(item_domain.view(1, -1) != domains.view(-1, 1), float("-inf"))
+    want = F.cross_entropy(full, targets)
+    assert got.item() == pytest.approx(want.item(), rel=1e-12)
+    g1 = torch.autograd.grad(got, (seq, table))
+    g2 = torch.autograd.grad(want, (seq, table))
+    for a, b in zip(g1, g2):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="contiguous"):
+        domain_ranges(torch.tensor([-1, 0, 1, 0]))

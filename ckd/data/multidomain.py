@@ -7,6 +7,7 @@ ranking over "all items of the user's domain" is a slice of the catalogue.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,6 +94,24 @@ class MultiDomainDataset:
             h.update(b"\0")
             out.append((h.copy().hexdigest(), self.domain_range(d)[1]))
         return out
+
+    def domain_order_of(self, vocab_hash: str, max_domains: int = 5) -> list[str] | None:
+        """The ordered domains, among this dataset's, whose merged id space has ``vocab_hash``
+        (e.g. a teacher trained on the same domains in another order); None when no ordering of
+        any subset matches. Tries every ordered subset, so only for up to ``max_domains`` domains."""
+        if self.num_domains > max_domains:
+            return None
+        for k in range(1, self.num_domains + 1):
+            for order in itertools.permutations(range(self.num_domains), k):
+                h = hashlib.sha256()
+                for d in order:
+                    h.update(self.domain_names[d].encode())
+                    h.update(b"\0")
+                    h.update("\n".join(self.domains[d].item_tokens).encode())
+                    h.update(b"\0")
+                if h.hexdigest() == vocab_hash:
+                    return [self.domain_names[d] for d in order]
+        return None
 
     def item_popularity(self) -> np.ndarray:
         """Training-split frequency of each global item (histories' last item and targets)."""

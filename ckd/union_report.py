@@ -1,0 +1,511 @@
+"""The "every domain" page (docs/results_union.md) from the union results JSON.
+
+Pure functions (no torch, no training, no git) over ``results/experiments_union.json``, written by
+``python -m research.union collect`` from the run directories of configs/union/plan.yaml:
+
+    {"kind": "union", "schema": 1, "plan", "domains": [D, ...], "commit", "created", "machine",
+     "command",                                   # the collect command
+     "retrain_teachers": {"command", "teachers": [name], "finished", "train_s", "machines", "devices"},
+     "teachers": {name: {"label", "config", "command", "run_dir", "row", "served", "note"?, "sizing",
+                         "status": "done" | "pending", "detail"? (pending),
+                         # when done:
+                         "kind", "checkpoint", "checkpoint_sha256", "vocab_hash", "params", "best_epoch",
+                         "device", "train_s", "train_s_source", "invocations", "failed_invocations",
+                         "machine", "machine_source", "stages", "valid", "test"}},
+     "students": {name: {"label", "group", "model", "variant", "teachers": "none" | "served",
+                         "configs", "run_dirs", "commands", "note"?,
+                         "seeds": [{"seed", "status": "done" | "partial" | "pending",
+                                    "runs": [{"config", "run_dir", "command", "status", "wall_s", ...}],
+                                    "test", "valid", "wall_s"}]}},
+     "pending": ["teacher X (run dir): why", ...]}
+
+A split ("test", "valid") is ``{domain: {recall@10, ndcg@10, recall@50, ndcg@50}, "mean": {...}}``;
+"mean" is the unweighted mean over the plan's domains and is present only when every domain is.
+A student seed whose runs are one per domain (SASRec alone) is merged into one such split.
+
+The page: per domain and for the mean over domains, every row's test Recall/NDCG@10/50 (students:
+mean ± sample sd over their finished seeds, with the seed count); the issue's targets, each verdict
+computed from those numbers; the teachers' reproducibility facts (config, machine, measured
+training time, checkpoint sha256) and the one command that retrains them; the students' runs.
+Figure 1 is a later step: ``efficiency_section`` is its hook (a page's optional ``efficiency:``).
+"""
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from ckd.reporting import (DASH, MEAN, METRIC_LABELS, METRICS, Efficiency, ReportError, _read_file, _require,
+                           _source_block, fmt_duration, fmt_int, fmt_mb, fmt_metric, fmt_ms, markdown_table)
+
+FORMAT = "union"
+PENDING = "pending"
+SELECT = "ndcg@10"  # the metric every target is judged on (the page's selection metric)
+# The student rows the targets name, by (model, variant) as the plan writes them.
+DISTILLED = ("sasrec", "distilled")
+ALONE_PER_DOMAIN = ("sasrec", "alone-per-domain")
+JOINT_ALONE = ("sasrec", "joint-alone")
+FAMILY_LABELS = {"fm": "FM", "deepfm": "DeepFM", "lightgcn": "LightGCN", "sasrec": "SASRec"}
+
+
+# ----------------------------------------------------------------------------- data model
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean and sample sd of one metric over a row's seeds (sd None for one seed)."""
+
+    mean: float
+    sd: float | None
+    n: int
+
+
+def stat_of(values: Iterable[float]) -> Stat | None:
+    vals = [float(v) for v in values]
+    if not vals:
+        return None
+    return Stat(statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else None, len(vals))
+
+
+def fmt_stat(s: Stat | None) -> str:
+    """``0.1500 ± 0.0707`` over seeds, ``0.1500`` for one, ``pending`` for none."""
+    if s is None:
+        return PENDING
+    return fmt_metric(s.mean) if s.sd is None else f"{s.mean:.4f} ± {s.sd:.4f}"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the per-domain tables: a teacher (one run) or a student entry (its seeds)."""
+
+    name: str
+    label: str
+    kind: str  # "teacher" | "student"
+    group: str
+    model: str
+    variant: str
+    planned: tuple[int, ...]  # the student's planned seeds; () for a teacher
+    results: dict[int | None, dict[str, dict[str, float]]]  # seed (None: a teacher) -> test split
+
+    def values(self, domain: str, metric: str) -> list[float]:
+        return [split[domain][metric] for split in self.results.values() if domain in split]
+
+    def stat(self, domain: str, metric: str = SELECT) -> Stat | None:
+        return stat_of(self.values(domain, metric))
+
+    def pending_seeds(self, domain: str) -> list[int]:
+        """Planned seeds with no result on ``domain`` yet."""
+        return [s for s in self.planned if domain not in self.results.get(s, {})]
+
+    def seeds_text(self, domain: str) -> str:
+        if self.kind == "teacher":
+            return "teacher run" if self.results else PENDING
+        n = len(self.values(domain, SELECT))
+        if not n:
+            return PENDING
+        rest = self.pending_seeds(domain)
+        return f"{n} seed{'s' if n > 1 else ''}" + (f" (seed {', '.join(map(str, rest))} pending)" if rest else "")
+
+
+@dataclass(frozen=True)
+class UnionResults:
+    domains: list[str]
+    rows: list[Row]  # page rows in order: teachers with row: true, then the students
+    teachers: dict[str, dict[str, Any]]  # raw entries (every teacher, rows or not)
+    students: dict[str, dict[str, Any]]
+    commit: str
+    created: str
+    machine: str
+    command: str
+    plan: str
+    retrain: dict[str, Any]
+    pending: list[str]
+    source: str = ""
+
+    def row(self, name: str) -> Row:
+        for r in self.rows:
+            if r.name == name:
+                return r
+        raise ReportError(f"{self.source}: no row named {name!r}")
+
+    def student(self, model: str, variant: str) -> Row | None:
+        """The student row of (model, variant); None if the plan has none, an error if several."""
+        found = [r for r in self.rows if r.kind == "student" and (r.model, r.variant) == (model, variant)]
+        if len(found) > 1:
+            raise ReportError(f"{self.source}: several students are {model} {variant}: "
+                              f"{', '.join(r.name for r in found)}")
+        return found[0] if found else None
+
+
+def _check_split(split: Any, domains: list[str], where: str, complete: bool) -> dict[str, dict[str, float]]:
+    if not isinstance(split, dict):
+        raise ReportError(f"{where}: expected {{domain: metrics}}")
+    unknown = set(split) - set(domains) - {MEAN}
+    if unknown:
+        raise ReportError(f"{where}: domains {sorted(unknown)} are not the plan's {domains}")
+    if complete and set(domains) - set(split):
+        raise ReportError(f"{where}: no results for {sorted(set(domains) - set(split))}")
+    for d, m in split.items():
+        missing = [k for k in METRICS if not isinstance(m, dict) or not isinstance(m.get(k), (int, float))]
+        if missing:
+            raise ReportError(f"{where}: {d} lacks {missing}")
+    out = {d: {k: float(split[d][k]) for k in METRICS} for d in domains if d in split}
+    if len(out) == len(domains):
+        # The mean over domains is the unweighted mean of the plan's domains: computed here, and a
+        # stored one that says otherwise (e.g. weighted by users) is refused, not shown.
+        mean = {k: statistics.fmean(out[d][k] for d in domains) for k in METRICS}
+        stored = split.get(MEAN)
+        if stored is not None and any(abs(float(stored[k]) - mean[k]) > 1e-9 for k in METRICS):
+            raise ReportError(f"{where}: 'mean' {stored} is not the unweighted mean of {domains} ({mean})")
+        out[MEAN] = mean
+    elif MEAN in split:
+        raise ReportError(f"{where}: a 'mean' without every domain of {domains}")
+    return out
+
+
+def parse_union(raw: Any, source: str) -> UnionResults:
+    """Validate the union JSON (format above); a wrong kind, a done entry without its test results
+    or a domain outside the plan's is a ReportError naming the entry."""
+    if not isinstance(raw, dict) or raw.get("kind") != FORMAT:
+        raise ReportError(f"{source}: not a union results file (expected \"kind\": \"{FORMAT}\"; write it with "
+                          "python -m research.union collect)")
+    domains = _require(raw, "domains", source)
+    if not isinstance(domains, list) or not domains:
+        raise ReportError(f"{source}: 'domains' must be a non-empty list")
+    teachers = _require(raw, "teachers", source)
+    students = _require(raw, "students", source)
+    if not isinstance(teachers, dict) or not isinstance(students, dict):
+        raise ReportError(f"{source}: 'teachers' and 'students' must map a name to an entry")
+    rows: list[Row] = []
+    for name, t in teachers.items():
+        where = f"{source}: teacher {name!r}"
+        status = _require(t, "status", where)
+        if status not in ("done", PENDING):
+            raise ReportError(f"{where}: status {status!r} is not 'done' or 'pending'")
+        results = {}
+        if status == "done":
+            results[None] = _check_split(_require(t, "test", where), domains, f"{where} test", complete=True)
+        if t.get("row", True):
+            rows.append(Row(name, str(_require(t, "label", where)), "teacher", "teacher", name, "teacher", (), results))
+    for name, s in students.items():
+        where = f"{source}: student {name!r}"
+        results = {}
+        planned = []
+        for i, rec in enumerate(_require(s, "seeds", where)):
+            seed = _require(rec, "seed", f"{where} seeds[{i}]")
+            planned.append(seed)
+            test = _check_split(rec.get("test") or {}, domains, f"{where} seed {seed} test", complete=False)
+            if test:
+                results[seed] = test
+        rows.append(Row(name, str(_require(s, "label", where)), "student", str(_require(s, "group", where)),
+                        str(_require(s, "model", where)), str(_require(s, "variant", where)), tuple(planned), results))
+    return UnionResults(domains=list(domains), rows=rows, teachers=teachers, students=students,
+                        commit=str(raw.get("commit", "unknown")), created=str(raw.get("created", "")),
+                        machine=str(raw.get("machine", "unknown")), command=str(raw.get("command", "")),
+                        plan=str(raw.get("plan", "")), retrain=raw.get("retrain_teachers") or {},
+                        pending=list(raw.get("pending") or []), source=source)
+
+
+def load_union(path: str | Path, label: str | None = None) -> UnionResults:
+    """Read and validate a union results file (``label``: the name the page shows for it)."""
+    return parse_union(_read_file(path, "union results", label=label), label or str(path))
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def domain_table(u: UnionResults, domain: str) -> str:
+    """Every row's test Recall/NDCG@10/50 on ``domain`` ('mean': the mean over domains)."""
+    headers = ["Row", "Group", "Seeds"] + [METRIC_LABELS[m] for m in METRICS]
+    rows = [[r.label, r.group, r.seeds_text(domain)] + [fmt_stat(r.stat(domain, m)) for m in METRICS]
+            for r in u.rows]
+    return markdown_table(headers, rows, align=["l", "l", "l"] + ["r"] * len(METRICS))
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One computed claim: ``ok`` True/False, or None when it cannot be judged yet (``why``)."""
+
+    ok: bool | None
+    why: str = ""
+
+    @property
+    def text(self) -> str:
+        return "yes" if self.ok else ("no" if self.ok is False else self.why)
+
+
+def beats_by_spread(a: Stat | None, b: Stat | None) -> tuple[float | None, float | None, Verdict]:
+    """Whether ``a`` beats ``b`` by more than the seed spread: mean(a) − mean(b) > max(sd(a), sd(b))
+    (the larger sample sd of the two rows). Needs two seeds on each side."""
+    if a is None or b is None:
+        return None, None, Verdict(None, PENDING)
+    margin = a.mean - b.mean
+    if a.sd is None or b.sd is None:
+        return margin, None, Verdict(None, "undetermined (needs 2 seeds each)")
+    spread = max(a.sd, b.sd)
+    return margin, spread, Verdict(margin > spread)
+
+
+def overall(verdicts: dict[str, Verdict]) -> str:
+    """``met`` / ``not met (where)`` / ``open (where)`` over a target's per-domain verdicts."""
+    no = [k for k, v in verdicts.items() if v.ok is False]
+    open_ = [v.why for v in verdicts.values() if v.ok is None]
+    if no:
+        return f"**not met** (no: {', '.join(no)})"
+    if not verdicts:
+        return "**open** (no rows to judge)"
+    if open_:
+        reasons = ", ".join(f"{open_.count(w)} {w}" for w in dict.fromkeys(open_))
+        return f"**open** ({len(open_)} of {len(verdicts)} not judged yet: {reasons})"
+    return "**met**"
+
+
+def fmt_signed(x: float | None) -> str:
+    return DASH if x is None else f"{x:+.4f}"
+
+
+def fmt_sd(x: float | None) -> str:
+    return DASH if x is None else f"{x:.4f}"
+
+
+def target_vs_baselines(u: UnionResults) -> tuple[str, dict[str, Verdict]]:
+    """Target 1: the distilled joint SASRec vs per-domain SASRec alone and vs the joint SASRec
+    without teachers, test NDCG@10 per domain, by more than the seed spread."""
+    dist = u.student(*DISTILLED)
+    bases = [b for b in (u.student(*ALONE_PER_DOMAIN), u.student(*JOINT_ALONE)) if b is not None]
+    headers = ["Domain", "Baseline", "Distilled", "Baseline NDCG@10", "Δ", "Spread",
+               "Beats it by more than the spread"]
+    rows, verdicts = [], {}
+    for d in u.domains:
+        ds = dist.stat(d) if dist else None
+        for b in bases:
+            margin, spread, v = beats_by_spread(ds, b.stat(d))
+            rows.append([d, b.label, fmt_stat(ds), fmt_stat(b.stat(d)), fmt_signed(margin), fmt_sd(spread), v.text])
+            verdicts[f"{d} vs {b.label}"] = v
+    return markdown_table(headers, rows, align=["l", "l", "r", "r", "r", "r", "l"]), verdicts
+
+
+def target_vs_best_teacher(u: UnionResults) -> tuple[str, dict[str, Verdict]]:
+    """Target 2: the distilled joint SASRec reaches or beats the best teacher's test NDCG@10 on
+    each domain (its mean over seeds ≥ the best finished teacher row)."""
+    dist = u.student(*DISTILLED)
+    teachers = [r for r in u.rows if r.kind == "teacher"]
+    unfinished = [r.label for r in teachers if not r.results]
+    headers = ["Domain", "Distilled", "Best teacher", "Its NDCG@10", "Δ", "Reaches or beats it"]
+    rows, verdicts = [], {}
+    for d in u.domains:
+        ds = dist.stat(d) if dist else None
+        done = [(r.stat(d).mean, r) for r in teachers if r.stat(d) is not None]
+        best = max(done, key=lambda x: x[0]) if done else None
+        if ds is None or best is None:
+            v = Verdict(None, PENDING)
+        elif ds.mean < best[0]:
+            v = Verdict(False)
+        elif unfinished:  # ahead of the finished teachers; one still training may be better
+            v = Verdict(None, f"pending (ahead of the finished teachers; {len(unfinished)} not finished)")
+        else:
+            v = Verdict(True)
+        verdicts[d] = v
+        text = v.text
+        rows.append([d, fmt_stat(ds), best[1].label if best else PENDING, fmt_metric(best[0]) if best else PENDING,
+                     fmt_signed(ds.mean - best[0] if ds and best else None), text])
+    return markdown_table(headers, rows, align=["l", "r", "l", "r", "r", "l"]), verdicts
+
+
+def target_teachers_vs_alone(u: UnionResults) -> tuple[str, dict[str, Verdict], list[str]]:
+    """Target 3: every teacher beats per-domain SASRec alone (its mean over seeds) on every domain;
+    returns the table, the verdicts and the list of (teacher, domain) that do not."""
+    alone = u.student(*ALONE_PER_DOMAIN)
+    headers = ["Teacher"] + [f"{d}: Δ NDCG@10 vs SASRec alone" for d in u.domains] + ["Beats it on every domain"]
+    rows, verdicts, failing = [], {}, []
+    for r in (r for r in u.rows if r.kind == "teacher"):
+        cells, mine = [], {}
+        for d in u.domains:
+            t, a = r.stat(d), alone.stat(d) if alone else None
+            v = Verdict(None, PENDING) if t is None or a is None else Verdict(t.mean > a.mean)
+            mine[d] = verdicts[f"{r.label} on {d}"] = v
+            cells.append(PENDING if v.ok is None else f"{fmt_signed(t.mean - a.mean)} ({v.text})")
+            if v.ok is False:
+                note = u.teachers.get(r.name, {}).get("note")
+                failing.append(f"{r.label} on {d} ({fmt_signed(t.mean - a.mean)})" + (f": {note}" if note else ""))
+        rows.append([r.label, *cells, overall(mine).replace("**", "")])
+    return markdown_table(headers, rows, align=["l"] + ["r"] * len(u.domains) + ["l"]), verdicts, failing
+
+
+def target_universality(u: UnionResults) -> tuple[str, dict[str, Verdict]]:
+    """Target 4: each non-SASRec student family gains from distillation on every domain (test
+    NDCG@10 of the distilled row above the alone row; one seed each is enough)."""
+    models = list(dict.fromkeys(r.model for r in u.rows if r.kind == "student" and r.model != "sasrec"))
+    headers = ["Student", "Domain", "NDCG@10 alone", "NDCG@10 distilled", "Gain", "Gains"]
+    rows, verdicts = [], {}
+    for m in models:
+        a, dist = u.student(m, "alone"), u.student(m, "distilled")
+        for d in u.domains:
+            sa = a.stat(d) if a else None
+            sd = dist.stat(d) if dist else None
+            v = Verdict(None, PENDING) if sa is None or sd is None else Verdict(sd.mean > sa.mean)
+            verdicts[f"{FAMILY_LABELS.get(m, m)} on {d}"] = v
+            gain = None if sa is None or sd is None or sa.mean == 0 else 100.0 * (sd.mean - sa.mean) / sa.mean
+            rows.append([FAMILY_LABELS.get(m, m), d, fmt_stat(sa), fmt_stat(sd),
+                         DASH if gain is None else f"{gain:+.1f}%", v.text])
+    return markdown_table(headers, rows, align=["l", "l", "r", "r", "r", "l"]), verdicts
+
+
+def _caps(sizing: dict[str, Any]) -> str:
+    """One line per stage: epochs, batch and the caps that make the teacher fit the CPU."""
+    parts = []
+    for name, st in (sizing.get("stages") or {}).items():
+        bits = [f"{st.get('epochs')} ep, batch {st.get('batch_size')}"]
+        for dom, n in (st.get("max_train_rows") or {}).items():
+            bits.append(f"{dom} ≤ {n:,} rows")
+        if st.get("max_steps_per_epoch"):
+            bits.append(f"≤ {st['max_steps_per_epoch']:,} steps/epoch")
+        parts.append(f"{name}: {', '.join(bits)}")
+    return "; ".join(parts) or DASH
+
+
+def _time_source(t: dict[str, Any]) -> str:
+    """How the training time was measured, with the invocation count when there were several."""
+    text = str(t.get("train_s_source") or DASH)
+    n, failed = int(t.get("invocations") or 0), int(t.get("failed_invocations") or 0)
+    if n > 1 or failed:
+        text += f"; {n} invocations" + (f", {failed} failed" if failed else "")
+    return text
+
+
+def teacher_table(u: UnionResults) -> str:
+    """Reproducibility facts of every teacher (rows and stages alike)."""
+    headers = ["Teacher", "Config", "On the page", "Served", "Device", "Machine", "Training time", "Time measured by",
+               "Params", "Checkpoint sha256 (first 16)", "Sizing"]
+    rows = []
+    for name, t in u.teachers.items():
+        done = t.get("status") == "done"
+        sha = t.get("checkpoint_sha256") or ""
+        rows.append([f"{t.get('label', name)} (`{name}`)", f"`{t.get('config', '')}`",
+                     "row" if t.get("row", True) else "stage of others", "yes" if t.get("served") else "no",
+                     t.get("device") or (t.get("sizing") or {}).get("device") or DASH,
+                     (t.get("machine", DASH) + (f" ({t['machine_source']})" if t.get("machine_source") else ""))
+                     if done else PENDING,
+                     fmt_duration(t.get("train_s")) if done else PENDING,
+                     _time_source(t) if done else t.get("detail", PENDING),
+                     fmt_int(t.get("params")) if done else DASH,
+                     f"`{sha[:16]}`" if sha else (DASH if done else PENDING), _caps(t.get("sizing") or {})])
+    return markdown_table(headers, rows, align=["l"] * 6 + ["r", "l", "r", "l", "l"])
+
+
+def student_runs_table(u: UnionResults) -> str:
+    """Every student seed: status, measured wall time, best epochs and parameters of its runs."""
+    headers = ["Row", "Seed", "Status", "Wall time", "Time measured by", "Best epoch", "Parameters"]
+    rows = []
+    for name, s in u.students.items():
+        for rec in s.get("seeds") or []:
+            runs = [r for r in rec.get("runs") or [] if r.get("status") == "done"]
+            sources = sorted({r.get("wall_s_source", "") for r in runs} - {""})
+            rows.append([s.get("label", name), str(rec.get("seed")), rec.get("status", PENDING),
+                         fmt_duration(rec.get("wall_s")) if rec.get("wall_s") is not None else
+                         (PENDING if not runs else f"{fmt_duration(sum(r.get('wall_s') or 0 for r in runs))} so far"),
+                         "; ".join(sources) or DASH,
+                         ", ".join(str(r.get("best_epoch")) for r in runs) or DASH,
+                         ", ".join(fmt_int(r.get("num_parameters")) for r in runs) or DASH])
+    return markdown_table(headers, rows, align=["l", "r", "l", "r", "l", "r", "r"])
+
+
+def efficiency_section(u: UnionResults, eff: Efficiency | None) -> list[str]:
+    """Hook for Figure 1 (accuracy vs inference time, memory as circle size, two domains): the
+    inference measurements of the page's rows when the page has an ``efficiency:`` input (matched
+    to rows by name), else a note saying where the measurements go. The figure itself is not drawn
+    yet."""
+    out = ["## 6. Figure 1: accuracy, inference time and memory (not built yet)", ""]
+    if eff is None:
+        return out + ["No inference benchmark is given for this page yet. Hook: add an `efficiency:` input "
+                      "(benchmarks/inference.py over the union checkpoints) to this page's entry in "
+                      "results/MANIFEST.yaml; its measurements are then listed here beside each row's test "
+                      "NDCG@10.", ""]
+    by_name = {r.name: r for r in u.rows}
+    headers = ["Model", "Kind", "Row", "Params", "Peak memory (MB)", "Inference ms / 1,000 users"] + \
+              [f"Test NDCG@10 {d}" for d in u.domains]
+    rows = []
+    for m in eff.models:
+        r = by_name.get(m.name)
+        rows.append([m.name, m.kind, r.label if r else DASH, fmt_int(m.params), fmt_mb(m.peak_memory_mb),
+                     fmt_ms(m.infer_ms_per_1000_users)] + [fmt_stat(r.stat(d)) if r else DASH for d in u.domains])
+    return out + [_source_block(eff.commit, eff.machine, eff.created, [eff.command], eff.source, eff.device), "",
+                  markdown_table(headers, rows, align=["l", "l", "l"] + ["r"] * (len(headers) - 3)), ""]
+
+
+# ----------------------------------------------------------------------------- page
+
+
+def render_union_page(u: UnionResults, eff: Efficiency | None = None, generated_by: str = "ckd-report",
+                      generated_at: str = "", draft: bool = False) -> str:
+    """The whole page. ``generated_at``/``draft`` as for ckd.reporting.render_report."""
+    at = ""
+    if generated_at:
+        at = f" at commit `{generated_at}`" + (" plus uncommitted changes" if draft else "")
+    doms = ", ".join(u.domains)
+    out = ["# Results", ""]
+    if draft:
+        out += ["**Draft:** generated from a working tree with uncommitted changes; regenerate it from a "
+                "clean tree (`ckd-report`) before citing it.", ""]
+    out += [f"Generated by `{generated_by}`{at} from `{u.source}`"
+            + (f" and `{eff.source}`" if eff else "") + ". Do not edit by hand: rerun the command.",
+            f"One student for every domain: teachers trained on the union of [{doms}] (one global item id "
+            f"space), the joint SASRec student distilled from them, and its baselines; the runs of `{u.plan}` "
+            "(`python -m research.union run`, then `python -m research.union collect`).",
+            "All metrics: test split, leave-one-out, full ranking over the user's domain (UniSRec/RecBole "
+            "protocol); model selection on valid NDCG@10. Students: mean ± sample sd over their finished seeds "
+            "(the count beside it); one seed: its value. Rows not finished yet read *pending*.", ""]
+    commands = [t.get("command", "") for t in u.teachers.values()] + \
+               [c for s in u.students.values() for c in s.get("commands") or []]
+    out += ["## 1. Test results per domain", "",
+            _source_block(u.commit, u.machine, u.created, [u.command] + commands, u.source), ""]
+    for d in u.domains:
+        out += [f"### {d}", "", domain_table(u, d), ""]
+    out += ["### Mean over domains", "",
+            f"Unweighted mean of {doms} per run (per seed for students), then over seeds; a run without "
+            "every domain has no mean.", "", domain_table(u, MEAN), ""]
+
+    t1, v1 = target_vs_baselines(u)
+    t2, v2 = target_vs_best_teacher(u)
+    t3, v3, failing = target_teachers_vs_alone(u)
+    t4, v4 = target_universality(u)
+    out += ["## 2. Targets", "",
+            f"Every verdict below is computed from the tables above (test {METRIC_LABELS[SELECT]}); *open* means "
+            "a row it needs is pending, or has too few seeds to judge.", "",
+            f"1. The distilled joint SASRec beats per-domain SASRec alone and the joint SASRec without teachers on "
+            f"every domain, by more than the seed spread: {overall(v1)}",
+            f"2. It reaches or beats the best teacher on every domain: {overall(v2)}",
+            f"3. Every teacher beats per-domain SASRec alone on every domain: {overall(v3)}",
+            f"4. FM, DeepFM and LightGCN each gain from distillation on every domain: {overall(v4)}", "",
+            "### 2.1 Distilled joint SASRec vs the students without teachers", "",
+            "Δ = mean NDCG@10 of the distilled row minus the baseline's; spread = the larger sample sd of the two "
+            "rows over their seeds; it beats the baseline when Δ > spread.", "", t1, "",
+            "### 2.2 Distilled joint SASRec vs the best teacher", "", t2, "",
+            "### 2.3 Each teacher vs per-domain SASRec alone", "",
+            "Δ = the teacher's NDCG@10 minus the mean of SASRec alone (one model per domain) over its seeds.", "",
+            t3, ""]
+    if failing:
+        out += ["Not beating per-domain SASRec alone: " + "; ".join(failing) + ".", ""]
+    out += ["### 2.4 FM, DeepFM and LightGCN: distilled vs alone", "",
+            "Gain = (distilled − alone) / alone; each row trained on the joint set.", "", t4, ""]
+
+    rt = u.retrain
+    n_teachers, finished = len(rt.get("teachers") or u.teachers), int(rt.get("finished") or 0)
+    so_far = "" if finished == n_teachers else f" so far ({finished} of {n_teachers} teachers finished)"
+    out += ["## 3. Teachers: reproducibility", "",
+            "Training time = the sum of the wall times of the training invocations recorded in the run "
+            "directory (invocations.jsonl), else the per-epoch times the run recorded (said so in the row).", "",
+            teacher_table(u), "",
+            "Retrain every teacher on a fresh clone (each resumes from its run directory if interrupted):", "",
+            "```bash", rt.get("command") or "python -m research.union run --only " + ",".join(u.teachers), "```", "",
+            f"Measured: {fmt_duration(rt.get('train_s'))} of training wall time{so_far}"
+            + (f", on {'; '.join(rt.get('machines') or [])}" if rt.get("machines") else "")
+            + (f" (device: {', '.join(rt.get('devices') or [])})" if rt.get("devices") else "") + ".", ""]
+    out += ["## 4. Students: runs", "",
+            "Wall time of a seed = the sum over its runs (SASRec alone: one per domain) of their training "
+            "invocations.", "", student_runs_table(u), ""]
+    out += ["## 5. Pending", ""]
+    out += ([f"- {p}" for p in u.pending] if u.pending else ["Nothing: every run of the plan has finished."]) + [""]
+    out += efficiency_section(u, eff)
+    return "\n".join(out)
