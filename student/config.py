@@ -99,10 +99,21 @@ class CurriculumConfig:
     full_at_epoch: int = 5  # epoch from which all training data is in play
     length_weight: float = 0.5
     popularity_weight: float = 0.5
+    # Difficulty from the served teachers (student.curriculum.teacher_difficulty): "none",
+    # "confidence" (1 - their mean probability of the true item) or "disagreement"; scored once,
+    # before training, against the true item and `teacher_negatives` seeded negatives per row.
+    teacher_signal: str = "none"
+    teacher_weight: float = 1.0
+    teacher_negatives: int = 100
 
     def validate(self) -> None:
         if not 0 < self.start_fraction <= 1:
             raise ConfigError("curriculum.start_fraction must be in (0, 1]")
+        if self.teacher_signal not in ("none", "confidence", "disagreement"):
+            raise ConfigError(f"curriculum.teacher_signal must be none, confidence or disagreement, "
+                              f"not {self.teacher_signal!r}")
+        if self.teacher_weight < 0 or self.teacher_negatives < 1:
+            raise ConfigError("curriculum.teacher_weight must be >= 0 and teacher_negatives >= 1")
 
 
 @dataclass
@@ -169,6 +180,9 @@ def check_run(cfg: DistillConfig) -> None:
     if cfg.train.length_sorted_pieces > 1 and (cfg.service.active or cfg.train.objective != "last"):
         raise ConfigError("train.length_sorted_pieces splits a batch's rows for the CE loss at their last "
                           "position only: run it with --teachers none and train.objective=last")
+    if cfg.curriculum.enabled and cfg.curriculum.teacher_signal != "none" and not cfg.service.active:
+        raise ConfigError(f"curriculum.teacher_signal={cfg.curriculum.teacher_signal} ranks rows by the teachers' "
+                          "scores: it needs the teacher service (or set curriculum.teacher_signal=none)")
     if cfg.train.objective == "all_positions":
         if cfg.model.kind != "sasrec":
             raise ConfigError(f"train.objective=all_positions needs model.kind=sasrec (got {cfg.model.kind!r}): "

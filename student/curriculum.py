@@ -9,7 +9,16 @@ of domain d, with history h_i (length n_i) and target v_i:
     diff_i  = (wl * (1 - rk_d(n_i)) + wp * (1 - rk_d(pop_i)) + we * rk_d(extra_i)) / (wl + wp + we)
 
 so diff_i is in [0, 1], longer histories and more popular items are easier, and ``extra`` (e.g.
-teacher disagreement, larger = harder) is an optional third term. Ranks are taken *per domain*:
+teacher disagreement, larger = harder) is an optional third term.
+
+Teacher-driven difficulty (``teacher_difficulty``, ``curriculum.teacher_signal``): the served
+teachers score every training row once, before training, against its true item and K seeded
+negatives of its domain (column 0 = the true item). With p^t_i = softmax(s^t_i / tau_t):
+
+    confidence    extra_i = 1 - mean_t p^t_i[0]                   (the teachers doubt the true item)
+    disagreement  extra_i = mean_{t<u} |p^t_i[0] - p^u_i[0]|      (they disagree about it; 0 for one)
+
+and it enters as the ``extra`` term, ranked per domain like the others. Ranks are taken *per domain*:
 domains differ in history length and popularity scale (Games' counts dwarf Scientific's), and a
 global ranking would let one domain fill the whole early pool, which would break mixed-domain
 batches. Per-domain ranks make "the easiest 25%" roughly the easiest 25% of every domain (ties,
@@ -116,6 +125,32 @@ def difficulty_scores(dataset: MultiDomainDataset, split: str = "train", length_
             raise CurriculumError("extra holds NaN or inf")
         score += extra_weight * _per_domain_rank(extra, ex.domains)
     return score / sum(weights)
+
+
+TEACHER_SIGNALS = ("none", "confidence", "disagreement")
+
+
+def teacher_difficulty(scores: dict[str, np.ndarray], temperatures: dict[str, float], signal: str) -> np.ndarray:
+    """Per-row difficulty from the teachers' raw scores ({teacher: [N, 1 + K]}, column 0 = the true
+    item; formula in the module doc). Larger = harder."""
+    if signal not in TEACHER_SIGNALS[1:]:
+        raise CurriculumError(f"teacher signal must be one of {TEACHER_SIGNALS[1:]}, not {signal!r}")
+    if not scores:
+        raise CurriculumError("teacher-driven difficulty needs at least one teacher's scores")
+    conf = []
+    for name, s in scores.items():
+        z = np.asarray(s, dtype=np.float64) / float(temperatures[name])
+        z = z - z.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        conf.append(p[:, 0] / p.sum(axis=1))
+    c = np.stack(conf)  # [M, N]
+    if signal == "confidence":
+        return 1.0 - c.mean(axis=0)
+    m = c.shape[0]
+    if m == 1:
+        return np.zeros(c.shape[1])
+    pairs = [np.abs(c[t] - c[u]) for t in range(m) for u in range(t + 1, m)]
+    return np.mean(pairs, axis=0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -88,11 +88,25 @@ def checkpoint_config(cfg, dataset: MultiDomainDataset) -> dict[str, Any]:
             "vocab_size": dataset.vocab_size, "domains": dataset.domain_names, "max_len": cfg.data.max_len}
 
 
-def build_sampler(cfg, dataset: MultiDomainDataset, acc):
-    from student.curriculum import CurriculumSampler, difficulty_scores
+def build_sampler(cfg, dataset: MultiDomainDataset, acc, teacher_session=None):
+    """The curriculum sampler; with ``curriculum.teacher_signal`` the teachers of
+    ``teacher_session`` score every training row first (``student.curriculum.teacher_difficulty``)."""
+    from student.curriculum import CurriculumSampler, difficulty_scores, teacher_difficulty
 
-    diff = difficulty_scores(dataset, "train", length_weight=cfg.curriculum.length_weight,
-                             popularity_weight=cfg.curriculum.popularity_weight)
+    cur = cfg.curriculum
+    extra, extra_weight = None, 0.0
+    if cur.enabled and cur.teacher_signal != "none":
+        if teacher_session is None:
+            raise ConfigError(f"curriculum.teacher_signal={cur.teacher_signal} needs the teacher service")
+        scores = teacher_session.row_scores("train", negatives=cur.teacher_negatives, seed=cfg.train.seed)
+        temps = {n: float(cfg.service.temperatures.get(n, i.temperature)) for n, i in teacher_session.infos.items()}
+        extra = teacher_difficulty(scores, temps, cur.teacher_signal)
+        extra = np.where(np.isfinite(extra), extra, np.nanmean(extra) if np.isfinite(extra).any() else 0.0)
+        extra_weight = cur.teacher_weight
+        log.info("curriculum: teacher %s scored %d training rows (mean difficulty %.4f)", cur.teacher_signal,
+                 extra.shape[0], float(extra.mean()))
+    diff = difficulty_scores(dataset, "train", length_weight=cur.length_weight,
+                             popularity_weight=cur.popularity_weight, extra=extra, extra_weight=extra_weight)
     return CurriculumSampler(diff, pacing=cfg.curriculum.pacing, start_fraction=cfg.curriculum.start_fraction,
                              full_at_epoch=cfg.curriculum.full_at_epoch, seed=cfg.train.seed,
                              num_replicas=acc.num_processes, rank=acc.process_index,
@@ -138,7 +152,9 @@ def run_distillation(cfg, acc: Accelerator | None = None, *, ray_address: str = 
     seed_everything(cfg.train.seed)  # same initial weights on every rank, whatever loading consumed
     model_config = checkpoint_config(cfg, dataset)
     model = build_student(model_config["kind"], dataset, **model_config["kwargs"])
-    sampler = build_sampler(cfg, dataset, acc)
+    # A teacher-driven curriculum needs the teachers' scores, so its sampler waits for the session.
+    teacher_driven = cfg.curriculum.enabled and cfg.curriculum.teacher_signal != "none"
+    sampler = None if teacher_driven else build_sampler(cfg, dataset, acc)
 
     from student.trainer import Trainer
 
@@ -149,6 +165,8 @@ def run_distillation(cfg, acc: Accelerator | None = None, *, ray_address: str = 
 
         teacher_session = TeacherSession.open(cfg, dataset, acc, ray_address=ray_address, teachers=teachers)
         teacher_info = teacher_session.info()
+    if teacher_driven:
+        sampler = build_sampler(cfg, dataset, acc, teacher_session)
     if acc.is_main_process:
         write_run_header(run_dir, cfg, {"seed": cfg.train.seed, "world_size": acc.num_processes,
                                         "device": str(acc.device), "vocab_hash": dataset.vocab_hash(),

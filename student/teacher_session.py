@@ -112,6 +112,30 @@ class TeacherSession:
                 "kd_rows_seen": {n: int(v) for n, v in zip(names, self.rows_seen)},
                 "kd_rows_labelled": {n: int(v) for n, v in zip(names, self.rows_labelled)}}
 
+    def row_scores(self, split: str = "train", negatives: int = 100, seed: int = 0,
+                   batch_size: int = 512) -> dict[str, np.ndarray]:
+        """Every teacher's raw scores of each row of ``split`` against [true item, ``negatives``
+        items drawn (seeded, with replacement) from the row's domain]: {teacher: float32 [N, 1 + K]}.
+        Rows of domains the teachers do not cover get NaN. The same on every rank."""
+        ex = self.dataset.splits[split]
+        n = len(ex)
+        gen = np.random.default_rng(seed)
+        cands = np.empty((n, 1 + negatives), dtype=np.int64)
+        cands[:, 0] = ex.targets
+        for d, (start, stop) in enumerate(self.domain_ranges):
+            rows = np.nonzero(ex.domains == d)[0]
+            cands[rows, 1:] = gen.integers(start, stop, size=(rows.size, negatives))
+        out = {t: np.full((n, 1 + negatives), np.nan, dtype=np.float32) for t in self.infos}
+        covered = np.nonzero(ex.domains < self.covered_domains)[0]
+        for b in range(0, covered.size, batch_size):
+            rows = covered[b: b + batch_size]
+            L = int(ex.lengths[rows].max())
+            scores = self.pool.score(ex.histories[rows, :L], ex.lengths[rows], cands[rows])
+            for t, v in scores.items():
+                if v is not None:
+                    out[t][rows] = v
+        return out
+
     # -- Distiller -----------------------------------------------------------------------------
     def prepare(self, batch: StudentBatch, step_seed: int) -> PreparedBatch:
         """The batch's candidates and masks, sampled from a generator seeded with ``step_seed``."""
