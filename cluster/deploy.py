@@ -106,6 +106,13 @@ class TeacherSpec:
     torch_threads: int = 1
     expected_vocab_hash: str | None = None
     build: str = ""  # the command that (re)builds the checkpoint, named when it is missing
+    # CPU affinity (the CPU form of one device per replica): the cores this teacher's replicas run
+    # on, e.g. [2, 3]; each replica process pins itself (every thread) at start. Empty: not pinned.
+    # cpus_per_replica 0: every replica gets all of `cpus`; k > 0: each replica gets its own k of
+    # them (replica slots of k cores in list order; more replicas than slots share the least-used).
+    # Match torch_threads to the cores a replica gets.
+    cpus: list[int] = field(default_factory=list)
+    cpus_per_replica: int = 0
 
     def checkpoint_missing(self) -> str | None:
         """Why the checkpoint cannot be served (a missing file), or None when it is complete."""
@@ -121,6 +128,33 @@ class TeacherSpec:
             raise ConfigError(f"teachers[{self.name}].checkpoint is required")
         if self.replicas < 0:
             raise ConfigError(f"teachers[{self.name}].replicas must be >= 0, got {self.replicas}")
+        if self.cpus or self.cpus_per_replica:
+            from ckd.affinity import AffinityError, parse_cpus
+
+            try:
+                cpus = parse_cpus(self.cpus)
+            except AffinityError as exc:
+                raise ConfigError(f"teachers[{self.name}].cpus: {exc}") from None
+            if len(cpus) != len(self.cpus):
+                raise ConfigError(f"teachers[{self.name}].cpus lists a core twice: {self.cpus}")
+            k = self.cpus_per_replica
+            if k < 0 or (k and len(cpus) % k):
+                raise ConfigError(f"teachers[{self.name}].cpus_per_replica={k} must be >= 0 and divide the "
+                                  f"{len(cpus)} cores of cpus={self.cpus}")
+
+    def replica_cpus(self, slot: int) -> list[int]:
+        """The cores of replica slot ``slot`` (``cpus_per_replica`` cores each), or all of ``cpus``."""
+        k = self.cpus_per_replica
+        if not k:
+            return list(self.cpus)
+        return list(self.cpus[slot * k:(slot + 1) * k])
+
+    @property
+    def cpu_slots(self) -> int:
+        """How many replicas can have cores of their own (0 when the teacher is not pinned)."""
+        if not self.cpus:
+            return 0
+        return len(self.cpus) // self.cpus_per_replica if self.cpus_per_replica else 1
 
 
 @dataclass
@@ -243,6 +277,7 @@ class TeacherDeployment:
         self.directory = self._connect_directory()
         self._replicas: dict[str, list[tuple[str, Any]]] = {t.name: [] for t in self.spec.teachers}
         self._serial: dict[str, int] = {t.name: 0 for t in self.spec.teachers}
+        self._cpu_slot: dict[str, int] = {}  # replica id -> its core slot (TeacherSpec.replica_cpus)
         self._owns_ray = False
         self.counters: dict[str, int] = {"directory_retries": 0, "reconcile_failures": 0}
         gpus = ray.cluster_resources().get("GPU", 0)
@@ -280,6 +315,14 @@ class TeacherDeployment:
     def _start_replica(self, t: TeacherSpec) -> tuple[str, Any]:
         rid = f"{t.name}-{self._serial[t.name]}"
         self._serial[t.name] += 1
+        cpus = None
+        if t.cpus:
+            # The least-used slot among this teacher's live replicas: after a scale-down and up the
+            # new replica takes the cores the removed one left.
+            live = [self._cpu_slot.get(r) for r, _ in self._replicas[t.name]]
+            slot = min(range(t.cpu_slots), key=lambda s: (live.count(s), s))
+            self._cpu_slot[rid] = slot
+            cpus = t.replica_cpus(slot)
         num_gpus = (1.0 if self._has_gpus else 0.0) if t.num_gpus < 0 else t.num_gpus
         opts: dict[str, Any] = dict(num_cpus=t.num_cpus, num_gpus=num_gpus, resources=dict(t.resources),
                                     max_restarts=self.spec.max_restarts, max_task_retries=0,
@@ -296,7 +339,7 @@ class TeacherDeployment:
             bind_host=self.spec.bind_host, token=self.spec.token,
             tls=tls, heartbeat_s=self.spec.heartbeat_s, torch_threads=t.torch_threads,
             expected_vocab_hash=t.expected_vocab_hash, liveness_timeout_s=self.spec.liveness_timeout_s,
-            liveness_failures=self.spec.liveness_failures)
+            liveness_failures=self.spec.liveness_failures, cpus=cpus)
         return rid, actor
 
     def scale(self, name: str, replicas: int, timeout: float = 300.0) -> list[str]:

@@ -11,6 +11,10 @@ server that stopped answering while the process lives on (its polling thread die
 MemoryError, say) would otherwise keep heartbeating an address nobody can use; after
 ``liveness_failures`` checks in a row without an answer the replica leaves the directory and exits,
 and Ray restarts it. The check needs a plaintext port, so it is off when the server uses TLS.
+
+Cores: given ``cpus`` (TeacherSpec.cpus / cpus_per_replica), the replica pins every thread of its
+process to them before loading anything (ckd.affinity.pin_process), so on a CPU host it scores on
+its own cores and leaves the student's alone; ``info()["cpus"]`` reports the set it runs on.
 """
 from __future__ import annotations
 
@@ -45,9 +49,15 @@ class TeacherReplica:
                  bind_host: str = "127.0.0.1", advertise_host: str | None = None, token: str | None = None,
                  tls: dict[str, str] | None = None, heartbeat_s: float = 2.0, torch_threads: int | None = None,
                  expected_vocab_hash: str | None = None, teacher_modules: list[str] | None = None,
-                 liveness_timeout_s: float = 10.0, liveness_failures: int = 3):
+                 liveness_timeout_s: float = 10.0, liveness_failures: int = 3, cpus: list[int] | None = None):
         import importlib
 
+        if cpus:
+            # First, before torch starts its thread pool: every thread of this process (Ray's own
+            # included) runs on these cores only; a restart by Ray pins again with the same cores.
+            from ckd.affinity import pin_process
+
+            pin_process(cpus)
         import torch
 
         from teachers.base import load_teacher
@@ -76,7 +86,7 @@ class TeacherReplica:
             warnings.simplefilter("ignore")
             restarted = bool(ctx.was_current_actor_reconstructed)
         self.meta = {"pid": os.getpid(), "node_id": ctx.get_node_id(), "device": self.device,
-                     "restarted": restarted,
+                     "restarted": restarted, "cpus": sorted(os.sched_getaffinity(0)),
                      "checkpoint_sha256": model.checkpoint_sha256}
         self._register_at_start()
         self._liveness = None

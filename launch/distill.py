@@ -14,6 +14,10 @@ agents; no dashboard) and the replicas listen on 127.0.0.1 only (cluster.deploy.
 and the other ranks join it in Ray's loopback mode (ckd.ray_loopback.join_ray, via
 TeacherPool.from_ray). With --ray-address it joins a running cluster's teacher service instead,
 and with service.endpoints it talks to servers started without Ray.
+
+--cpus 0,1 keeps the student's processes (every rank, every thread) on those cores, e.g. off the
+cores the teacher replicas are pinned to (TeacherSpec.cpus). An embedded teacher service is started
+first, so Ray's own daemons are not confined to the student's cores.
 """
 from __future__ import annotations
 
@@ -38,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run-dir", help="run directory (default runs/<timestamp>); an existing one resumes")
     p.add_argument("--teachers", help="'none' for no distillation, or a comma list of teacher names to keep")
     p.add_argument("--ray-address", help="join a running teacher service on this Ray cluster")
+    p.add_argument("--cpus", metavar="LIST",
+                   help="pin the student's processes to these cores, e.g. 0 or 0,1 or 0-3 (Linux)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set train.epochs=3 (repeatable)")
     return p.parse_args(argv)
@@ -107,6 +113,30 @@ def start_embedded_service(spec: DeploySpec, names: list[str], acc) -> tuple[str
     return address, deployment
 
 
+def parse_student_cpus(text: str | None) -> list[int]:
+    """The --cpus core list ([] when not given); ConfigError for a bad list or a missing core."""
+    if not text:
+        return []
+    from ckd.affinity import AffinityError, parse_cpus
+
+    try:
+        cpus = parse_cpus(text)
+    except AffinityError as exc:
+        raise ConfigError(f"--cpus: {exc}") from None
+    ncpu = os.cpu_count() or 1
+    if max(cpus) >= ncpu:
+        raise ConfigError(f"--cpus {text}: this machine has cores 0-{ncpu - 1}")
+    return cpus
+
+
+def pin_student(cpus: list[int]) -> None:
+    """Pin every thread of this rank's process to ``cpus`` (threads started later inherit them)."""
+    from ckd.affinity import format_cpus, pin_process
+
+    pin_process(cpus)
+    log.info("student process %d pinned to cores %s", os.getpid(), format_cpus(cpus))
+
+
 def main(argv: list[str] | None = None) -> int:
     """The ``ckd-distill`` console script (also ``python -m launch.distill``, ``accelerate launch -m``)."""
     code = run(argv)
@@ -125,6 +155,7 @@ def run(argv: list[str] | None = None) -> int:
     try:
         cfg = resolve_config(args)
         embedded = embedded_spec(cfg)
+        student_cpus = parse_student_cpus(args.cpus)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
@@ -140,6 +171,8 @@ def run(argv: list[str] | None = None) -> int:
                 print(f"config error: {exc}", file=sys.stderr)
                 return 2
             names = embedded[1]
+        if student_cpus:
+            pin_student(student_cpus)
         # run_distillation returns once every rank has finished scoring, so the replicas can go.
         metrics = run_distillation(cfg, acc, ray_address=address, teachers=names)
     finally:

@@ -126,8 +126,13 @@ class KDConfig:
     alpha: float = 1.0  # weight of log-confidence in the integration logits
     beta: float = 1.0  # weight of consistency in the integration logits
     instance_weighting: bool = True
+    # The dtype of the KD loss maths: float32, or float64 as a reference (about a third slower per
+    # step at a whole-catalogue width); tests/test_kd_precision.py bounds their difference.
+    precision: str = "float32"
 
     def validate(self) -> None:
+        if self.precision not in ("float32", "float64"):
+            raise ConfigError(f"kd.precision: {self.precision!r} is not float32|float64")
         if self.integration not in ("mean", "confidence", "consistency", "both"):
             raise ConfigError(f"kd.integration: {self.integration!r} is not mean|confidence|consistency|both")
         if self.temperature <= 0:

@@ -48,6 +48,7 @@ torchdistill-style weighted sum of named terms, each with a switch.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -217,29 +218,35 @@ def integrate(probs: Mapping[str, torch.Tensor | None], target_col: torch.Tensor
 KD_PRECISIONS = ("float32", "float64")
 
 
-def _kd_dtype(precision: str) -> torch.dtype:
-    """The dtype the KD maths runs in. float32 is the default: on real batches its loss and gradient
-    agree with the float64 reference to rtol ~1e-6 and, near KL = 0, to an absolute ~1e-6 on the
-    loss and float32 rounding of the softmax on the gradient (tests/test_kd_precision.py states and
-    checks the bounds), while float64 costs about a third more per step at a whole-catalogue width.
-    Half precisions are never used for it: a bf16/fp16 student's logits are widened to float32."""
+def _kd_dtype(logits: torch.Tensor, precision: str | None) -> torch.dtype:
+    """The dtype the KD maths runs in: ``precision`` ("float32" or "float64") when given, else the
+    logits' own dtype. Never below float32: bf16/fp16 logits are widened (a half-precision KL
+    would be all rounding). float32 is what a run uses by default (kd.precision): on real batches
+    its loss and gradient agree with the float64 reference within the bounds that
+    tests/test_kd_precision.py states and checks, near-zero KL included, while float64 maths take
+    1.5-3x as long (kd_precision_micro of benchmarks/distill_throughput.py): about +35% per step at
+    a whole-catalogue width of 4,386 candidates (issue 21)."""
+    if precision is None:
+        return torch.float64 if logits.dtype == torch.float64 else torch.float32
     if precision not in KD_PRECISIONS:
         raise DistillError(f"unknown KD precision {precision!r}; have {KD_PRECISIONS}")
     return torch.float64 if precision == "float64" else torch.float32
 
 
 def kd_loss(student_logits: torch.Tensor, q: torch.Tensor, valid_mask: torch.Tensor, T: float,
-            r: torch.Tensor | None = None, precision: str = "float32") -> torch.Tensor:
+            r: torch.Tensor | None = None, precision: str | None = None) -> torch.Tensor:
     """mean_i r_i * T^2 * KL(q_i || softmax(Z_i / T)) over valid columns (float32 result).
 
-    ``precision``: "float32" (default) or "float64", the dtype the maths runs in (``_kd_dtype``).
-    Near its minimum KL is a difference of O(1) terms, so its float32 value there carries an
-    absolute rounding error of about eps32 * (H(q) + CE) ~ 1e-6; the gradient, (softmax - q) / T,
-    has no such cancellation and keeps float32 rounding of the probabilities."""
+    ``precision``: "float32" or "float64", the dtype the maths runs in; None: the logits' dtype
+    (at least float32, ``_kd_dtype``).
+    Near its minimum KL is a difference of two O(log C) sums, so its float32 value there carries an
+    absolute rounding error (measured on real batches: at most 6e-8, bounded by
+    8 * eps32 * T^2 * mean r (H(q) + H(q, s))); the gradient, r (softmax - q) T / B, has no such
+    cancellation and keeps float32 rounding of the probabilities (tests/test_kd_precision.py)."""
     if student_logits.shape != q.shape or q.shape != valid_mask.shape:
         raise DistillError(f"shapes differ: logits {tuple(student_logits.shape)}, q {tuple(q.shape)}, "
                            f"mask {tuple(valid_mask.shape)}")
-    dtype = _kd_dtype(precision)
+    dtype = _kd_dtype(student_logits, precision)
     log_s = masked_log_softmax(student_logits.to(dtype), valid_mask, T)
     q = q.to(dtype).masked_fill(~valid_mask, 0.0)
     # log_s is -inf exactly on masked columns, where q = 0: zero it there so 0 * -inf gives no NaN.
@@ -252,7 +259,7 @@ def kd_loss(student_logits: torch.Tensor, q: torch.Tensor, valid_mask: torch.Ten
 
 def kd_loss_positive(student_logits: torch.Tensor, q: torch.Tensor, valid_mask: torch.Tensor,
                      target_col: torch.Tensor, T: float, r: torch.Tensor | None = None,
-                     precision: str = "float32") -> torch.Tensor:
+                     precision: str | None = None) -> torch.Tensor:
     """Positive-only KD: mean_i r_i * T^2 * KL(Bern(q_i[v_i]) || Bern(s_i[v_i])), in ``precision``.
 
     log(1 - s) is the log-sum-exp of the other valid columns (stable when s is near 1); a row whose
@@ -260,7 +267,7 @@ def kd_loss_positive(student_logits: torch.Tensor, q: torch.Tensor, valid_mask: 
     if student_logits.shape != q.shape or q.shape != valid_mask.shape:
         raise DistillError(f"shapes differ: logits {tuple(student_logits.shape)}, q {tuple(q.shape)}, "
                            f"mask {tuple(valid_mask.shape)}")
-    dtype = _kd_dtype(precision)
+    dtype = _kd_dtype(student_logits, precision)
     rows = torch.arange(q.shape[0], device=q.device)
     log_s = masked_log_softmax(student_logits.to(dtype), valid_mask, T)
     is_pos = torch.zeros_like(valid_mask)
@@ -316,8 +323,11 @@ class DistillLoss(nn.Module):
                  ce_weight: float = 1.0, kd_weight: float = 1.0, use_ce: bool = True, use_kd: bool = True,
                  temperature: float = 2.0, integration: str = "both", a: float = 1.0, b: float = 1.0,
                  instance_weighting: bool = True, gamma: float = 0.5, r_max: float = 5.0,
-                 in_batch_negatives: bool = True, label_smoothing: float = 0.0):
+                 in_batch_negatives: bool = True, label_smoothing: float = 0.0,
+                 kd_precision: str = "float32"):
         super().__init__()
+        if kd_precision not in KD_PRECISIONS:
+            raise DistillError(f"unknown KD precision {kd_precision!r}; have {KD_PRECISIONS}")
         if integration not in INTEGRATION_MODES:
             raise DistillError(f"unknown integration mode {integration!r}; have {INTEGRATION_MODES}")
         if temperature <= 0 or any(t <= 0 for t in teacher_temps.values()):
@@ -333,6 +343,11 @@ class DistillLoss(nn.Module):
         self.instance_weighting, self.gamma, self.r_max = bool(instance_weighting), float(gamma), float(r_max)
         self.in_batch_negatives = bool(in_batch_negatives)
         self.label_smoothing = float(label_smoothing)
+        self.kd_precision = kd_precision
+        # Set to a dict to accumulate wall seconds per part of forward ("ce", "kd_targets": teacher
+        # distributions and integration, "kd_loss"), as benchmarks/distill_throughput.py does; None
+        # (the default) times nothing. On CUDA each part is synchronised first, so only when asked.
+        self.timings: dict[str, float] | None = None
 
     def forward(self, full_logits: torch.Tensor, targets: torch.Tensor, domains: torch.Tensor,
                 candidates: torch.Tensor | None = None, target_col: torch.Tensor | None = None,
@@ -348,8 +363,10 @@ class DistillLoss(nn.Module):
         their sum divided by B, i.e. uncovered rows contribute 0 to the batch mean."""
         terms: dict[str, torch.Tensor] = {}
         total = full_logits.new_zeros((), dtype=torch.float32)
+        tick = self._clock(full_logits)
         if self.enabled["ce"]:
             ce = domain_ce(full_logits, targets, domains, self.domain_ranges, self.label_smoothing)
+            tick("ce")
             total = total + self.weights["ce"] * ce
             terms["ce"] = ce.detach()
         if self.enabled["kd"]:
@@ -360,6 +377,7 @@ class DistillLoss(nn.Module):
             if probs:
                 q, w, r = integrate(probs, target_col, self.integration, self.a, self.b,
                                     self.instance_weighting, self.gamma, self.r_max)
+                tick("kd_targets")
                 if cand_logits is not None:
                     z = cand_logits
                 elif kd_rows is None:
@@ -367,9 +385,10 @@ class DistillLoss(nn.Module):
                 else:  # one [B', C] gather, not a [B', V] copy first
                     z = full_logits[kd_rows.unsqueeze(1), candidates.unsqueeze(0)]
                 if self.in_batch_negatives:
-                    kd = kd_loss(z, q, valid_mask, self.temperature, r)
+                    kd = kd_loss(z, q, valid_mask, self.temperature, r, self.kd_precision)
                 else:
-                    kd = kd_loss_positive(z, q, valid_mask, target_col, self.temperature, r)
+                    kd = kd_loss_positive(z, q, valid_mask, target_col, self.temperature, r, self.kd_precision)
+                tick("kd_loss")
                 if kd_rows is not None:
                     kd = kd * (kd_rows.numel() / full_logits.shape[0])
                 total = total + self.weights["kd"] * kd
@@ -380,3 +399,20 @@ class DistillLoss(nn.Module):
             else:
                 terms["kd"] = total.new_zeros(())
         return total, terms
+
+    def _clock(self, like: torch.Tensor):
+        """``tick(part)``: add the seconds since the previous tick to ``self.timings[part]`` (a no-op
+        unless ``self.timings`` is a dict)."""
+        if self.timings is None:
+            return lambda part: None
+        timings, cuda = self.timings, like.is_cuda
+        last = [time.perf_counter()]
+
+        def tick(part: str) -> None:
+            if cuda:
+                torch.cuda.synchronize(like.device)
+            now = time.perf_counter()
+            timings[part] = timings.get(part, 0.0) + now - last[0]
+            last[0] = now
+
+        return tick

@@ -41,7 +41,7 @@ class TeacherSession:
                                      integration=kd.integration, a=kd.alpha, b=kd.beta,
                                      instance_weighting=kd.instance_weighting,
                                      in_batch_negatives=kd.in_batch_negatives,
-                                     label_smoothing=cfg.train.label_smoothing)
+                                     label_smoothing=cfg.train.label_smoothing, kd_precision=kd.precision)
         self.kd_skipped_batches = 0
         # Rows seen and rows that got soft labels, per domain (metrics.json "teacher_client"): the
         # evidence that every row of every covered domain was distilled.
