@@ -129,8 +129,18 @@ class KDConfig:
     # The dtype of the KD loss maths: float32, or float64 as a reference (about a third slower per
     # step at a whole-catalogue width); tests/test_kd_precision.py bounds their difference.
     precision: str = "float32"
+    # A per-teacher prior on the integration weights (student.distill, "Teacher prior"): "none", or
+    # "reliability": pi = softmax(prior_strength * each teacher's mean log-probability of the true
+    # item over the training rows, scored once against prior_negatives seeded negatives per row).
+    teacher_prior: str = "none"
+    prior_strength: float = 1.0
+    prior_negatives: int = 100
 
     def validate(self) -> None:
+        if self.teacher_prior not in ("none", "reliability"):
+            raise ConfigError(f"kd.teacher_prior: {self.teacher_prior!r} is not none|reliability")
+        if self.prior_strength < 0 or self.prior_negatives < 1:
+            raise ConfigError("kd.prior_strength must be >= 0 and kd.prior_negatives >= 1")
         if self.precision not in ("float32", "float64"):
             raise ConfigError(f"kd.precision: {self.precision!r} is not float32|float64")
         if self.integration not in ("mean", "confidence", "consistency", "both"):

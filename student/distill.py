@@ -29,6 +29,13 @@ single row's weight in a batch where nearly every row is down-weighted (only the
 mean below 1). gamma < 1 softens the confidence factor, since q_i[v_i] also shrinks with the number
 of valid candidates of row i's domain. ``instance_weighting=False`` gives r = 1.
 
+Teacher prior (``log_prior``, ``kd.teacher_prior=reliability``): a per-teacher term added to every
+row's g before the softmax, g^t_i += log pi_t, with pi = softmax_t(kappa * R_t) and R_t = teacher
+t's mean log-probability of the true item over the training rows (scored once before training,
+against the true item and K seeded negatives; ``reliability_prior``). The per-row modes measure
+confidence and agreement, which a teacher that is confident and wrong passes; R_t is its agreement
+with the ground truth, which it fails, so its weight falls by exp(-kappa * (R_best - R_t)).
+
 KD loss (``kd_loss``): KD = mean_i r_i * T^2 * KL(q_i || softmax(Z_i / T)) over valid columns
 (0 log 0 = 0); zero exactly when the student's tempered softmax equals q. Computed in float32
 by default (``precision``; float64 stays available as a reference): tests/test_kd_precision.py
@@ -171,9 +178,10 @@ def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 def integrate(probs: Mapping[str, torch.Tensor | None], target_col: torch.Tensor, mode: str = "both",
               a: float = 1.0, b: float = 1.0, instance_weighting: bool = True, gamma: float = 0.5,
-              r_max: float = 5.0, eps: float = 1e-12,
+              r_max: float = 5.0, eps: float = 1e-12, log_prior: Mapping[str, float] | None = None,
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-    """Mix teacher distributions: (q [B, C], weights {teacher: [B]}, r [B]) -- module doc."""
+    """Mix teacher distributions: (q [B, C], weights {teacher: [B]}, r [B]) -- module doc.
+    ``log_prior``: {teacher: log pi_t} added to every row's integration logit (teacher prior)."""
     if mode not in INTEGRATION_MODES:
         raise DistillError(f"unknown integration mode {mode!r}; have {INTEGRATION_MODES}")
     names = [n for n, p in probs.items() if p is not None]
@@ -201,6 +209,8 @@ def integrate(probs: Mapping[str, torch.Tensor | None], target_col: torch.Tensor
         g = b * cons
     else:
         g = torch.zeros_like(conf)
+    if log_prior:
+        g = g + torch.tensor([float(log_prior[n]) for n in names], dtype=g.dtype, device=g.device).unsqueeze(1)
     w = torch.softmax(g, dim=0)  # [M, B]
     q = (w.unsqueeze(-1) * P).sum(0)
     if instance_weighting:
@@ -209,6 +219,18 @@ def integrate(probs: Mapping[str, torch.Tensor | None], target_col: torch.Tensor
     else:
         r = torch.ones_like(q[:, 0])
     return q, {n: w[k] for k, n in enumerate(names)}, r
+
+
+def reliability_prior(true_log_probs: Mapping[str, float], strength: float = 1.0) -> dict[str, float]:
+    """{teacher: log pi_t}, pi = softmax_t(strength * R_t), from each teacher's mean log-probability
+    R_t of the true item over the training rows (module doc, "Teacher prior")."""
+    if not true_log_probs:
+        raise DistillError("a teacher prior needs at least one teacher's reliability")
+    if strength < 0:
+        raise DistillError(f"prior strength must be >= 0, got {strength}")
+    names = list(true_log_probs)
+    x = torch.tensor([strength * float(true_log_probs[n]) for n in names], dtype=torch.float64)
+    return {n: float(v) for n, v in zip(names, torch.log_softmax(x, dim=0))}
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,7 +346,7 @@ class DistillLoss(nn.Module):
                  temperature: float = 2.0, integration: str = "both", a: float = 1.0, b: float = 1.0,
                  instance_weighting: bool = True, gamma: float = 0.5, r_max: float = 5.0,
                  in_batch_negatives: bool = True, label_smoothing: float = 0.0,
-                 kd_precision: str = "float32"):
+                 kd_precision: str = "float32", log_prior: Mapping[str, float] | None = None):
         super().__init__()
         if kd_precision not in KD_PRECISIONS:
             raise DistillError(f"unknown KD precision {kd_precision!r}; have {KD_PRECISIONS}")
@@ -344,6 +366,7 @@ class DistillLoss(nn.Module):
         self.in_batch_negatives = bool(in_batch_negatives)
         self.label_smoothing = float(label_smoothing)
         self.kd_precision = kd_precision
+        self.log_prior = dict(log_prior) if log_prior else None  # teacher prior (module doc)
         # Set to a dict to accumulate wall seconds per part of forward ("ce", "kd_targets": teacher
         # distributions and integration, "kd_loss"), as benchmarks/distill_throughput.py does; None
         # (the default) times nothing. On CUDA each part is synchronised first, so only when asked.
@@ -376,7 +399,7 @@ class DistillLoss(nn.Module):
             terms["kd_teachers"] = torch.tensor(float(len(probs)))
             if probs:
                 q, w, r = integrate(probs, target_col, self.integration, self.a, self.b,
-                                    self.instance_weighting, self.gamma, self.r_max)
+                                    self.instance_weighting, self.gamma, self.r_max, log_prior=self.log_prior)
                 tick("kd_targets")
                 if cand_logits is not None:
                     z = cand_logits

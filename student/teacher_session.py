@@ -43,6 +43,8 @@ class TeacherSession:
                                      in_batch_negatives=kd.in_batch_negatives,
                                      label_smoothing=cfg.train.label_smoothing, kd_precision=kd.precision)
         self.kd_skipped_batches = 0
+        self.reliability: dict[str, float] = {}  # teacher prior input (set_reliability_prior)
+        self._row_scores: dict[tuple[str, int, int], dict[str, np.ndarray]] = {}
         # Rows seen and rows that got soft labels, per domain (metrics.json "teacher_client"): the
         # evidence that every row of every covered domain was distilled.
         self.rows_seen = np.zeros(dataset.num_domains, dtype=np.int64)
@@ -96,7 +98,30 @@ class TeacherSession:
         if covered < dataset.num_domains:
             log.info("teachers cover %s; rows of %s train on CE only", ",".join(dataset.domain_names[:covered]),
                      ",".join(dataset.domain_names[covered:]))
-        return cls(cfg, dataset, acc, pool, infos, covered_domains=covered)
+        session = cls(cfg, dataset, acc, pool, infos, covered_domains=covered)
+        if cfg.kd.teacher_prior == "reliability":
+            session.set_reliability_prior()
+        return session
+
+    def set_reliability_prior(self) -> dict[str, float]:
+        """Score every training row once and set the integration's teacher prior from each teacher's
+        mean log-probability of the true item (``student.distill.reliability_prior``)."""
+        from student.distill import reliability_prior
+
+        kd = self.cfg.kd
+        scores = self.row_scores("train", negatives=kd.prior_negatives, seed=self.cfg.train.seed)
+        self.reliability.clear()
+        for name, s in scores.items():
+            rows = np.isfinite(s).all(axis=1)
+            if not rows.any():
+                continue  # a teacher that answered for no row (skipped) gets no prior
+            z = torch.from_numpy(s[rows].astype(np.float64)) / float(self.criterion.teacher_temps[name])
+            self.reliability[name] = float(torch.log_softmax(z, dim=1)[:, 0].mean())
+        prior = reliability_prior(self.reliability, kd.prior_strength)
+        self.criterion.log_prior = prior
+        log.info("teacher prior (reliability, strength %.2f): %s", kd.prior_strength,
+                 ", ".join(f"{n} R={self.reliability[n]:.3f} w={np.exp(v):.3f}" for n, v in prior.items()))
+        return prior
 
     def close(self) -> None:
         """Close the pool and wait until no rank is still scoring (the caller may then stop the service)."""
@@ -108,7 +133,8 @@ class TeacherSession:
 
     def stats(self) -> dict[str, float]:
         names = self.dataset.domain_names
-        return {**self.pool.stats(), "kd_skipped_batches": self.kd_skipped_batches,
+        prior = {"teacher_reliability": self.reliability} if self.reliability else {}
+        return {**self.pool.stats(), **prior, "kd_skipped_batches": self.kd_skipped_batches,
                 "kd_rows_seen": {n: int(v) for n, v in zip(names, self.rows_seen)},
                 "kd_rows_labelled": {n: int(v) for n, v in zip(names, self.rows_labelled)}}
 
@@ -117,6 +143,10 @@ class TeacherSession:
         """Every teacher's raw scores of each row of ``split`` against [true item, ``negatives``
         items drawn (seeded, with replacement) from the row's domain]: {teacher: float32 [N, 1 + K]}.
         Rows of domains the teachers do not cover get NaN. The same on every rank."""
+        key = (split, int(negatives), int(seed))
+        cached = self._row_scores.get(key)
+        if cached is not None:  # the curriculum and the teacher prior may both ask
+            return cached
         ex = self.dataset.splits[split]
         n = len(ex)
         gen = np.random.default_rng(seed)
@@ -134,6 +164,7 @@ class TeacherSession:
             for t, v in scores.items():
                 if v is not None:
                     out[t][rows] = v
+        self._row_scores[key] = out
         return out
 
     # -- Distiller -----------------------------------------------------------------------------
