@@ -88,3 +88,39 @@ def test_modality_dropout_never_drops_everything(scientific_mm):
 def test_unknown_modality_is_a_clear_error(scientific):
     with pytest.raises(TeacherContractError, match="feat3CLS"):
         UniM2RecTeacher.from_dataset(scientific, modalities=["image"], hidden=16)
+
+
+def test_served_teacher_scores_items_without_images_from_their_text(scientific_mm, tmp_path):
+    """A request over items of which some lack image features gets a defined answer over real gRPC:
+    those items are scored from their text path (gated fusion renormalised over the modalities they
+    have, plus the learned missing-image vector), exactly as the teacher scores them with the image
+    masked out; items with images are unchanged."""
+    from student.teacher_pool import TeacherPool
+    from teachers.base import load_teacher, save_teacher
+    from teachers.server import start_server
+
+    m = _model(scientific_mm).eval()
+    m.has_image[1:101] = False  # these items arrive without image features
+    save_teacher(m, tmp_path / "mm")
+    served = load_teacher(tmp_path / "mm")
+    assert not served.has_image[1:101].any() and served.has_image[101:201].all()
+    server = start_server(served, name="mm")
+    pool = TeacherPool({"mm": [server.address]}, timeout_s=30.0)
+    try:
+        pool.check_coverage(scientific_mm.prefix_vocabularies())
+        h, l, _, _ = _batch(scientific_mm, 8, "test")
+        L = int(l.max())
+        cands = np.arange(1, 201)
+        got = pool.score(h[:, :L].numpy(), l.numpy(), cands)["mm"]
+    finally:
+        pool.close()
+        server.stop(0)
+    assert np.isfinite(got).all() and got.shape == (8, 200)
+    with torch.no_grad():
+        seq = served.encode_histories(h[:, :L], l)
+        ids = torch.as_tensor(cands)
+        text_only = torch.tensor([True, False]).expand(len(ids), 2)
+        want_text = served.similarity(seq, served.fuse(ids, present=text_only)).numpy()
+        want_own = served.similarity(seq, served.fuse(ids)).numpy()
+    np.testing.assert_allclose(got[:, :100], want_text[:, :100], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, want_own, rtol=1e-5, atol=1e-6)
