@@ -591,10 +591,22 @@ def draw_figure(sidecar: dict[str, Any], path: str | os.PathLike[str]) -> list[t
     pts = sidecar["points"]
     if not pts:
         raise ReportError(f"figure: nothing to plot ({sidecar.get('skipped')})")
-    max_mem = max(p["peak_memory_mb"] for p in pts) or 1.0
-    scale = MAX_AREA_PT2 / max_mem  # points^2 per MB: area strictly proportional to memory
-
     fig, ax = plt.subplots(figsize=FIGURE_SIZE_IN, dpi=FIGURE_DPI)
+    leg = plot_panel(ax, pts, sidecar["domain"], MAX_AREA_PT2 / (max(p["peak_memory_mb"] for p in pts) or 1.0))
+    foot = f"device: {sidecar.get('device', '')}  ·  machine: {sidecar.get('machine', '')}"
+    fig.text(0.01, 0.01, foot[:140], fontsize=6, color="0.4")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    boxes = place_labels(fig, ax, pts, avoid=[leg])
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=FIGURE_DPI, metadata={"Software": None})
+    plt.close(fig)
+    return boxes
+
+
+def plot_panel(ax: Any, pts: list[dict[str, Any]], domain: str, scale: float) -> Any:
+    """One Figure 1 panel on ``ax`` (labels are placed later, after the layout): the points by role,
+    circle area = peak memory x ``scale`` (points^2 per MB, so a shared scale keeps panels
+    comparable), log x axis. Returns the legend."""
     for role, (color, label) in ROLE_STYLE.items():
         sel = [p for p in pts if p["role"] == role]
         if not sel:
@@ -612,20 +624,13 @@ def draw_figure(sidecar: dict[str, Any], path: str | os.PathLike[str]) -> list[t
     span = (max(ys) - min(ys)) or max(max(ys), 1e-3) * 0.2
     ax.set_ylim(min(ys) - 0.35 * span, max(ys) + 0.35 * span)
     ax.set_xlabel("Inference time, ms per 1,000 users (full ranking, log scale)")
-    ax.set_ylabel(f"Test NDCG@10 on {sidecar['domain']}")
-    ax.set_title(f"Accuracy vs inference cost ({sidecar['domain']}); circle area = peak memory", fontsize=10)
+    ax.set_ylabel(f"Test NDCG@10 on {domain}")
+    ax.set_title(f"Accuracy vs inference cost ({domain}); circle area = peak memory", fontsize=10)
     ax.grid(True, which="both", alpha=0.3, zorder=0)
     leg = ax.legend(loc="lower right", fontsize=8, markerscale=1.0, scatterpoints=1)
     for handle in leg.legend_handles:  # legend markers at a fixed size, not the first circle's
         handle.set_sizes([60])
-    foot = f"device: {sidecar.get('device', '')}  ·  machine: {sidecar.get('machine', '')}"
-    fig.text(0.01, 0.01, foot[:140], fontsize=6, color="0.4")
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    boxes = place_labels(fig, ax, pts, avoid=[leg])
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=FIGURE_DPI, metadata={"Software": None})
-    plt.close(fig)
-    return boxes
+    return leg
 
 
 # Label offsets (points) tried in order: right-above first, as before, then the other corners and
@@ -780,12 +785,15 @@ class PageSpec:
     figure: str | None = None
     domain: str = "Scientific"
     union: str | None = None  # a page of its own kind (ckd.union_report), made from this JSON instead
+    # A union page's per-domain inference benchmarks, (domain, path) in the manifest's order: the
+    # panels of its Figure 1 (``efficiency: {Scientific: ..., Games: ...}``).
+    efficiency_by_domain: tuple[tuple[str, str], ...] = ()
 
     @property
     def inputs(self) -> list[str]:
         """The committed JSON files the page is made from."""
         return ([self.union] if self.union else []) + list(self.experiments) + \
-            ([self.efficiency] if self.efficiency else [])
+            ([self.efficiency] if self.efficiency else []) + [p for _, p in self.efficiency_by_domain]
 
 
 @dataclass(frozen=True)
@@ -843,24 +851,39 @@ def parse_results_manifest(raw: Any, source: str = MANIFEST) -> ResultsManifest:
             raise ReportError(f"{where}: a page is a .md file")
         union = entry.get("union")
         exps = entry.get("experiments", [] if union else None)
-        if union and (exps or "domain" in entry or entry.get("figure")):
-            # The union page (ckd.union_report) has every domain and no Figure 1 yet; its
-            # efficiency input is the figure's hook.
-            raise ReportError(f"{where}: a 'union' page takes only 'efficiency' besides it, not experiments, "
-                              "domain or figure")
+        if union and (exps or "domain" in entry):
+            # The union page (ckd.union_report) has every domain: its figure's domains are the keys
+            # of its per-domain efficiency mapping.
+            raise ReportError(f"{where}: a 'union' page takes only 'efficiency' and 'figure' besides it, not "
+                              "experiments or domain")
         if not union and (not isinstance(exps, list) or not exps):
             raise ReportError(f"{where}: 'experiments' must be a non-empty list of JSON files")
         eff = entry.get("efficiency")
         fig = entry.get("figure")
-        if fig and not eff:
+        by_domain: tuple[tuple[str, str], ...] = ()
+        if isinstance(eff, dict):
+            if not union:
+                raise ReportError(f"{where}: per-domain 'efficiency' ({{domain: file}}) is for a 'union' page; "
+                                  "this page's figure has one domain ('domain')")
+            if not eff or not all(isinstance(d, str) and d for d in eff):
+                raise ReportError(f"{where}: 'efficiency' must map a domain name to its benchmark JSON")
+            by_domain = tuple((d, _rel_path(f, f"{where}.efficiency.{d}")) for d, f in eff.items())
+            if len({f for _, f in by_domain}) != len(by_domain):
+                raise ReportError(f"{where}: one efficiency file is given for two domains")
+            eff = None
+        if fig and not (eff or by_domain):
             raise ReportError(f"{where}: a figure needs 'efficiency' results")
+        if union and fig and not by_domain:
+            raise ReportError(f"{where}: a union page's figure needs per-domain efficiency "
+                              "({domain: benchmark JSON}, one panel each)")
         domain = entry.get("domain", "Scientific")
         if not isinstance(domain, str) or not domain:
             raise ReportError(f"{where}: 'domain' must be a domain name")
         spec = PageSpec(page=page, experiments=tuple(_rel_path(e, f"{where}.experiments") for e in exps),
                         efficiency=_rel_path(eff, f"{where}.efficiency") if eff else None,
                         figure=_rel_path(fig, f"{where}.figure") if fig else None, domain=domain,
-                        union=_rel_path(union, f"{where}.union") if union else None)
+                        union=_rel_path(union, f"{where}.union") if union else None,
+                        efficiency_by_domain=by_domain)
         if spec.figure and not spec.figure.endswith(".png"):
             raise ReportError(f"{where}: the figure is a .png file")
         if len(set(spec.experiments)) != len(spec.experiments):

@@ -27,7 +27,16 @@ The page: per domain and for the mean over domains, every row's test Recall/NDCG
 mean ± sample sd over their finished seeds, with the seed count); the issue's targets, each verdict
 computed from those numbers; the teachers' reproducibility facts (config, machine, measured
 training time, checkpoint sha256) and the one command that retrains them; the students' runs.
-Figure 1 is a later step: ``efficiency_section`` is its hook (a page's optional ``efficiency:``).
+
+Figure 1 (section 6) is drawn for two domains, as in the paper: the page's ``efficiency:`` maps each
+domain to the inference benchmark measured on it (``python -m benchmarks.inference ... --domain D``),
+and ``figure:`` names one PNG with one panel per domain (manifest order): x = inference ms per 1,000
+users (log), y = test NDCG@10 on that domain (students: mean over their finished seeds), circle area =
+peak memory on one scale for every panel; teachers, SASRec alone (per domain and joint) and the
+distilled students, styled as docs/figure1.png. Points are matched to rows by name (a teacher by its
+plan name, a student by its plan entry name); the plotted values and every row left off (with why)
+go to the sidecar JSON beside the PNG (``union_figure_points``). A single efficiency file (no
+domain keys) still lists its measurements beside every row, without a figure.
 """
 from __future__ import annotations
 
@@ -36,8 +45,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from ckd.reporting import (DASH, MEAN, METRIC_LABELS, METRICS, Efficiency, ReportError, _read_file, _require,
-                           _source_block, fmt_duration, fmt_int, fmt_mb, fmt_metric, fmt_ms, markdown_table)
+from ckd.reporting import (DASH, FIGURE_DPI, FIGURE_SIZE_IN, MAX_AREA_PT2, MEAN, METRIC_LABELS, METRICS, Efficiency,
+                           ReportError, _read_file, _require, _source_block, fmt_duration, fmt_int, fmt_mb, fmt_metric,
+                           fmt_ms, markdown_table, place_labels, plot_panel)
 
 FORMAT = "union"
 PENDING = "pending"
@@ -47,6 +57,8 @@ DISTILLED = ("sasrec", "distilled")
 ALONE_PER_DOMAIN = ("sasrec", "alone-per-domain")
 JOINT_ALONE = ("sasrec", "joint-alone")
 FAMILY_LABELS = {"fm": "FM", "deepfm": "DeepFM", "lightgcn": "LightGCN", "sasrec": "SASRec"}
+FIGURE_DOMAINS = ("Scientific", "Games")  # the paper's two panels (the pending note's suggestion)
+FIGURE_PATH = "docs/figure1_union.png"
 
 
 # ----------------------------------------------------------------------------- data model
@@ -411,35 +423,211 @@ def student_runs_table(u: UnionResults) -> str:
     return markdown_table(headers, rows, align=["l", "r", "l", "r", "l", "r", "r"])
 
 
-def efficiency_section(u: UnionResults, eff: Efficiency | None) -> list[str]:
-    """Hook for Figure 1 (accuracy vs inference time, memory as circle size, two domains): the
-    inference measurements of the page's rows when the page has an ``efficiency:`` input (matched
-    to rows by name), else a note saying where the measurements go. The figure itself is not drawn
-    yet."""
-    out = ["## 6. Figure 1: accuracy, inference time and memory (not built yet)", ""]
-    if eff is None:
-        return out + ["No inference benchmark is given for this page yet. Hook: add an `efficiency:` input "
-                      "(benchmarks/inference.py over the union checkpoints) to this page's entry in "
-                      "results/MANIFEST.yaml; its measurements are then listed here beside each row's test "
-                      "NDCG@10.", ""]
+# ----------------------------------------------------------------------------- Figure 1
+
+
+def figure_role(r: Row) -> str | None:
+    """A row's style on Figure 1 (ckd.reporting.ROLE_STYLE): teachers, SASRec alone (per domain or
+    joint) and every distilled student; None for the other rows (FM/DeepFM/LightGCN alone), which
+    stay in the tables, as on docs/figure1.png."""
+    if r.kind == "teacher":
+        return "teacher"
+    if r.variant == "distilled":
+        return "distilled"
+    if r.model == "sasrec" and r.variant in (ALONE_PER_DOMAIN[1], JOINT_ALONE[1]):
+        return "alone"
+    return None
+
+
+def union_figure_points(u: UnionResults, effs: dict[str, Efficiency]) -> dict[str, Any]:
+    """What the union Figure 1 plots, one panel per domain of ``effs`` ({domain: the benchmark
+    measured on it}, in order): every figure row with a measurement of its name and a test NDCG@10 on
+    that domain (students: mean over finished seeds). Rows without either, and measured models
+    that are no figure row, are listed under the panel's "skipped" with why. The sidecar dict."""
+    if not effs:
+        raise ReportError("union figure: no per-domain efficiency results")
+    panels = []
+    for domain, eff in effs.items():
+        if domain not in u.domains:
+            raise ReportError(f"{eff.source}: domain {domain!r} is not one of the plan's {u.domains}")
+        measured_on = eff.extra.get("domain")
+        if measured_on is not None and measured_on != domain:
+            raise ReportError(f"{eff.source}: measured on {measured_on!r}, but given as the {domain!r} panel")
+        by_name = {m.name: m for m in eff.models}
+        points, skipped = [], []
+        for r in u.rows:
+            role = figure_role(r)
+            if role is None:
+                continue
+            m, st = by_name.get(r.name), r.stat(domain)
+            why = ("no inference measurement named so in " + eff.source if m is None else
+                   f"its test NDCG@10 on {domain} is pending" if st is None else
+                   "no positive inference time" if not m.infer_ms_per_1000_users > 0 else "")
+            if why:
+                skipped.append({"name": r.name, "label": r.label, "why": why})
+                continue
+            points.append({"name": r.name, "label": r.label, "role": role, "kind": m.kind,
+                           "infer_ms_per_1000_users": m.infer_ms_per_1000_users, "ndcg@10": st.mean,
+                           "ndcg@10_sd": st.sd, "seeds": st.n if r.kind == "student" else None,
+                           "peak_memory_mb": m.peak_memory_mb, "params": m.params, "checkpoint": m.checkpoint})
+        rows = {r.name: r for r in u.rows}
+        for m in eff.models:
+            r = rows.get(m.name)
+            if r is None:
+                skipped.append({"name": m.name, "label": m.name, "why": "measured, but no row of the page has this name"})
+            elif figure_role(r) is None:
+                skipped.append({"name": m.name, "label": r.label, "why": "measured, but not a figure row (tables only)"})
+        panels.append({"domain": domain, "efficiency": eff.source, "efficiency_commit": eff.commit,
+                       "machine": eff.machine, "device": eff.device, "points": points, "skipped": skipped})
+    return {"kind": FORMAT, "metric": "test ndcg@10 (students: mean over finished seeds)",
+            "x": "infer_ms_per_1000_users (log scale)", "area": "peak_memory_mb (one scale for every panel)",
+            "union": u.source, "union_commit": u.commit, "panels": panels}
+
+
+def union_png_size(panels: int) -> tuple[int, int]:
+    """(width, height) in pixels of the union Figure 1 with ``panels`` panels side by side."""
+    return round(FIGURE_SIZE_IN[0] * panels * FIGURE_DPI), round(FIGURE_SIZE_IN[1] * FIGURE_DPI)
+
+
+def draw_union_figure(sidecar: dict[str, Any], path: str | Path) -> list[list[tuple[float, ...]]]:
+    """Draw ``union_figure_points``' panels side by side in one PNG (each as docs/figure1.png's
+    single panel; one circle-area scale for all). A panel with nothing measured says so. Returns
+    the label boxes per panel (pixels)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sidecar["panels"]
+    every = [p for panel in panels for p in panel["points"]]
+    if not every:
+        raise ReportError(f"union figure: nothing to plot ({[pn['skipped'] for pn in panels]})")
+    scale = MAX_AREA_PT2 / (max(p["peak_memory_mb"] for p in every) or 1.0)
+    fig, axes = plt.subplots(1, len(panels), dpi=FIGURE_DPI, squeeze=False,
+                             figsize=(FIGURE_SIZE_IN[0] * len(panels), FIGURE_SIZE_IN[1]))
+    legends = []
+    for ax, panel in zip(axes[0], panels):
+        if panel["points"]:
+            legends.append(plot_panel(ax, panel["points"], panel["domain"], scale))
+        else:
+            ax.set_title(f"{panel['domain']}: no measured row yet", fontsize=10)
+            ax.text(0.5, 0.5, "nothing measured (see the sidecar's skipped)", ha="center", va="center",
+                    transform=ax.transAxes, fontsize=9, color="0.4")
+            legends.append(None)
+    where = sorted({f"device: {pn['device']} · machine: {pn['machine']}" for pn in panels})
+    fig.text(0.01, 0.01, "  |  ".join(where)[:240], fontsize=6, color="0.4")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    boxes = [place_labels(fig, ax, panel["points"], avoid=[leg] if leg else [])
+             for ax, panel, leg in zip(axes[0], panels, legends)]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=FIGURE_DPI, metadata={"Software": None})
+    plt.close(fig)
+    return boxes
+
+
+def _checkpoint_for(entry: dict[str, Any], domain: str) -> str:
+    """``<run_dir>/best`` of a student's first planned seed on ``domain`` (for a per-domain row, the
+    run trained on that domain). Inference cost does not depend on the seed."""
+    for rec in entry.get("seeds") or []:
+        runs = rec.get("runs") or []
+        mine = [r for r in runs if r.get("domains") == [domain]] or \
+               [r for r in runs if domain.lower() in str(r.get("run_dir", "")).lower()] or \
+               (runs if len(runs) == 1 else [])
+        if mine and mine[0].get("run_dir"):
+            return f"{mine[0]['run_dir']}/best"
+    return "<run_dir>/seed<N>/best"
+
+
+def efficiency_out(domain: str) -> str:
+    """Where the benchmark of ``domain`` goes: results/efficiency_union_<domain>.json."""
+    return f"results/efficiency_union_{domain.lower()}.json"
+
+
+def benchmark_command(u: UnionResults, domain: str) -> str:
+    """The benchmarks/inference.py command measuring every figure row of the page on ``domain``."""
+    parts = ["python -m benchmarks.inference"]
+    for r in u.rows:
+        if figure_role(r) == "teacher":
+            run_dir = u.teachers[r.name].get("run_dir") or f"runs/union/teachers/{r.name}"
+            parts.append(f"--teacher {r.name}={run_dir}/best")
+    for r in u.rows:
+        if r.kind == "student" and figure_role(r):
+            parts.append(f"--student {r.name}={_checkpoint_for(u.students[r.name], domain)}")
+    parts += [f"--domain {domain}", f"--out {efficiency_out(domain)}"]
+    return " \\\n    ".join(parts)
+
+
+def _figure_domains(u: UnionResults) -> list[str]:
+    doms = [d for d in FIGURE_DOMAINS if d in u.domains]
+    return doms if len(doms) == len(FIGURE_DOMAINS) else u.domains[:2]
+
+
+def _pending_note(u: UnionResults, intro: str) -> list[str]:
+    """How to produce the figure's inputs: the benchmark commands and the manifest lines to add."""
+    doms = _figure_domains(u)
+    manifest = ["    efficiency:"] + [f"      {d}: {efficiency_out(d)}" for d in doms] + \
+               [f"    figure: {FIGURE_PATH}"]
+    return [intro, "",
+            "Measure every figure row on each domain (teachers, SASRec alone, the distilled students; a "
+            "teacher's domains come from its run directory's config.yaml; one fresh process per model):", "",
+            "```bash", *[benchmark_command(u, d) for d in doms], "```", "",
+            "Hook: once those files exist, add to this page's entry in results/MANIFEST.yaml (tests/test_report.py "
+            "requires every file it names to exist) and run `ckd-report --page docs/results_union.md`:", "",
+            "```yaml", *manifest, "```", ""]
+
+
+def _measurement_table(u: UnionResults, eff: Efficiency, domains: list[str]) -> str:
     by_name = {r.name: r for r in u.rows}
     headers = ["Model", "Kind", "Row", "Params", "Peak memory (MB)", "Inference ms / 1,000 users"] + \
-              [f"Test NDCG@10 {d}" for d in u.domains]
+              [f"Test NDCG@10 {d}" for d in domains]
     rows = []
     for m in eff.models:
         r = by_name.get(m.name)
         rows.append([m.name, m.kind, r.label if r else DASH, fmt_int(m.params), fmt_mb(m.peak_memory_mb),
-                     fmt_ms(m.infer_ms_per_1000_users)] + [fmt_stat(r.stat(d)) if r else DASH for d in u.domains])
+                     fmt_ms(m.infer_ms_per_1000_users)] + [fmt_stat(r.stat(d)) if r else DASH for d in domains])
+    return markdown_table(headers, rows, align=["l", "l", "l"] + ["r"] * (len(headers) - 3))
+
+
+def efficiency_section(u: UnionResults, eff: Efficiency | None = None, effs: dict[str, Efficiency] | None = None,
+                       figure_link: str | None = None, sidecar: dict[str, Any] | None = None) -> list[str]:
+    """Section 6, Figure 1. With per-domain benchmarks (``effs``): the figure (``figure_link``,
+    drawn from ``sidecar``), then per domain its measurements beside the rows' test NDCG@10 and the
+    rows left off the figure. With one benchmark (``eff``, no domain keys): its measurements beside
+    every domain's NDCG@10, no figure. With neither: pending, with the commands and manifest lines."""
+    out = ["## 6. Figure 1: accuracy, inference time and memory", ""]
+    if effs:
+        if figure_link and sidecar is not None:
+            out += [f"![Figure 1 on {' and '.join(effs)}: test NDCG@10 vs inference time, circle area = peak "
+                    f"memory]({figure_link})", "",
+                    "One panel per domain: x = inference ms per 1,000 users (full ranking of the domain's catalogue, "
+                    "log scale), y = test NDCG@10 on that domain (students: mean over their finished seeds), circle "
+                    "area = peak memory (one scale for both panels). Red: teachers; grey: SASRec alone; blue: "
+                    "distilled students. Plotted values: the sidecar JSON beside the PNG.", ""]
+        else:
+            out += ["No figure file is set for this page (`figure:`); the measurements per domain:", ""]
+        skipped = {pn["domain"]: pn["skipped"] for pn in (sidecar or {}).get("panels", [])}
+        for d, e in effs.items():
+            out += [f"### {d}", "", _source_block(e.commit, e.machine, e.created, [e.command], e.source, e.device), "",
+                    _measurement_table(u, e, [d]), ""]
+            if skipped.get(d):
+                out += ["Not on the figure: " + "; ".join(f"{s['label']} ({s['why']})" for s in skipped[d]) + ".", ""]
+        return out
+    if eff is None:
+        return out + _pending_note(u, "**Pending:** the figure is drawn once the per-domain inference benchmarks "
+                                      "below exist; none is given for this page yet.")
     return out + [_source_block(eff.commit, eff.machine, eff.created, [eff.command], eff.source, eff.device), "",
-                  markdown_table(headers, rows, align=["l", "l", "l"] + ["r"] * (len(headers) - 3)), ""]
+                  _measurement_table(u, eff, u.domains), ""] + \
+        _pending_note(u, "This single benchmark is listed beside every row; the figure needs one benchmark per domain.")
 
 
 # ----------------------------------------------------------------------------- page
 
 
 def render_union_page(u: UnionResults, eff: Efficiency | None = None, generated_by: str = "ckd-report",
-                      generated_at: str = "", draft: bool = False) -> str:
-    """The whole page. ``generated_at``/``draft`` as for ckd.reporting.render_report."""
+                      generated_at: str = "", draft: bool = False, effs: dict[str, Efficiency] | None = None,
+                      figure_link: str | None = None, sidecar: dict[str, Any] | None = None) -> str:
+    """The whole page. ``generated_at``/``draft`` as for ckd.reporting.render_report; ``eff``,
+    ``effs``, ``figure_link`` and ``sidecar`` as for ``efficiency_section``."""
     at = ""
     if generated_at:
         at = f" at commit `{generated_at}`" + (" plus uncommitted changes" if draft else "")
@@ -449,7 +637,8 @@ def render_union_page(u: UnionResults, eff: Efficiency | None = None, generated_
         out += ["**Draft:** generated from a working tree with uncommitted changes; regenerate it from a "
                 "clean tree (`ckd-report`) before citing it.", ""]
     out += [f"Generated by `{generated_by}`{at} from `{u.source}`"
-            + (f" and `{eff.source}`" if eff else "") + ". Do not edit by hand: rerun the command.",
+            + "".join(f" and `{e.source}`" for e in ([eff] if eff else []) + list((effs or {}).values()))
+            + ". Do not edit by hand: rerun the command.",
             f"One student for every domain: teachers trained on the union of [{doms}] (one global item id "
             f"space), the joint SASRec student distilled from them, and its baselines; the runs of `{u.plan}` "
             "(`python -m research.union run`, then `python -m research.union collect`).",
@@ -507,5 +696,5 @@ def render_union_page(u: UnionResults, eff: Efficiency | None = None, generated_
             "invocations.", "", student_runs_table(u), ""]
     out += ["## 5. Pending", ""]
     out += ([f"- {p}" for p in u.pending] if u.pending else ["Nothing: every run of the plan has finished."]) + [""]
-    out += efficiency_section(u, eff)
+    out += efficiency_section(u, eff, effs, figure_link, sidecar)
     return "\n".join(out)

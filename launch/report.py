@@ -8,7 +8,10 @@
                [--efficiency E.json] [--figure F.png] [--domain Scientific] [--overwrite]
                                               # an ad-hoc page, not one of the manifest's
     ckd-report --union U.json --out PAGE.md [--efficiency E.json] [--overwrite]
+    ckd-report --union U.json --out PAGE.md --domain-efficiency Scientific=E1.json
+               --domain-efficiency Games=E2.json [--figure F.png] [--overwrite]
                                               # an ad-hoc page of the union experiment's kind
+                                              # (its Figure 1: one panel per domain)
 
 results/MANIFEST.yaml lists, for each page, the JSON files behind it, its figure and its domain.
 A page is written only from a clean git tree (no uncommitted change to a tracked file, every input
@@ -37,7 +40,7 @@ from pathlib import Path
 from ckd.reporting import (MANIFEST, PageSpec, ReportError, draw_figure, figure_points, load_efficiency,
                            load_experiments, load_results_manifest, merge_experiments, overwrite_refusal,
                            page_body, render_report)
-from ckd.union_report import load_union, render_union_page
+from ckd.union_report import draw_union_figure, load_union, render_union_page, union_figure_points
 
 REPO = Path(__file__).resolve().parents[1]  # the checkout: the manifest's paths are relative to it
 PROG = "ckd-report"
@@ -119,15 +122,31 @@ def _label(path: Path, root: Path) -> str:
         return str(path)
 
 
-def render_page(experiments: list[Path], efficiency: Path | None, out: Path, figure: Path | None, domain: str,
-                command: str, root: Path = REPO, generated_at: str = "",
+def _files(efficiency: Path | dict[str, Path] | None) -> list[Path]:
+    """The efficiency file(s): one path, or a union page's {domain: path}."""
+    if isinstance(efficiency, dict):
+        return list(efficiency.values())
+    return [efficiency] if efficiency else []
+
+
+def render_page(experiments: list[Path], efficiency: Path | dict[str, Path] | None, out: Path, figure: Path | None,
+                domain: str, command: str, root: Path = REPO, generated_at: str = "",
                 draft: bool = False, union: Path | None = None) -> tuple[str, dict | None]:
     """The page's text and the figure's sidecar dict (None without efficiency results or figure).
-    ``union``: the page is the union experiment's (ckd.union_report) from that JSON instead."""
+    ``union``: the page is the union experiment's (ckd.union_report) from that JSON instead; its
+    ``efficiency`` may be {domain: path}, the panels of its figure."""
     if union is not None:
+        u = load_union(union, _label(union, root))
+        if isinstance(efficiency, dict):
+            effs = {d: load_efficiency(p, _label(p, root)) for d, p in efficiency.items()}
+            sidecar = union_figure_points(u, effs)  # its skipped rows are listed even without a figure
+            link = os.path.relpath(Path(figure).resolve(), Path(out).resolve().parent).replace(os.sep, "/") \
+                if figure else None
+            text = render_union_page(u, None, generated_by=command, generated_at=generated_at, draft=draft,
+                                     effs=effs, figure_link=link, sidecar=sidecar) + "\n"
+            return text, sidecar if figure else None
         eff = load_efficiency(efficiency, _label(efficiency, root)) if efficiency else None
-        text = render_union_page(load_union(union, _label(union, root)), eff, generated_by=command,
-                                 generated_at=generated_at, draft=draft) + "\n"
+        text = render_union_page(u, eff, generated_by=command, generated_at=generated_at, draft=draft) + "\n"
         return text, None
     exp = merge_experiments([load_experiments(p, _label(p, root)) for p in experiments])
     eff = load_efficiency(efficiency, _label(efficiency, root)) if efficiency else None
@@ -140,7 +159,8 @@ def render_page(experiments: list[Path], efficiency: Path | None, out: Path, fig
     return text, sidecar
 
 
-def build_report(experiments: str | Path | list[str | Path], efficiency: str | Path | None, out: str | Path,
+def build_report(experiments: str | Path | list[str | Path], efficiency: str | Path | dict[str, Path] | None,
+                 out: str | Path,
                  figure: str | Path | None, domain: str = "Scientific", command: str = PROG,
                  root: Path = REPO, generated_at: str = "", draft: bool = False,
                  union: str | Path | None = None) -> dict[str, Path]:
@@ -149,11 +169,13 @@ def build_report(experiments: str | Path | list[str | Path], efficiency: str | P
     paths = [Path(p) for p in (experiments if isinstance(experiments, list) else [experiments])]
     out = Path(out)
     fig = Path(figure) if figure else None
-    text, sidecar = render_page(paths, Path(efficiency) if efficiency else None, out, fig, domain, command,
+    eff = {d: Path(p) for d, p in efficiency.items()} if isinstance(efficiency, dict) else \
+        (Path(efficiency) if efficiency else None)
+    text, sidecar = render_page(paths, eff, out, fig, domain, command,
                                 root, generated_at, draft, Path(union) if union else None)
     written = {"page": out}
     if sidecar is not None and fig is not None:
-        draw_figure(sidecar, fig)
+        (draw_union_figure if "panels" in sidecar else draw_figure)(sidecar, fig)
         sidecar_path = fig.with_suffix(".json")
         sidecar_path.write_text(json.dumps(sidecar, indent=2) + "\n")
         written |= {"figure": fig, "sidecar": sidecar_path}
@@ -162,11 +184,14 @@ def build_report(experiments: str | Path | list[str | Path], efficiency: str | P
     return written
 
 
-def _spec_paths(spec: PageSpec, root: Path) -> tuple[list[Path], Path | None, Path, Path | None, Path | None]:
+def _spec_paths(spec: PageSpec, root: Path) -> tuple[list[Path], Path | dict[str, Path] | None, Path, Path | None,
+                                                     Path | None]:
     exps = [root / e for e in spec.experiments]
-    eff = root / spec.efficiency if spec.efficiency else None
+    eff: Path | dict[str, Path] | None = root / spec.efficiency if spec.efficiency else None
+    if spec.efficiency_by_domain:
+        eff = {d: root / p for d, p in spec.efficiency_by_domain}
     union = root / spec.union if spec.union else None
-    missing = [str(p) for p in exps + [x for x in (eff, union) if x] if not p.is_file()]
+    missing = [str(p) for p in exps + _files(eff) + ([union] if union else []) if not p.is_file()]
     if missing:
         raise ReportError(f"{spec.page}: input(s) listed in {MANIFEST} not found: {', '.join(missing)}")
     return exps, eff, root / spec.page, (root / spec.figure if spec.figure else None), union
@@ -213,7 +238,7 @@ def _run_manifest(args: argparse.Namespace, root: Path, state: TreeState | None)
     # page makes the tree dirty for the next.
     resolved = [(spec, *_spec_paths(spec, root)) for spec in specs]
     inputs = [_manifest_path(args, root)] + [p for _, exps, eff, _, _, union in resolved
-                                                     for p in exps + [x for x in (eff, union) if x]]
+                                                     for p in exps + _files(eff) + ([union] if union else [])]
     state = state or git_tree_state(root, inputs)
     refusal = tree_refusal(state)
     if refusal and not args.draft_ok:
@@ -248,13 +273,24 @@ def _run_adhoc(args: argparse.Namespace, argv: list[str], root: Path, state: Tre
     if efficiency and not Path(efficiency).is_file():
         print(f"note: {efficiency} not found: no efficiency table, no figure", file=sys.stderr)
         efficiency = None
+    if args.domain_efficiency:  # a union page's panels: each DOMAIN=PATH must exist
+        efficiency = {}
+        for item in args.domain_efficiency:
+            dom, sep, path = item.partition("=")
+            if not sep or not dom or not path or dom in efficiency:
+                print(f"error: --domain-efficiency {item!r}: expected DOMAIN=PATH, each domain once", file=sys.stderr)
+                return 2
+            if not Path(path).is_file():
+                print(f"error: --domain-efficiency {dom}: {path} not found", file=sys.stderr)
+                return 2
+            efficiency[dom] = path
     figure = args.figure if efficiency else None
     for target in [Path(args.out)] + ([Path(figure), Path(figure).with_suffix(".json")] if figure else []):
         refusal = overwrite_refusal(target, args.overwrite)
         if refusal:
             print(f"error: {refusal}", file=sys.stderr)
             return 2
-    inputs = [Path(p) for p in args.experiments or []] + [Path(p) for p in (efficiency, args.union) if p]
+    inputs = [Path(p) for p in args.experiments or []] + [Path(p) for p in _files(efficiency) + [args.union] if p]
     state = state or git_tree_state(root, inputs)
     refusal = tree_refusal(state)
     if refusal and not args.draft_ok:
@@ -285,6 +321,9 @@ def main(argv: list[str] | None = None, state: TreeState | None = None) -> int:
                        "collect): a page like docs/results_union.md, instead of --experiments")
     adhoc.add_argument("--efficiency", default=None, help="inference benchmark JSON; a missing file is reported "
                        "and skipped")
+    adhoc.add_argument("--domain-efficiency", action="append", default=None, metavar="DOMAIN=PATH",
+                       help="with --union: the inference benchmark measured on DOMAIN (repeatable); each is a "
+                       "panel of the union Figure 1")
     adhoc.add_argument("--out", default=None, help="the page to write")
     adhoc.add_argument("--figure", default=None, help="Figure 1 PNG (needs --efficiency)")
     adhoc.add_argument("--domain", default="Scientific", help="domain of the figure's y axis and the efficiency table")
@@ -295,11 +334,15 @@ def main(argv: list[str] | None = None, state: TreeState | None = None) -> int:
     adhoc_page = args.experiments or args.union
     if args.experiments and args.union:
         ap.error("--union makes a page of its own kind: give it without --experiments")
-    if args.union and args.figure:
-        ap.error("--figure: the union page has no Figure 1 yet (--efficiency lists the measurements)")
+    if args.domain_efficiency and not args.union:
+        ap.error("--domain-efficiency is for a union page (--union); other pages take --efficiency and --domain")
+    if args.domain_efficiency and args.efficiency:
+        ap.error("--efficiency and --domain-efficiency: give the union page's benchmarks one way")
+    if args.union and args.figure and not args.domain_efficiency:
+        ap.error("--figure: the union page's Figure 1 needs --domain-efficiency DOMAIN=PATH (one panel each)")
     if adhoc_page and (args.page or args.check):
         ap.error("--page/--check regenerate manifest pages; --experiments/--union make an ad-hoc page")
-    if not adhoc_page and (args.out or args.figure or args.efficiency or args.overwrite):
+    if not adhoc_page and (args.out or args.figure or args.efficiency or args.domain_efficiency or args.overwrite):
         ap.error("--out/--figure/--efficiency/--overwrite are for an ad-hoc page (with --experiments or --union); "
                  f"the manifest's pages are set in {MANIFEST}")
     try:

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ckd.reporting import Efficiency, ModelEfficiency, ReportError, parse_markdown_tables, parse_results_manifest
+from ckd.reporting import (Efficiency, ModelEfficiency, ReportError, load_efficiency, parse_markdown_tables,
+                           parse_results_manifest, png_size)
 from ckd.reporting import fmt_duration
-from ckd.union_report import load_union, parse_union, render_union_page
+from ckd.union_report import load_union, parse_union, render_union_page, union_figure_points, union_png_size
 from launch import report
 from research import union
 
@@ -237,18 +238,24 @@ def test_teacher_reproducibility_and_retrain_command(page):
     assert "python -m research.union run --only pre,good,weak,late\n```" in md
     assert "Measured: 4 h 30 min of training wall time so far (3 of 4 teachers finished), on fixture-box" in md
     assert "- teacher late (runs/union/teachers/late): not started" in md
-    assert "No inference benchmark is given for this page yet" in md  # the Figure 1 hook, unfilled
+    # the Figure 1 hook, unfilled: pending, with the commands that make its inputs and the manifest lines
+    assert "**Pending:** the figure is drawn once the per-domain inference benchmarks" in md
+    assert ("python -m benchmarks.inference \\\n    --teacher good=runs/union/teachers/Good teacher/best" in md)
+    assert "--student sasrec_alone=r/seed1/best" in md and "--student fm_alone" not in md
+    assert "--domain Games \\\n    --out results/efficiency_union_games.json" in md
+    assert ("```yaml\n    efficiency:\n      Scientific: results/efficiency_union_scientific.json\n"
+            "      Games: results/efficiency_union_games.json\n    figure: docs/figure1_union.png\n```") in md
 
 
 def test_efficiency_hook_lists_measurements_beside_the_rows():
-    """Figure 1 is not drawn yet; an efficiency input (the hook) lists each measured model with its
-    row's test NDCG@10 per domain."""
+    """A single efficiency input (no domain keys) lists each measured model with its row's test
+    NDCG@10 per domain; the figure stays pending."""
     u = parse_union(fixture(), "u.json")
     eff = Efficiency(machine="gpu-box", commit="c", created="", device="cpu", source="results/e.json",
                      models=[ModelEfficiency("sasrec_joint_distilled", "student", 538880, 36.0, 87.456, "r/best"),
                              ModelEfficiency("good", "teacher", 674048, 512.5, 1500.0, "t/best"),
                              ModelEfficiency("elsewhere", "teacher", 10, 1.0, 2.0, "x")])
-    t = sections(render_union_page(u, eff))["6. Figure 1: accuracy, inference time and memory (not built yet)"][0]
+    t = sections(render_union_page(u, eff))["6. Figure 1: accuracy, inference time and memory"][0]
     dist = row(t, "Model", "sasrec_joint_distilled")
     assert (dist["Row"], dist["Inference ms / 1,000 users"], dist["Test NDCG@10 Scientific"]) == \
         ("SASRec distilled", "87.46", "0.1500 ± 0.0707")
@@ -283,12 +290,90 @@ def test_manifest_accepts_a_union_page_and_refuses_mixed_keys():
     hooked = parse_results_manifest({"pages": [{"page": "docs/u.md", "union": "results/u.json",
                                                 "efficiency": "results/e.json"}]}).pages[0]
     assert hooked.inputs == ["results/u.json", "results/e.json"]
-    for extra in ({"experiments": ["results/a.json"]}, {"domain": "Games"},
-                  {"efficiency": "results/e.json", "figure": "docs/f.png"}):
+    for extra in ({"experiments": ["results/a.json"]}, {"domain": "Games"}):
         with pytest.raises(ReportError, match="a 'union' page takes only"):
             parse_results_manifest({"pages": [{"page": "docs/u.md", "union": "results/u.json", **extra}]})
+    with pytest.raises(ReportError, match="figure needs per-domain efficiency"):
+        parse_results_manifest({"pages": [{"page": "docs/u.md", "union": "results/u.json",
+                                           "efficiency": "results/e.json", "figure": "docs/f.png"}]})
+    fig = parse_results_manifest({"pages": [{"page": "docs/u.md", "union": "results/u.json", "figure": "docs/f.png",
+                                             "efficiency": {"Scientific": "results/es.json",
+                                                            "Games": "results/eg.json"}}]}).pages[0]
+    assert fig.efficiency_by_domain == (("Scientific", "results/es.json"), ("Games", "results/eg.json"))
+    assert (fig.efficiency, fig.figure, fig.inputs) == (None, "docs/f.png",
+                                                        ["results/u.json", "results/es.json", "results/eg.json"])
+    with pytest.raises(ReportError, match="is for a 'union' page"):
+        parse_results_manifest({"pages": [{"page": "docs/r.md", "experiments": ["results/a.json"],
+                                           "efficiency": {"Scientific": "results/es.json"}}]})
     with pytest.raises(ReportError, match="'experiments' must be a non-empty list"):
         parse_results_manifest({"pages": [{"page": "docs/u.md"}]})
+
+
+# ----------------------------------------------------------------------------- Figure 1, two domains
+
+
+def bench(domain: str, models: dict[str, tuple[str, int, float, float]]) -> dict:
+    """A benchmarks/inference.py result file: name -> (kind, params, peak MB, ms per 1,000 users)."""
+    return {"machine": "gpu-box", "commit": "c0ffee", "created": "2026-12-03T10:00:00", "device": "cpu",
+            "command": f"python -m benchmarks.inference ... --domain {domain}", "domain": domain, "users": 1000,
+            "models": {n: {"kind": k, "params": p, "peak_memory_mb": mb, "infer_ms_per_1000_users": ms,
+                           "checkpoint": f"{n}/best"} for n, (k, p, mb, ms) in models.items()}}
+
+
+SCI = bench("Scientific", {"good": ("teacher", 674048, 512.5, 1500.0), "weak": ("teacher", 500000, 300.0, 900.0),
+                           "sasrec_alone": ("student", 538880, 30.0, 80.0),
+                           "sasrec_joint_distilled": ("student", 538880, 36.0, 87.456),
+                           "fm_alone": ("student", 1000, 5.0, 10.0), "elsewhere": ("teacher", 10, 1.0, 2.0)})
+GAMES = bench("Games", {"good": ("teacher", 674048, 600.0, 2000.0), "late": ("teacher", 700000, 650.0, 2100.0),
+                        "sasrec_joint_alone": ("student", 538880, 40.0, 95.0),
+                        "sasrec_joint_distilled": ("student", 538880, 41.0, 96.0)})
+
+
+def test_union_figure_two_domains_sidecar_png_and_page(tmp_path):
+    """Two hand-made benchmarks (Scientific, Games) -> one PNG with two panels of the expected size,
+    a sidecar with exactly the expected points per domain (teachers by plan name, students by entry
+    name with their mean over seeds), and every figure row without a measurement listed as skipped."""
+    u_path, sci, games = tmp_path / "u.json", tmp_path / "es.json", tmp_path / "eg.json"
+    for path, obj in ((u_path, fixture()), (sci, SCI), (games, GAMES)):
+        write_json(path, obj)
+    out, fig = tmp_path / "docs" / "u.md", tmp_path / "docs" / "f1.png"
+    assert report.main(["--union", str(u_path), "--domain-efficiency", f"Scientific={sci}",
+                        "--domain-efficiency", f"Games={games}", "--figure", str(fig), "--out", str(out),
+                        "--draft"]) == 0
+    assert png_size(fig) == union_png_size(2) == (2400, 825)
+    side = json.loads(fig.with_suffix(".json").read_text())
+    assert [p["domain"] for p in side["panels"]] == ["Scientific", "Games"]
+    got = {p["domain"]: {q["name"]: (q["role"], round(q["ndcg@10"], 6), q["infer_ms_per_1000_users"],
+                                     q["peak_memory_mb"], q["seeds"]) for q in p["points"]} for p in side["panels"]}
+    assert got == {
+        "Scientific": {"good": ("teacher", 0.12, 1500.0, 512.5, None), "weak": ("teacher", 0.06, 900.0, 300.0, None),
+                       "sasrec_alone": ("alone", 0.055, 80.0, 30.0, 2),
+                       "sasrec_joint_distilled": ("distilled", 0.15, 87.456, 36.0, 2)},
+        "Games": {"good": ("teacher", 0.07, 2000.0, 600.0, None), "sasrec_joint_alone": ("alone", 0.055, 95.0, 40.0, 2),
+                  "sasrec_joint_distilled": ("distilled", 0.085, 96.0, 41.0, 2)}}
+    dist = next(q for q in side["panels"][0]["points"] if q["name"] == "sasrec_joint_distilled")
+    assert dist["label"] == "SASRec distilled" and abs(dist["ndcg@10_sd"] - 0.0707107) < 1e-6
+    skipped = {p["domain"]: {s["name"]: s["why"] for s in p["skipped"]} for p in side["panels"]}
+    no_meas = "no inference measurement named so in "
+    assert skipped["Scientific"] == {
+        "late": no_meas + str(sci), "sasrec_joint_alone": no_meas + str(sci),
+        "fm_distilled": no_meas + str(sci), "deepfm_distilled": no_meas + str(sci),
+        "lightgcn_distilled": no_meas + str(sci),
+        "fm_alone": "measured, but not a figure row (tables only)",
+        "elsewhere": "measured, but no row of the page has this name"}
+    assert skipped["Games"]["late"] == "its test NDCG@10 on Games is pending"
+    assert skipped["Games"]["weak"] == no_meas + str(games) and skipped["Games"]["sasrec_alone"] == no_meas + str(games)
+    md = out.read_text()
+    assert "](f1.png)" in md and "**Pending:**" not in md
+    t = sections(md)
+    assert row(t["Scientific"][-1], "Model", "sasrec_joint_distilled")["Test NDCG@10 Scientific"] == "0.1500 ± 0.0707"
+    assert row(t["Games"][-1], "Model", "late")["Peak memory (MB)"] == "650.0"
+    assert "Late teacher (its test NDCG@10 on Games is pending)" in md and "Not on the figure: " in md
+    # a benchmark measured on another domain than its panel's is refused, naming it
+    write_json(games, bench("Office14", {"good": ("teacher", 1, 1.0, 1.0)}))
+    with pytest.raises(ReportError, match="measured on 'Office14', but given as the 'Games' panel"):
+        union_figure_points(parse_union(fixture(), "u.json"),
+                            {"Games": load_efficiency(games, str(games))})
 
 
 # ----------------------------------------------------------------------------- collect and run
