@@ -29,6 +29,9 @@ class StudentTrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     patience: int = 10  # epochs without a better valid NDCG@10 before stopping
+    # True: also evaluate the test split after every epoch and record it in metrics.json's history
+    # (anytime curves, research/anytime.py). Never used for any decision: selection stays on valid.
+    record_test_curve: bool = False
     # Step decay on a valid plateau: after every lr_decay_patience epochs in a row without a better
     # valid NDCG@10, lr *= lr_decay_factor. 0 = constant lr (RecBole's setting).
     lr_decay_patience: int = 0

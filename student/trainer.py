@@ -296,10 +296,17 @@ class Trainer:
                     save_student(self.eval_model, self.run_dir / "best", self.model_config)
                 else:
                     self.state["bad_epochs"] += 1
-                self.state["history"].append({"epoch": epoch, "train_s": round(epoch_s, 3), "lr": self.lr,
-                                              **{k: round(v, 6) for k, v in train_terms.items()},
-                                              "valid_ndcg@10": round(ndcg, 6),
-                                              "valid_recall@10": round(valid["mean"]["recall@10"], 6)})
+                rec = {"epoch": epoch, "global_step": self.state["global_step"], "train_s": round(epoch_s, 3),
+                       "lr": self.lr, **{k: round(v, 6) for k, v in train_terms.items()},
+                       "valid_ndcg@10": round(ndcg, 6), "valid_recall@10": round(valid["mean"]["recall@10"], 6)}
+                if cfg.train.record_test_curve:  # recorded for anytime curves only, never selected on
+                    t2 = time.perf_counter()
+                    test = evaluate_model(self.eval_model, self.dataset, "test", cfg.train.eval_batch_size,
+                                          self.device)
+                    self.timings["eval_s"] += time.perf_counter() - t2
+                    rec.update({"test_ndcg@10": round(test["mean"]["ndcg@10"], 6),
+                                "test_recall@10": round(test["mean"]["recall@10"], 6)})
+                self.state["history"].append(rec)
                 log.info("epoch %d  %.1fs  loss %.4f  valid recall@10 %.4f ndcg@10 %.4f%s", epoch, epoch_s,
                          train_terms.get("loss", float("nan")), valid["mean"]["recall@10"], ndcg,
                          "  *best*" if improved else "")

@@ -42,9 +42,16 @@ def fingerprint(run_dir, rank=0):
 
 
 def test_short_run_learns_and_writes_its_run_directory(data_dir, tmp_path):
-    metrics, proc = run_distill(data_dir, tmp_path / "run", "--set", "train.epochs=3", "--set", "train.lr=0.003")
+    metrics, proc = run_distill(data_dir, tmp_path / "run", "--set", "train.epochs=3", "--set", "train.lr=0.003",
+                                "--set", "train.record_test_curve=true")
     hist = metrics["history"]
     assert len(hist) == 3 and hist[-1]["loss"] < hist[0]["loss"] - 0.05
+    # the anytime curve: the test value recorded at the selected epoch is the run's reported test
+    from research.anytime import read_curve
+
+    curve = read_curve(tmp_path / "run")
+    assert curve["steps"] == [h["global_step"] for h in hist] and curve["steps"][0] > 0
+    assert curve["final"] == pytest.approx(metrics["test"]["mean"]["ndcg@10"], abs=1e-6)
     # 1,585 items: a random ranking gives NDCG@10 of about 0.003
     assert metrics["test"]["ScientificMM"]["ndcg@10"] > 0.01
     assert set(metrics) >= {"valid", "test", "best_epoch"}
