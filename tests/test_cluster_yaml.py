@@ -79,3 +79,13 @@ def test_single_host_script_parses():
 
     assert RAY_UP_LOCAL.stat().st_mode & 0o111, "ray_up_local.sh must be executable"
     subprocess.run(["bash", "-n", str(RAY_UP_LOCAL)], check=True)
+
+
+def test_every_ray_start_runs_with_token_auth_and_the_token_is_shipped():
+    cfg = _local()
+    starts = [c for key in ("head_start_ray_commands", "worker_start_ray_commands") for c in cfg[key]
+              if "ray start" in c]
+    assert len(starts) == 2
+    for cmd in starts:
+        assert "RAY_AUTH_MODE=token" in cmd.split("ray start")[0], cmd
+    assert cfg["file_mounts"].get("/home/ckd/.ray/auth_token") == "~/.ray/auth_token"
