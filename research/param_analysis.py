@@ -1,0 +1,172 @@
+"""Parameter analysis (the paper's Figure 5): test NDCG@10 against one setting at a time, the others
+at the config's values, with the shipped default marked.
+
+    python -m research.param_analysis run  --sweep configs/params/scientific.yaml
+    python -m research.param_analysis plot --sweep configs/params/scientific.yaml \
+        --out runs/params_scientific.json --png runs/params_scientific.png
+
+A sweep file names the base config, the runs root and, per parameter, its values:
+
+    config: configs/distill_scientific.yaml
+    runs_root: runs/params/scientific
+    seed: 2024
+    args: ["--set", "train.patience=5"]           # optional, added to every run
+    params:
+      kd.lambda_kd: [0.5, 1, 3, 10]
+      kd.temperature: [0.5, 1, 2, 4]
+
+Each point is ``ckd-distill --config <config> --run-dir <runs_root>/<param>=<value> --set <param>=<value>
+--set train.seed=<seed> <args>``; ``run`` trains the missing ones (a finished run directory is read,
+not retrained). The default of a parameter is its value in the resolved base config plus ``args``.
+An existing --out or --png is replaced only with --overwrite.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ckd.reporting import overwrite_refusal
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class SweepError(ValueError):
+    """A sweep file or a run directory that cannot be used."""
+
+
+def load_sweep(path: str | Path) -> dict[str, Any]:
+    sweep = yaml.safe_load(Path(path).read_text())
+    for key in ("config", "runs_root", "params"):
+        if not isinstance(sweep, dict) or key not in sweep:
+            raise SweepError(f"{path}: missing key {key!r}")
+    if not isinstance(sweep["params"], dict) or not all(isinstance(v, list) and v for v in sweep["params"].values()):
+        raise SweepError(f"{path}: params must map each setting to a non-empty list of values")
+    sweep.setdefault("seed", 2024)
+    sweep.setdefault("args", [])
+    return sweep
+
+
+def run_dir(sweep: dict[str, Any], param: str, value: Any) -> Path:
+    return Path(sweep["runs_root"]) / f"{param}={value}"
+
+
+def command(sweep: dict[str, Any], param: str, value: Any) -> list[str]:
+    """The ckd-distill arguments of one point."""
+    return ["--config", sweep["config"], "--run-dir", str(run_dir(sweep, param, value)),
+            "--set", f"{param}={value}", "--set", f"train.seed={sweep['seed']}", *map(str, sweep["args"])]
+
+
+def default_value(sweep: dict[str, Any], param: str) -> Any:
+    """The parameter's value in the resolved base config (with the sweep's args)."""
+    from ckd.config import to_dict
+    from launch.distill import parse_args, resolve_config
+
+    cfg = to_dict(resolve_config(parse_args(["--config", sweep["config"], *map(str, sweep["args"])])))
+    node: Any = cfg
+    for part in param.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise SweepError(f"{param}: not a setting of {sweep['config']}")
+        node = node[part]
+    return node
+
+
+def collect(sweep: dict[str, Any], defaults: dict[str, Any] | None = None, metric: str = "ndcg@10") -> dict[str, Any]:
+    """Per parameter: its points (value, test metric mean over domains, or None while pending) and default."""
+    out = {}
+    for param, values in sweep["params"].items():
+        pts = []
+        for v in values:
+            m = run_dir(sweep, param, v) / "metrics.json"
+            y = json.loads(m.read_text())["test"]["mean"][metric] if m.is_file() else None
+            pts.append({"value": v, "test_" + metric: y, "run_dir": str(run_dir(sweep, param, v))})
+        out[param] = {"points": pts, "default": (defaults or {}).get(param)}
+    return out
+
+
+def draw(result: dict[str, Any], metric: str, path: str | Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    params = list(result)
+    fig, axes = plt.subplots(1, len(params), figsize=(3.6 * len(params), 3.2), dpi=150, squeeze=False)
+    for ax, p in zip(axes[0], params):
+        pts = [q for q in result[p]["points"] if q[f"test_{metric}"] is not None]
+        numeric = all(isinstance(q["value"], (int, float)) for q in result[p]["points"])
+        xs = [q["value"] if numeric else i for i, q in enumerate(pts)]
+        ax.plot(xs, [q[f"test_{metric}"] for q in pts], marker="o")
+        d = result[p]["default"]
+        for x, q in zip(xs, pts):
+            if q["value"] == d:
+                ax.scatter([x], [q[f"test_{metric}"]], s=120, facecolors="none", edgecolors="red", zorder=3,
+                           label="shipped default")
+        if not numeric:
+            ax.set_xticks(xs, [str(q["value"]) for q in pts])
+        ax.set_title(p, fontsize=9)
+        ax.set_ylabel(f"test {metric}" if ax is axes[0][0] else "")
+        ax.grid(alpha=0.3)
+        if any(q["value"] == d for q in pts):
+            ax.legend(fontsize=7, loc="lower right")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("action", choices=["run", "plot"])
+    ap.add_argument("--sweep", required=True)
+    ap.add_argument("--metric", default="ndcg@10")
+    ap.add_argument("--out", default="runs/params.json")
+    ap.add_argument("--png", default="runs/params.png")
+    ap.add_argument("--overwrite", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        sweep = load_sweep(args.sweep)
+    except SweepError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.action == "run":
+        failed = 0
+        for param, values in sweep["params"].items():
+            for v in values:
+                if (run_dir(sweep, param, v) / "metrics.json").is_file():
+                    print(f"{param}={v}: finished, skipped", flush=True)
+                    continue
+                print(f"{param}={v}: ckd-distill {' '.join(command(sweep, param, v))}", flush=True)
+                rc = subprocess.run([sys.executable, "-m", "launch.distill", *command(sweep, param, v)],
+                                    cwd=REPO).returncode
+                failed += rc != 0
+        return 1 if failed else 0
+    for p in (args.out, args.png):
+        refusal = overwrite_refusal(p, args.overwrite)
+        if refusal:
+            print(f"error: {refusal}", file=sys.stderr)
+            return 2
+    defaults = {p: default_value(sweep, p) for p in sweep["params"]}
+    result = collect(sweep, defaults, args.metric)
+    doc = {"sweep": str(args.sweep), "metric": f"test {args.metric} (mean over domains)", "seed": sweep["seed"],
+           "params": result, "commands": {p: [" ".join(["ckd-distill", *command(sweep, p, v)]) for v in vals]
+                                          for p, vals in sweep["params"].items()}}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
+    draw(result, args.metric, args.png, title=Path(args.sweep).stem)
+    for p, r in result.items():
+        cells = ", ".join(f"{q['value']}: {q[f'test_{args.metric}']:.4f}" if q[f"test_{args.metric}"] is not None
+                          else f"{q['value']}: pending" for q in r["points"])
+        print(f"{p} (default {r['default']}): {cells}")
+    print(f"written {args.out}, {args.png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

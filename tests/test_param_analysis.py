@@ -1,0 +1,46 @@
+"""Parameter analysis (research/param_analysis.py): points read from finished runs, pending ones
+named, the default read from the resolved config, and the figure written."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from research.param_analysis import SweepError, collect, command, default_value, load_sweep, main
+
+pytestmark = pytest.mark.unit
+
+
+def _sweep(tmp_path):
+    p = tmp_path / "sweep.yaml"
+    p.write_text(f"config: configs/distill_scientific.yaml\nruns_root: {tmp_path / 'runs'}\nseed: 7\n"
+                 "params:\n  kd.lambda_kd: [1.0, 3.0]\n  curriculum.pacing: [linear, root]\n")
+    for name, y in (("kd.lambda_kd=1.0", 0.06), ("kd.lambda_kd=3.0", 0.065), ("curriculum.pacing=root", 0.064)):
+        d = tmp_path / "runs" / name
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps({"test": {"mean": {"ndcg@10": y}}}))
+    return p
+
+
+def test_points_defaults_and_commands(tmp_path):
+    sweep = load_sweep(_sweep(tmp_path))
+    assert command(sweep, "kd.lambda_kd", 3.0)[-4:] == ["--set", "kd.lambda_kd=3.0", "--set", "train.seed=7"]
+    defaults = {p: default_value(sweep, p) for p in sweep["params"]}
+    assert defaults == {"kd.lambda_kd": 3.0, "curriculum.pacing": "root"}  # the shipped config's values
+    r = collect(sweep, defaults)
+    assert [q["test_ndcg@10"] for q in r["kd.lambda_kd"]["points"]] == [0.06, 0.065]
+    assert [q["test_ndcg@10"] for q in r["curriculum.pacing"]["points"]] == [None, 0.064]  # linear pending
+    with pytest.raises(SweepError):
+        default_value(sweep, "kd.no_such_setting")
+
+
+def test_plot_cli_writes_json_and_png(tmp_path):
+    sweep = _sweep(tmp_path)
+    out, png = tmp_path / "p.json", tmp_path / "p.png"
+    assert main(["plot", "--sweep", str(sweep), "--out", str(out), "--png", str(png)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["params"]["kd.lambda_kd"]["default"] == 3.0 and png.stat().st_size > 1000
+    assert main(["plot", "--sweep", str(sweep), "--out", str(out), "--png", str(png)]) == 2  # no clobber
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("config: x\n")
+    assert main(["plot", "--sweep", str(bad)]) == 2
