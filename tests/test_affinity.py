@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 import ray
@@ -21,21 +20,13 @@ from ckd.affinity import AffinityError, format_cpus, parse_cpus, pin_process, pr
 from ckd.config import ConfigError, from_dict
 from cluster.deploy import TeacherSpec, start_embedded
 from tests.conftest import REPO_ROOT
+from tests.polling import wait_until
 
 pytestmark = pytest.mark.integration
 
 NS = "ckd-test-affinity"
 ALL = set(os.sched_getaffinity(0))
 needs_two = pytest.mark.skipif(not {0, 1} <= ALL, reason="needs cores 0 and 1")
-
-
-def _wait(cond, timeout=60.0, what=""):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_parse_and_format_core_lists():
@@ -114,7 +105,7 @@ def test_restarted_and_rescaled_replicas_keep_their_cores(deployed):
     (rid, actor), = dep.replica_handles("pinned")
     old_pid = dep.infos("pinned")[0]["pid"]
     ray.kill(actor, no_restart=False)  # a crash: Ray runs __init__ again in a new process
-    _wait(lambda: _alive_pid(dep, "pinned") not in (None, old_pid), what="restart")
+    wait_until(lambda: _alive_pid(dep, "pinned") not in (None, old_pid), what="restart")
     new_pid = dep.infos("pinned")[0]["pid"]
     assert process_cpus(new_pid) == {1} and all(c == {1} for c in thread_cpus(new_pid).values())
     # Scale split 2 -> 1 -> 2: the replica started again takes the core the removed one left.

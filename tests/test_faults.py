@@ -36,6 +36,7 @@ from ckd.ray_loopback import join_ray
 from protos.contract import DIRECTORY_NAME
 from student.teacher_pool import Discovery, TeacherPool
 from teachers.base import load_teacher
+from tests.polling import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -53,16 +54,10 @@ def _record(fault: str, **numbers: Any) -> None:
 
 
 def _wait(cond, timeout: float = 60.0, what: str = "", every: float = 0.05) -> float:
-    """Poll ``cond`` until true; returns the seconds it took (AssertionError after ``timeout``)."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        try:
-            if cond():
-                return time.monotonic() - t0
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ValueError):
-            pass  # the directory is restarting (or not created again yet): ask again
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+    """Poll ``cond`` until true; returns the seconds it took. A directory that is restarting (or not
+    created again yet) answers with an error: that counts as "not yet"."""
+    return wait_until(cond, timeout, what, every,
+                      retry_on=(ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ValueError))
 
 
 def _batches(model: Any, n: int = 8) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:

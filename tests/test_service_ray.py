@@ -19,6 +19,7 @@ from cluster.deploy import TeacherDeployment, start_embedded
 from student.soft_labels import SoftLabelReader
 from student.teacher_pool import TeacherPool
 from teachers.base import load_teacher
+from tests.polling import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -42,15 +43,6 @@ def _batches(n: int, seed: int = 0, b: int = 16, length: int = 10, c: int = 32):
 def _expected(model, batch) -> np.ndarray:
     h, n, c = batch
     return model.score(torch.from_numpy(h), torch.from_numpy(n), torch.from_numpy(c)).numpy()
-
-
-def _wait(cond, timeout=60.0, what=""):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="class")
@@ -101,12 +93,12 @@ class TestEmbedded:
                 time.sleep(0.02)
             assert seen == list(range(40))  # every batch exactly once, in order
             # The restarted replica registered again under its id, on a new port, and is used again.
-            _wait(lambda: len(dep.endpoints()["fx"]) == 2 and old_addr["fx-0"] not in dep.endpoints()["fx"],
+            wait_until(lambda: len(dep.endpoints()["fx"]) == 2 and old_addr["fx-0"] not in dep.endpoints()["fx"],
                   what="re-registration")
             info = {i["replica_id"]: i for i in dep.infos("fx")}
             assert info["fx-0"]["restarted"] is True and info["fx-1"]["restarted"] is False
             new = info["fx-0"]["address"]
-            _wait(lambda: pool.stats().get("healthy/fx") == 2, what="pool refresh")
+            wait_until(lambda: pool.stats().get("healthy/fx") == 2, what="pool refresh")
             for batch in _batches(4, seed=4):
                 np.testing.assert_allclose(pool.score(*batch)["fx"], _expected(fx, batch), rtol=1e-5, atol=1e-6)
             assert pool.stats().get(f"calls/fx@{new}", 0) >= 1
@@ -137,10 +129,10 @@ class TestEmbedded:
             try:
                 assert len(dep.scale("fy", 2)) == 2
                 added = [e for e in dep.endpoints()["fy"]]
-                _wait(lambda: all(pool.stats().get(f"calls/fy@{e}", 0) > 0 for e in added), what="both used")
+                wait_until(lambda: all(pool.stats().get(f"calls/fy@{e}", 0) > 0 for e in added), what="both used")
                 n_before = done[0]
                 assert len(dep.scale("fy", 1)) == 1
-                _wait(lambda: done[0] > n_before + 20, what="client progress after scale-down")
+                wait_until(lambda: done[0] > n_before + 20, what="client progress after scale-down")
             finally:
                 stop.set()
                 th.join(30)

@@ -87,13 +87,17 @@ class MultiDomainDataset:
         ids are the same as here: a teacher of a prefix can score this dataset's rows of it."""
         h = hashlib.sha256()
         out = []
-        for d, (name, dom) in enumerate(zip(self.domain_names, self.domains)):
-            h.update(name.encode())
-            h.update(b"\0")
-            h.update("\n".join(dom.item_tokens).encode())
-            h.update(b"\0")
+        for d in range(self.num_domains):
+            self._hash_domain(h, d)
             out.append((h.copy().hexdigest(), self.domain_range(d)[1]))
         return out
+
+    def _hash_domain(self, h: "hashlib._Hash", d: int) -> None:
+        """Feed domain ``d`` (its name, then its item tokens in local order) to the vocabulary hash."""
+        h.update(self.domain_names[d].encode())
+        h.update(b"\0")
+        h.update("\n".join(self.domains[d].item_tokens).encode())
+        h.update(b"\0")
 
     def domain_order_of(self, vocab_hash: str, max_domains: int = 5) -> list[str] | None:
         """The ordered domains, among this dataset's, whose merged id space has ``vocab_hash``
@@ -105,10 +109,7 @@ class MultiDomainDataset:
             for order in itertools.permutations(range(self.num_domains), k):
                 h = hashlib.sha256()
                 for d in order:
-                    h.update(self.domain_names[d].encode())
-                    h.update(b"\0")
-                    h.update("\n".join(self.domains[d].item_tokens).encode())
-                    h.update(b"\0")
+                    self._hash_domain(h, d)
                 if h.hexdigest() == vocab_hash:
                     return [self.domain_names[d] for d in order]
         return None
