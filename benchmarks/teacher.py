@@ -1,9 +1,15 @@
-"""Inference cost of a teacher checkpoint: ms per 1,000 scored (history, candidate) pairs,
-parameters and peak memory.
+"""Inference cost of a teacher checkpoint: ms per 1,000 scored rows and per 1,000 (history,
+candidate) pairs, parameters and peak memory, in each inference precision.
 
     python -m benchmarks.teacher runs/teachers/unisrec_textid/best [more checkpoint dirs ...] \
         [--data-dir D] [--domain Scientific] [--batch 1000] [--candidates 256] [--repeats 5] \
-        [--threads 2] [--out runs/bench/teachers.json]
+        [--threads 2] [--precisions float32,bfloat16] [--ndcg] [--out runs/bench/teachers.json]
+
+Each precision (teachers.base.INFERENCE_PRECISIONS; TeacherSpec.precision serves it) is timed on
+the same rows and candidates, one after the other in one process, so their ratio is measured side
+by side. A reduced precision is compared with float32 on those rows: the largest absolute score
+difference and the mean overlap of the top-10 candidates; with --ndcg also the test NDCG@10 over
+the whole catalogue of --domain (full ranking), the number a student distilled from it inherits.
 
 Each checkpoint scores B real test histories (of --domain, which must be a domain the checkpoint
 was trained on, in its order) against C candidate ids; the time is the median of --repeats calls
@@ -26,8 +32,18 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
+def top_k_overlap(a, b, k: int) -> float:
+    """Mean over rows of |top-k(a) & top-k(b)| / k (1.0: the same k candidates in every row)."""
+    import torch
+
+    k = min(k, int(a.shape[1]))
+    ia, ib = a.topk(k, dim=1).indices, b.topk(k, dim=1).indices
+    hits = (ia.unsqueeze(2) == ib.unsqueeze(1)).any(dim=2).sum(dim=1).to(torch.float64)
+    return float(hits.mean() / k)
+
+
 def bench_checkpoint(ckpt: str, data_dir: str, domains: list[str], batch: int, n_cand: int, repeats: int,
-                     device: str) -> dict:
+                     device: str, precisions: tuple[str, ...] = ("float32",), ndcg: bool = False) -> dict:
     import numpy as np
     import torch
 
@@ -48,20 +64,39 @@ def bench_checkpoint(ckpt: str, data_dir: str, domains: list[str], batch: int, n
     cands = (torch.randperm(stop - start, generator=gen)[:n_cand] + start).to(device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(repeats + 1):
-        t0 = time.perf_counter()
-        out = model.score(hist, lens, cands)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        if i:
-            times.append(time.perf_counter() - t0)
-    assert out.shape == (len(rows), len(cands)) and out.dtype == torch.float32
-    med = float(np.median(times))
+    by_precision: dict[str, dict] = {}
+    reference = None
+    for precision in precisions:
+        model.set_inference_precision(precision)
+        times = []
+        for i in range(repeats + 1):
+            t0 = time.perf_counter()
+            out = model.score(hist, lens, cands)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            if i:
+                times.append(time.perf_counter() - t0)
+        assert out.shape == (len(rows), len(cands)) and out.dtype == torch.float32
+        med = float(np.median(times))
+        entry = {"ms_per_call": round(med * 1e3, 2),
+                 "ms_per_1k_rows": round(med * 1e3 / (len(rows) / 1000), 2),
+                 "ms_per_1k_pairs": round(med * 1e3 / (len(rows) * len(cands) / 1000), 4)}
+        if reference is None:
+            reference = out
+        else:
+            entry["max_abs_diff_vs_first"] = float((out - reference).abs().max())
+            entry["top10_overlap_vs_first"] = top_k_overlap(reference, out, 10)
+        if ndcg:
+            from ckd.metrics import evaluate_model
+
+            entry["test"] = evaluate_model(model, ds, "test", domains=[domains[0]])[domains[0]]
+        by_precision[precision] = entry
+    model.set_inference_precision("float32")
+    first = by_precision[precisions[0]]
     res = {"checkpoint": str(ckpt), "kind": cfg["kind"], "device": device, "threads": torch.get_num_threads(),
            "batch": int(len(rows)), "candidates": int(len(cands)),
-           "ms_per_call": round(med * 1e3, 2),
-           "ms_per_1k_pairs": round(med * 1e3 / (len(rows) * len(cands) / 1000), 4),
+           "ms_per_call": first["ms_per_call"], "ms_per_1k_rows": first["ms_per_1k_rows"],
+           "ms_per_1k_pairs": first["ms_per_1k_pairs"], "precisions": by_precision,
            "params": int(sum(p.numel() for p in model.parameters())),
            "buffers": int(sum(b.numel() for b in model.buffers())),
            "rss_model_mib": round(rss_model - rss0, 1),
@@ -83,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--precisions", default="float32",
+                   help="comma list of inference precisions, timed in this order (the first is the reference)")
+    p.add_argument("--ndcg", action="store_true", help="also the test NDCG@10 of the domain in each precision")
     p.add_argument("--out", default="runs/bench/teachers.json")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -93,13 +131,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     data_dir = args.data_dir or default_data_dir()
+    precisions = tuple(x.strip() for x in args.precisions.split(",") if x.strip())
     results = [bench_checkpoint(c, data_dir, args.domain or ["Scientific"], args.batch, args.candidates,
-                                args.repeats, args.device) for c in args.checkpoints]
-    hdr = f"{'checkpoint':<44} {'kind':<10} {'ms/1k pairs':>11} {'ms/call':>9} {'params':>10} {'peak MiB':>9}"
+                                args.repeats, args.device, precisions, args.ndcg) for c in args.checkpoints]
+    hdr = (f"{'checkpoint':<40} {'kind':<9} {'precision':<9} {'ms/1k rows':>10} {'ms/1k pairs':>11} "
+           f"{'top10 same':>10} {'test N@10':>9} {'params':>10} {'peak MiB':>8}")
     print(hdr + "\n" + "-" * len(hdr))
     for r in results:
-        print(f"{r['checkpoint'][-44:]:<44} {r['kind']:<10} {r['ms_per_1k_pairs']:>11.3f} {r['ms_per_call']:>9.1f} "
-              f"{r['params']:>10,} {r['peak_rss_total_mib']:>9.0f}")
+        for precision, e in r["precisions"].items():
+            overlap = e.get("top10_overlap_vs_first")
+            n10 = e.get("test", {}).get("ndcg@10")
+            print(f"{r['checkpoint'][-40:]:<40} {r['kind']:<9} {precision:<9} {e['ms_per_1k_rows']:>10.1f} "
+                  f"{e['ms_per_1k_pairs']:>11.3f} {'-' if overlap is None else f'{overlap:.3f}':>10} "
+                  f"{'-' if n10 is None else f'{n10:.4f}':>9} {r['params']:>10,} {r['peak_rss_total_mib']:>8.0f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")

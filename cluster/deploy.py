@@ -113,6 +113,10 @@ class TeacherSpec:
     # Match torch_threads to the cores a replica gets.
     cpus: list[int] = field(default_factory=list)
     cpus_per_replica: int = 0
+    # Inference precision of the replicas (teachers.base.INFERENCE_PRECISIONS): float32 (exact) or
+    # bfloat16/float16 under autocast, faster where the hardware has reduced-precision matrix units;
+    # the rankings it keeps are measured by `python -m benchmarks.teacher --precisions ...`.
+    precision: str = "float32"
 
     def checkpoint_missing(self) -> str | None:
         """Why the checkpoint cannot be served (a missing file), or None when it is complete."""
@@ -128,6 +132,11 @@ class TeacherSpec:
             raise ConfigError(f"teachers[{self.name}].checkpoint is required")
         if self.replicas < 0:
             raise ConfigError(f"teachers[{self.name}].replicas must be >= 0, got {self.replicas}")
+        from teachers.base import INFERENCE_PRECISIONS
+
+        if self.precision not in INFERENCE_PRECISIONS:
+            raise ConfigError(f"teachers[{self.name}].precision must be one of {sorted(INFERENCE_PRECISIONS)}, "
+                              f"got {self.precision!r}")
         if self.cpus or self.cpus_per_replica:
             from ckd.affinity import AffinityError, parse_cpus
 
@@ -339,7 +348,7 @@ class TeacherDeployment:
             bind_host=self.spec.bind_host, token=self.spec.token,
             tls=tls, heartbeat_s=self.spec.heartbeat_s, torch_threads=t.torch_threads,
             expected_vocab_hash=t.expected_vocab_hash, liveness_timeout_s=self.spec.liveness_timeout_s,
-            liveness_failures=self.spec.liveness_failures, cpus=cpus)
+            liveness_failures=self.spec.liveness_failures, cpus=cpus, precision=t.precision)
         return rid, actor
 
     def scale(self, name: str, replicas: int, timeout: float = 300.0) -> list[str]:

@@ -49,7 +49,8 @@ class TeacherReplica:
                  bind_host: str = "127.0.0.1", advertise_host: str | None = None, token: str | None = None,
                  tls: dict[str, str] | None = None, heartbeat_s: float = 2.0, torch_threads: int | None = None,
                  expected_vocab_hash: str | None = None, teacher_modules: list[str] | None = None,
-                 liveness_timeout_s: float = 10.0, liveness_failures: int = 3, cpus: list[int] | None = None):
+                 liveness_timeout_s: float = 10.0, liveness_failures: int = 3, cpus: list[int] | None = None,
+                 precision: str = "float32"):
         import importlib
 
         if cpus:
@@ -72,6 +73,7 @@ class TeacherReplica:
         self.device = "cuda" if gpus and torch.cuda.is_available() else "cpu"
         self.teacher_name, self.replica_id = teacher, replica_id
         model = load_teacher(checkpoint, expected_vocab_hash=expected_vocab_hash, device=self.device)
+        model.set_inference_precision(precision)
         self.server = start_server(model, name=teacher, host=bind_host, port=0,
                                    limits=ServiceLimits.from_mapping(service), token=token,
                                    tls=TLSFiles(**tls) if tls else None)
@@ -87,7 +89,7 @@ class TeacherReplica:
             restarted = bool(ctx.was_current_actor_reconstructed)
         self.meta = {"pid": os.getpid(), "node_id": ctx.get_node_id(), "device": self.device,
                      "restarted": restarted, "cpus": sorted(os.sched_getaffinity(0)),
-                     "checkpoint_sha256": model.checkpoint_sha256}
+                     "checkpoint_sha256": model.checkpoint_sha256, "precision": precision}
         self._register_at_start()
         self._liveness = None
         if liveness_failures > 0 and not tls:

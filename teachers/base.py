@@ -11,6 +11,7 @@ vocabulary hash and item count it was trained on).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import dataclass
@@ -24,6 +25,11 @@ from protos.contract import ServiceLimits, TeacherContractError, TeacherInfo
 
 # Default bound on the candidate embeddings gathered at once (the service's own default).
 DEFAULT_GATHER_BYTES = ServiceLimits.max_gather_bytes
+
+# Inference precisions a served teacher may run in (TeacherSpec.precision). Reduced ones run the
+# model's matrix products under torch.autocast; scores always leave as float32.
+INFERENCE_PRECISIONS: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16,
+                                                       "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,25 @@ class Teacher(torch.nn.Module):
         self.max_history = max_history
         self.checkpoint_sha256 = ""
         self._item_cache: torch.Tensor | None = None  # item_embeddings of every id, eval mode only
+        self.inference_precision = "float32"
+
+    def set_inference_precision(self, precision: str) -> "Teacher":
+        """Run inference (``score``, the service's batches) in ``precision``: float32 (exact),
+        bfloat16 or float16 (autocast: products in reduced precision, which CPUs with AMX/AVX512-BF16
+        and GPUs run faster; tests/test_teacher_precision.py checks the rankings they keep)."""
+        if precision not in INFERENCE_PRECISIONS:
+            raise ValueError(f"teacher inference precision must be one of {sorted(INFERENCE_PRECISIONS)}, "
+                             f"got {precision!r}")
+        self.inference_precision = precision
+        return self
+
+    def precision_context(self) -> contextlib.AbstractContextManager:
+        """The autocast context inference runs in (a no-op in float32)."""
+        dtype = INFERENCE_PRECISIONS[self.inference_precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        device = next(iter(self.parameters()), torch.empty(0)).device.type
+        return torch.autocast(device_type=device, dtype=dtype)
 
     # -- to implement -------------------------------------------------------------------------
     def encode_histories(self, histories: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -116,9 +141,11 @@ class Teacher(torch.nn.Module):
 
     @torch.no_grad()
     def score(self, histories: torch.Tensor, lengths: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        """Raw scores float32 [B, C] of each history against the candidates."""
-        seq = self.encode_histories(histories, lengths)
-        return self.score_candidates(seq, candidates)
+        """Raw scores float32 [B, C] of each history against the candidates (computed in
+        ``inference_precision``)."""
+        with self.precision_context():
+            seq = self.encode_histories(histories, lengths)
+            return self.score_candidates(seq, candidates)
 
     def gather_plan(self, seq: torch.Tensor, candidates: torch.Tensor,
                     max_gather_bytes: int = DEFAULT_GATHER_BYTES) -> GatherPlan:
@@ -180,7 +207,9 @@ class Teacher(torch.nn.Module):
         cache = self._item_cache
         if cache is None or cache.device != device:
             ids = torch.arange(self.num_items, device=device)
-            with torch.no_grad():
+            # Built once in float32 whatever the inference precision: autocast casts its rows per
+            # product, so the table itself never loses precision.
+            with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
                 cache = torch.cat([self.item_embeddings(ids[i: i + 4096]) for i in range(0, self.num_items, 4096)])
             self._item_cache = cache
         return cache

@@ -193,30 +193,35 @@ class Batcher:
         self.batches += 1
         self.requests += len(jobs)
         try:
-            if len(jobs) == 1 or not self.coalescable:
-                for j in jobs:
-                    self._finish(j, self._score_one(j.req))
-                return
-            width = max(j.req.histories.shape[1] for j in jobs)
-            hist = np.zeros((sum(j.req.histories.shape[0] for j in jobs), width), dtype=np.int64)
-            r = 0
-            for j in jobs:
-                h = j.req.histories
-                hist[r:r + h.shape[0], : h.shape[1]] = h
-                r += h.shape[0]
-            lengths = np.concatenate([j.req.lengths for j in jobs])
-            seq = self.teacher.encode_histories(self._t(hist), self._t(lengths))
-            r = 0
-            for j in jobs:
-                b = j.req.lengths.shape[0]
-                self._finish(j, self.teacher.score_candidates(seq[r:r + b], self._t(j.req.candidates),
-                                                              self.cfg.max_gather_bytes))
-                r += b
+            with self.teacher.precision_context():
+                self._execute_in_precision(jobs)
         except Exception as exc:  # noqa: BLE001 — reported to each waiting caller, the thread lives on
             log.exception("teacher batch of %d request(s) failed", len(jobs))
             for j in jobs:
                 if not j.future.done():
                     j.future.set_exception(exc)
+
+    def _execute_in_precision(self, jobs: list[_Job]) -> None:
+        """The batch of ``_execute``, inside the teacher's precision context."""
+        if len(jobs) == 1 or not self.coalescable:
+            for j in jobs:
+                self._finish(j, self._score_one(j.req))
+            return
+        width = max(j.req.histories.shape[1] for j in jobs)
+        hist = np.zeros((sum(j.req.histories.shape[0] for j in jobs), width), dtype=np.int64)
+        r = 0
+        for j in jobs:
+            h = j.req.histories
+            hist[r:r + h.shape[0], : h.shape[1]] = h
+            r += h.shape[0]
+        lengths = np.concatenate([j.req.lengths for j in jobs])
+        seq = self.teacher.encode_histories(self._t(hist), self._t(lengths))
+        r = 0
+        for j in jobs:
+            b = j.req.lengths.shape[0]
+            self._finish(j, self.teacher.score_candidates(seq[r:r + b], self._t(j.req.candidates),
+                                                          self.cfg.max_gather_bytes))
+            r += b
 
     def _t(self, a: np.ndarray) -> torch.Tensor:
         # Decoded ids are read-only views of the request bytes; the model only reads them, so they

@@ -182,7 +182,7 @@ class UniSRecTeacher(Teacher):
             for b in range(0, len(order), 128):
                 sel = order[b: b + 128]
                 Lb = int(lengths[sel].max())
-                out[sel] = self._sequence(histories[sel, :Lb], lengths[sel])
+                out[sel] = self._sequence(histories[sel, :Lb], lengths[sel]).to(out.dtype)
         return F.normalize(out, dim=-1)
 
     def item_embeddings(self, item_ids: torch.Tensor) -> torch.Tensor:

@@ -43,3 +43,15 @@ def scientific_mm(data_dir):
     from ckd.data.multidomain import load_multidomain
 
     return load_multidomain(data_dir, ["ScientificMM"], max_len=50)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests (use with ``pytest.mark.usefixtures``): on the shared
+    2-core machine more threads than cores makes every step many times slower."""
+    import torch
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)

@@ -30,12 +30,8 @@ def _ce(model, batch: StudentBatch, start: int, stop: int) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits, batch.targets - start)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# One torch thread: the shared 2-core machine (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.unit

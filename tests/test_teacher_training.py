@@ -15,12 +15,8 @@ from teachers.unisrec import UniSRecTeacher
 TINY = {"hidden": 16, "inner": 16, "layers": 1, "heads": 1, "n_experts": 2, "dropout": 0.1, "attn_dropout": 0.1}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+# One torch thread: the shared 2-core machine (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cfg(data_dir, epochs: int, stages: list[dict]) -> TeacherConfig:

@@ -9,13 +9,8 @@ from protos.contract import TeacherContractError
 from teachers.base import load_teacher, save_teacher
 from teachers.unisrec import MoEAdaptor, UniSRecTeacher
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The shared 2-core machine: more threads than cores makes every step many times slower."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+# One torch thread: the shared 2-core machine (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 SMALL = dict(hidden=32, inner=64, layers=2, heads=2, dropout=0.1, attn_dropout=0.1)
