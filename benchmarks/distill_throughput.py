@@ -329,6 +329,7 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
             for t, cores in zip(spec.teachers, job["teacher_cpus"] or [None] * len(spec.teachers)):
                 if cores:
                     t.cpus, t.cpus_per_replica, t.torch_threads = list(cores), 0, len(cores)
+                t.precision = job.get("teacher_precision", "float32")
                 if job["teacher_gpus"] is not None:
                     t.num_gpus = job["teacher_gpus"]
                 elif t.num_gpus < 0 and 0 < gpus < len(spec.teachers):
@@ -475,7 +476,7 @@ def plan_jobs(args: argparse.Namespace, specs: dict[str, str], tmp: Path) -> lis
                   seed=args.seed, curriculum=args.curriculum, kd_precision=args.kd_precision,
                   prefetch=args.prefetch, warmup=args.warmup, steps=args.steps,
                   fixture_teachers=args.fixture_teachers, teacher_gpus=args.teacher_gpus,
-                  extra_sets=list(args.overrides))
+                  teacher_precision=args.teacher_precision, extra_sets=list(args.overrides))
     jobs = []
     for domain in args.domains:
         n_teachers = args.fixture_teachers or _count_teachers(specs[domain])
@@ -635,6 +636,8 @@ def parse_cli(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the student")
     ap.add_argument("--prefetch", type=int, default=4, help="service.prefetch (batches requested ahead)")
     ap.add_argument("--kd-precision", default="float32", choices=("float32", "float64"))
+    ap.add_argument("--teacher-precision", default="float32", choices=("float32", "bfloat16", "float16"),
+                    help="every served teacher's inference precision (TeacherSpec.precision)")
     ap.add_argument("--curriculum", action="store_true",
                     help="keep the config's curriculum (default off: epoch 0 of a curriculum is its easiest, "
                          "shortest rows, so its steps are not representative)")
@@ -706,7 +709,8 @@ def main(argv: list[str] | None = None) -> int:
             "machine": machine(), "config": args.config,
             "settings": {k: getattr(args, k) for k in ("domains", "candidates", "layouts", "steps", "warmup",
                                                        "batch_size", "threads", "prefetch", "kd_precision",
-                                                       "curriculum", "seed", "student_cpus", "teacher_cpus")},
+                                                       "teacher_precision", "curriculum", "seed", "student_cpus",
+                                                       "teacher_cpus")},
             "runs": []}
         res["settings"]["teachers"] = (f"{args.fixture_teachers} fixture teacher(s)" if args.fixture_teachers
                                        else {d: specs[d] for d in args.domains})

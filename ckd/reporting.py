@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -771,7 +772,7 @@ def render_report(exp: Experiments, eff: Efficiency | None, domain: str = "Scien
 # ----------------------------------------------------------------------------- results manifest
 
 MANIFEST = "results/MANIFEST.yaml"
-PAGE_KEYS = {"page", "experiments", "efficiency", "figure", "domain", "union"}
+PAGE_KEYS = {"page", "experiments", "efficiency", "figure", "domain", "union", "mechanisms"}
 
 
 @dataclass(frozen=True)
@@ -788,11 +789,15 @@ class PageSpec:
     # A union page's per-domain inference benchmarks, (domain, path) in the manifest's order: the
     # panels of its Figure 1 (``efficiency: {Scientific: ..., Games: ...}``).
     efficiency_by_domain: tuple[tuple[str, str], ...] = ()
+    # A page of its own kind (ckd.mechanisms_report) from this JSON; its ``figure`` is the anytime
+    # curves' PNG (no efficiency).
+    mechanisms: str | None = None
 
     @property
     def inputs(self) -> list[str]:
         """The committed JSON files the page is made from."""
-        return ([self.union] if self.union else []) + list(self.experiments) + \
+        return ([self.mechanisms] if self.mechanisms else []) + ([self.union] if self.union else []) + \
+            list(self.experiments) + \
             ([self.efficiency] if self.efficiency else []) + [p for _, p in self.efficiency_by_domain]
 
 
@@ -850,13 +855,17 @@ def parse_results_manifest(raw: Any, source: str = MANIFEST) -> ResultsManifest:
         if not page.endswith(".md"):
             raise ReportError(f"{where}: a page is a .md file")
         union = entry.get("union")
-        exps = entry.get("experiments", [] if union else None)
+        mechanisms = entry.get("mechanisms")
+        if mechanisms and (set(entry) - {"page", "mechanisms", "figure"}):
+            raise ReportError(f"{where}: a 'mechanisms' page takes only 'figure' (its anytime curves) besides it, "
+                              f"not {sorted(set(entry) - {'page', 'mechanisms', 'figure'})}")
+        exps = entry.get("experiments", [] if union or mechanisms else None)
         if union and (exps or "domain" in entry):
             # The union page (ckd.union_report) has every domain: its figure's domains are the keys
             # of its per-domain efficiency mapping.
             raise ReportError(f"{where}: a 'union' page takes only 'efficiency' and 'figure' besides it, not "
                               "experiments or domain")
-        if not union and (not isinstance(exps, list) or not exps):
+        if not union and not mechanisms and (not isinstance(exps, list) or not exps):
             raise ReportError(f"{where}: 'experiments' must be a non-empty list of JSON files")
         eff = entry.get("efficiency")
         fig = entry.get("figure")
@@ -871,7 +880,7 @@ def parse_results_manifest(raw: Any, source: str = MANIFEST) -> ResultsManifest:
             if len({f for _, f in by_domain}) != len(by_domain):
                 raise ReportError(f"{where}: one efficiency file is given for two domains")
             eff = None
-        if fig and not (eff or by_domain):
+        if fig and not (eff or by_domain or mechanisms):
             raise ReportError(f"{where}: a figure needs 'efficiency' results")
         if union and fig and not by_domain:
             raise ReportError(f"{where}: a union page's figure needs per-domain efficiency "
@@ -883,7 +892,8 @@ def parse_results_manifest(raw: Any, source: str = MANIFEST) -> ResultsManifest:
                         efficiency=_rel_path(eff, f"{where}.efficiency") if eff else None,
                         figure=_rel_path(fig, f"{where}.figure") if fig else None, domain=domain,
                         union=_rel_path(union, f"{where}.union") if union else None,
-                        efficiency_by_domain=by_domain)
+                        efficiency_by_domain=by_domain,
+                        mechanisms=_rel_path(mechanisms, f"{where}.mechanisms") if mechanisms else None)
         if spec.figure and not spec.figure.endswith(".png"):
             raise ReportError(f"{where}: the figure is a .png file")
         if len(set(spec.experiments)) != len(spec.experiments):
@@ -931,3 +941,20 @@ def overwrite_refusal(path: str | os.PathLike[str], overwrite: bool, flag: str =
     if overwrite or not p.exists():
         return None
     return f"{p} already exists; pass {flag} to {action} (results files are never overwritten by default)"
+
+
+def results_out_path(out: str | os.PathLike[str], root: Path, overwrite: bool) -> Path | None:
+    """``out`` resolved against ``root``, or None after printing why it may not be written
+    (``overwrite_refusal``); a collect command checks this before it reads any run."""
+    path = Path(out) if Path(out).is_absolute() else root / out
+    refusal = overwrite_refusal(path, overwrite)
+    if refusal:
+        print(f"error: {refusal}", file=sys.stderr)
+        return None
+    return path
+
+
+def write_results_json(path: Path, data: Any) -> None:
+    """The collected results as indented JSON (folders made as needed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")

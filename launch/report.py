@@ -12,6 +12,10 @@
                --domain-efficiency Games=E2.json [--figure F.png] [--overwrite]
                                               # an ad-hoc page of the union experiment's kind
                                               # (its Figure 1: one panel per domain)
+    ckd-report --mechanisms M.json --out PAGE.md [--figure ANYTIME.png] [--overwrite]
+                                              # an ad-hoc page of the mechanisms study's kind
+                                              # (python -m research.mechanisms collect; its figure:
+                                              # the anytime curves)
 
 results/MANIFEST.yaml lists, for each page, the JSON files behind it, its figure and its domain.
 A page is written only from a clean git tree (no uncommitted change to a tracked file, every input
@@ -40,6 +44,7 @@ from pathlib import Path
 from ckd.reporting import (MANIFEST, PageSpec, ReportError, draw_figure, figure_points, load_efficiency,
                            load_experiments, load_results_manifest, merge_experiments, overwrite_refusal,
                            page_body, render_report)
+from ckd.mechanisms_report import anytime_points, draw_anytime, load_mechanisms, render_mechanisms_page
 from ckd.union_report import draw_union_figure, load_union, render_union_page, union_figure_points
 
 REPO = Path(__file__).resolve().parents[1]  # the checkout: the manifest's paths are relative to it
@@ -131,10 +136,21 @@ def _files(efficiency: Path | dict[str, Path] | None) -> list[Path]:
 
 def render_page(experiments: list[Path], efficiency: Path | dict[str, Path] | None, out: Path, figure: Path | None,
                 domain: str, command: str, root: Path = REPO, generated_at: str = "",
-                draft: bool = False, union: Path | None = None) -> tuple[str, dict | None]:
+                draft: bool = False, union: Path | None = None,
+                mechanisms: Path | None = None) -> tuple[str, dict | None]:
     """The page's text and the figure's sidecar dict (None without efficiency results or figure).
     ``union``: the page is the union experiment's (ckd.union_report) from that JSON instead; its
-    ``efficiency`` may be {domain: path}, the panels of its figure."""
+    ``efficiency`` may be {domain: path}, the panels of its figure. ``mechanisms``: the page is the
+    mechanisms study's (ckd.mechanisms_report); its figure is the anytime curves (none while no
+    curriculum row has a curve)."""
+    if mechanisms is not None:
+        m = load_mechanisms(mechanisms, _label(mechanisms, root))
+        sidecar = anytime_points(m) if figure else None
+        link = os.path.relpath(Path(figure).resolve(), Path(out).resolve().parent).replace(os.sep, "/") \
+            if sidecar is not None else None
+        text = render_mechanisms_page(m, generated_by=command, generated_at=generated_at, draft=draft,
+                                      figure_link=link) + "\n"
+        return text, sidecar
     if union is not None:
         u = load_union(union, _label(union, root))
         if isinstance(efficiency, dict):
@@ -163,7 +179,7 @@ def build_report(experiments: str | Path | list[str | Path], efficiency: str | P
                  out: str | Path,
                  figure: str | Path | None, domain: str = "Scientific", command: str = PROG,
                  root: Path = REPO, generated_at: str = "", draft: bool = False,
-                 union: str | Path | None = None) -> dict[str, Path]:
+                 union: str | Path | None = None, mechanisms: str | Path | None = None) -> dict[str, Path]:
     """Write the page (and the figure with its sidecar when there are efficiency results);
     returns the paths written. No git check here: ``main`` decides whether writing is allowed."""
     paths = [Path(p) for p in (experiments if isinstance(experiments, list) else [experiments])]
@@ -172,10 +188,13 @@ def build_report(experiments: str | Path | list[str | Path], efficiency: str | P
     eff = {d: Path(p) for d, p in efficiency.items()} if isinstance(efficiency, dict) else \
         (Path(efficiency) if efficiency else None)
     text, sidecar = render_page(paths, eff, out, fig, domain, command,
-                                root, generated_at, draft, Path(union) if union else None)
+                                root, generated_at, draft, Path(union) if union else None,
+                                Path(mechanisms) if mechanisms else None)
     written = {"page": out}
     if sidecar is not None and fig is not None:
-        (draw_union_figure if "panels" in sidecar else draw_figure)(sidecar, fig)
+        fig.parent.mkdir(parents=True, exist_ok=True)
+        draw = draw_anytime if mechanisms else (draw_union_figure if "panels" in sidecar else draw_figure)
+        draw(sidecar, fig)
         sidecar_path = fig.with_suffix(".json")
         sidecar_path.write_text(json.dumps(sidecar, indent=2) + "\n")
         written |= {"figure": fig, "sidecar": sidecar_path}
@@ -185,23 +204,25 @@ def build_report(experiments: str | Path | list[str | Path], efficiency: str | P
 
 
 def _spec_paths(spec: PageSpec, root: Path) -> tuple[list[Path], Path | dict[str, Path] | None, Path, Path | None,
-                                                     Path | None]:
+                                                     Path | None, Path | None]:
     exps = [root / e for e in spec.experiments]
     eff: Path | dict[str, Path] | None = root / spec.efficiency if spec.efficiency else None
     if spec.efficiency_by_domain:
         eff = {d: root / p for d, p in spec.efficiency_by_domain}
     union = root / spec.union if spec.union else None
-    missing = [str(p) for p in exps + _files(eff) + ([union] if union else []) if not p.is_file()]
+    mech = root / spec.mechanisms if spec.mechanisms else None
+    missing = [str(p) for p in exps + _files(eff) + [x for x in (union, mech) if x] if not p.is_file()]
     if missing:
         raise ReportError(f"{spec.page}: input(s) listed in {MANIFEST} not found: {', '.join(missing)}")
-    return exps, eff, root / spec.page, (root / spec.figure if spec.figure else None), union
+    return exps, eff, root / spec.page, (root / spec.figure if spec.figure else None), union, mech
 
 
 def check_page(spec: PageSpec, root: Path) -> list[str]:
     """Differences between the page (and sidecar) on disk and what the JSON gives now, below the
     header; [] when they match."""
-    exps, eff, out, fig, union = _spec_paths(spec, root)
-    text, sidecar = render_page(exps, eff, out, fig, spec.domain, f"{PROG} --page {spec.page}", root, union=union)
+    exps, eff, out, fig, union, mech = _spec_paths(spec, root)
+    text, sidecar = render_page(exps, eff, out, fig, spec.domain, f"{PROG} --page {spec.page}", root, union=union,
+                                mechanisms=mech)
     if not out.is_file():
         return [f"{spec.page}: missing"]
     problems = []
@@ -237,16 +258,16 @@ def _run_manifest(args: argparse.Namespace, root: Path, state: TreeState | None)
     # Every input is checked (and the tree judged) before the first page is written: writing one
     # page makes the tree dirty for the next.
     resolved = [(spec, *_spec_paths(spec, root)) for spec in specs]
-    inputs = [_manifest_path(args, root)] + [p for _, exps, eff, _, _, union in resolved
-                                                     for p in exps + _files(eff) + ([union] if union else [])]
+    inputs = [_manifest_path(args, root)] + [p for _, exps, eff, _, _, union, mech in resolved
+                                                     for p in exps + _files(eff) + [x for x in (union, mech) if x]]
     state = state or git_tree_state(root, inputs)
     refusal = tree_refusal(state)
     if refusal and not args.draft_ok:
         print(f"error: {refusal}", file=sys.stderr)
         return 2
-    for spec, exps, eff, out, fig, union in resolved:
+    for spec, exps, eff, out, fig, union, mech in resolved:
         written = build_report(exps, eff, out, fig, spec.domain, f"{PROG} --page {spec.page}", root,
-                               generated_at=state.commit, draft=not state.clean, union=union)
+                               generated_at=state.commit, draft=not state.clean, union=union, mechanisms=mech)
         for what, path in written.items():
             print(f"written {what}: {_label(path, root)}" + (" (draft)" if what == "page" and not state.clean else ""))
     return 0
@@ -254,7 +275,8 @@ def _run_manifest(args: argparse.Namespace, root: Path, state: TreeState | None)
 
 def _run_adhoc(args: argparse.Namespace, argv: list[str], root: Path, state: TreeState | None) -> int:
     if not args.out:
-        print("error: an ad-hoc page (--experiments/--union) needs --out; the manifest's pages are written by "
+        print("error: an ad-hoc page (--experiments/--union/--mechanisms) needs --out; the manifest's pages are "
+              "written by "
               f"`{PROG}` or `{PROG} --page PAGE`", file=sys.stderr)
         return 2
     manifest_path = _manifest_path(args, root)
@@ -284,13 +306,14 @@ def _run_adhoc(args: argparse.Namespace, argv: list[str], root: Path, state: Tre
                 print(f"error: --domain-efficiency {dom}: {path} not found", file=sys.stderr)
                 return 2
             efficiency[dom] = path
-    figure = args.figure if efficiency else None
+    figure = args.figure if efficiency or args.mechanisms else None
     for target in [Path(args.out)] + ([Path(figure), Path(figure).with_suffix(".json")] if figure else []):
         refusal = overwrite_refusal(target, args.overwrite)
         if refusal:
             print(f"error: {refusal}", file=sys.stderr)
             return 2
-    inputs = [Path(p) for p in args.experiments or []] + [Path(p) for p in _files(efficiency) + [args.union] if p]
+    inputs = [Path(p) for p in args.experiments or []] + \
+        [Path(p) for p in _files(efficiency) + [args.union, args.mechanisms] if p]
     state = state or git_tree_state(root, inputs)
     refusal = tree_refusal(state)
     if refusal and not args.draft_ok:
@@ -298,7 +321,8 @@ def _run_adhoc(args: argparse.Namespace, argv: list[str], root: Path, state: Tre
         return 2
     command = PROG + " " + " ".join(shlex.quote(a) for a in argv)
     written = build_report(args.experiments or [], efficiency, args.out, figure, args.domain, command.strip(), root,
-                           generated_at=state.commit, draft=not state.clean, union=args.union)
+                           generated_at=state.commit, draft=not state.clean, union=args.union,
+                           mechanisms=args.mechanisms)
     for what, path in written.items():
         print(f"written {what}: {path}")
     return 0
@@ -319,6 +343,8 @@ def main(argv: list[str] | None = None, state: TreeState | None = None) -> int:
                        help="experiment results JSON (repeatable: the runs are merged)")
     adhoc.add_argument("--union", default=None, help="union experiment results JSON (python -m research.union "
                        "collect): a page like docs/results_union.md, instead of --experiments")
+    adhoc.add_argument("--mechanisms", default=None, help="mechanisms study results JSON (python -m "
+                       "research.mechanisms collect): a page of its own kind; --figure is then its anytime curves")
     adhoc.add_argument("--efficiency", default=None, help="inference benchmark JSON; a missing file is reported "
                        "and skipped")
     adhoc.add_argument("--domain-efficiency", action="append", default=None, metavar="DOMAIN=PATH",
@@ -331,9 +357,11 @@ def main(argv: list[str] | None = None, state: TreeState | None = None) -> int:
     given = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(given)
     root = Path(args.root).resolve()
-    adhoc_page = args.experiments or args.union
-    if args.experiments and args.union:
-        ap.error("--union makes a page of its own kind: give it without --experiments")
+    adhoc_page = args.experiments or args.union or args.mechanisms
+    if sum(bool(x) for x in (args.experiments, args.union, args.mechanisms)) > 1:
+        ap.error("--experiments, --union and --mechanisms each make a page of their own kind: give one")
+    if args.mechanisms and (args.efficiency or args.domain_efficiency):
+        ap.error("--mechanisms: the page has no efficiency section (its --figure is the anytime curves)")
     if args.domain_efficiency and not args.union:
         ap.error("--domain-efficiency is for a union page (--union); other pages take --efficiency and --domain")
     if args.domain_efficiency and args.efficiency:
@@ -341,9 +369,10 @@ def main(argv: list[str] | None = None, state: TreeState | None = None) -> int:
     if args.union and args.figure and not args.domain_efficiency:
         ap.error("--figure: the union page's Figure 1 needs --domain-efficiency DOMAIN=PATH (one panel each)")
     if adhoc_page and (args.page or args.check):
-        ap.error("--page/--check regenerate manifest pages; --experiments/--union make an ad-hoc page")
+        ap.error("--page/--check regenerate manifest pages; --experiments/--union/--mechanisms make an ad-hoc page")
     if not adhoc_page and (args.out or args.figure or args.efficiency or args.domain_efficiency or args.overwrite):
-        ap.error("--out/--figure/--efficiency/--overwrite are for an ad-hoc page (with --experiments or --union); "
+        ap.error("--out/--figure/--efficiency/--overwrite are for an ad-hoc page (with --experiments, --union or "
+                 "--mechanisms); "
                  f"the manifest's pages are set in {MANIFEST}")
     try:
         if adhoc_page:

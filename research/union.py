@@ -173,16 +173,9 @@ def parse_plan(raw: Any, source: str = PLAN) -> Plan:
 
 def load_plan(path: str | os.PathLike[str], label: str | None = None) -> Plan:
     """Read and validate the plan YAML."""
-    import yaml
+    from research.plan_files import read_plan_yaml
 
-    p = Path(path)
-    if not p.is_file():
-        raise PlanError(f"plan not found: {p}")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise PlanError(f"{label or p}: not valid YAML ({exc})") from exc
-    return parse_plan(raw, label or str(p))
+    return parse_plan(read_plan_yaml(path, label, PlanError), label or str(path))
 
 
 # ----------------------------------------------------------------------------- steps
@@ -723,18 +716,15 @@ def collect(plan: Plan, root: Path, command: str = "") -> dict[str, Any]:
 
 
 def cmd_collect(args: argparse.Namespace, root: Path) -> int:
-    from ckd.reporting import overwrite_refusal
+    from ckd.reporting import results_out_path, write_results_json
 
-    out = Path(args.out) if Path(args.out).is_absolute() else root / args.out
-    refusal = overwrite_refusal(out, args.overwrite)
-    if refusal:
-        print(f"error: {refusal}", file=sys.stderr)
+    out = results_out_path(args.out, root, args.overwrite)
+    if out is None:
         return 2
     plan = load_plan(root / args.plan, args.plan)
     shown = "python -m research.union " + (f"--plan {args.plan} " if args.plan != PLAN else "")
     data = collect(plan, root, shown + f"collect --out {args.out}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(data, indent=2) + "\n")
+    write_results_json(out, data)
     n_seeds = sum(len(s["seeds"]) for s in data["students"].values())
     done_seeds = sum(rec["status"] == "done" for s in data["students"].values() for rec in s["seeds"])
     done_t = sum(t["status"] == "done" for t in data["teachers"].values())

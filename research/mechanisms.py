@@ -1,0 +1,556 @@
+"""The mechanisms study (issue 22): collect the runs of a plan into the JSON that the mechanisms
+page (ckd/mechanisms_report.py) is rendered from.
+
+    python -m research.mechanisms collect --plan configs/mechanisms/scientific.yaml \
+        --out results/mechanisms_scientific.json [--overwrite]
+    ckd-report --page <the page of results/MANIFEST.yaml>      # or, ad hoc:
+    ckd-report --mechanisms results/mechanisms_scientific.json --out docs/X.md --figure docs/X.png --draft
+
+The plan names each row (name, label, group, the exact ``python -m research.seeds ...`` command that
+trains it, and for integration rows the teacher pool and integration mode), the teachers (their
+metrics.json), the curriculum rows and the mechanisms whose verdicts the page prints. Every seed's
+run directory is ``<runs_root>/<row>/seed<N>``; this script only reads them (train a row with its
+command). A finished seed (metrics.json) whose config.yaml contradicts its row's command (a
+``--set`` value, ``--teachers none``, the seed) is an error naming the key, so a table never mixes
+settings; the rest is listed as pending.
+
+Per row and metric: mean, sample sd and the 95% t-interval of the mean over the finished seeds.
+Computed: for each integration mode, corrupted vs clean pool (Welch interval of the difference of
+means, in % of the clean mean); the mechanisms' comparisons with their verdicts
+(ckd.mechanisms_report.VERDICT_RULE); the curriculum rows' anytime curves (mean over seeds of test
+NDCG@10 per step, research/anytime.py) with the steps to 95% of their final and to the
+no-curriculum final; each row against the best clean teacher; and the issue's targets.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ckd.mechanisms_report import (ANYTIME_FRACTION, FORMAT, LEVEL, SCHEMA, SELECT, against_value,
+                                   beats_by_spread, mean_interval, welch)
+from ckd.reporting import METRICS
+
+REPO = Path(__file__).resolve().parents[1]  # the checkout: the plan's paths are relative to it
+PLAN = "configs/mechanisms/scientific.yaml"
+DEFAULT_OUT = "results/mechanisms_scientific.json"
+GROUPS = ("integration", "curriculum", "precision", "baseline")
+MODES = ("mean", "confidence", "consistency", "both", "reliability")
+TOP_KEYS = {"title", "description", "domain", "seeds", "runs_root", "pools", "teachers", "rows", "curriculum",
+            "mechanisms"}
+ROW_KEYS = {"name", "label", "group", "pool", "mode", "command", "note"}
+TEACHER_KEYS = {"name", "label", "metrics", "build", "corrupted"}
+# The issue's targets (issue 22, "What to build and measure").
+KEEP_WITHIN_PCT = -1.0  # consistency-aware integration keeps >= -1% of its clean-pool NDCG@10
+MEAN_LOSES_PCT = -5.0  # while mean integration loses at least 5%
+FEWER_STEPS_PCT = 20.0  # the curriculum reaches the no-curriculum final in >= 20% fewer steps
+BEAT_TEACHER_PCT = 3.0  # the student beats its best teacher by >= 3% NDCG@10
+
+
+class PlanError(ValueError):
+    """The plan is malformed, or a run directory contradicts it."""
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # noqa: D401 - argparse hook
+        raise PlanError(message)
+
+
+def seeds_parser() -> argparse.ArgumentParser:
+    """The options of ``python -m research.seeds`` (research/seeds.py main), to read a row's command."""
+    ap = _Parser(prog="python -m research.seeds", add_help=False)
+    ap.add_argument("--config")
+    ap.add_argument("--teachers")
+    ap.add_argument("--data-dir")
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--seeds", type=int, nargs="+", required=True)
+    ap.add_argument("--parallel", type=int, default=1)
+    ap.add_argument("--runs-root", required=True)
+    ap.add_argument("--domain")
+    ap.add_argument("--reference", action="append", default=[])
+    ap.add_argument("--out")
+    ap.add_argument("--overwrite", action="store_true")
+    return ap
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    label: str
+    group: str
+    command: str
+    runs_root: str  # the command's --runs-root: <plan runs_root>/<name>
+    config: str
+    settings: dict[str, Any]  # dotted key -> value every finished seed's config.yaml must hold
+    pool: str | None = None
+    mode: str | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Plan:
+    domain: str
+    seeds: tuple[int, ...]
+    runs_root: str
+    pools: dict[str, dict[str, str]]  # name -> {"label", "spec"}
+    teachers: tuple[dict[str, Any], ...]
+    rows: tuple[Row, ...]
+    curriculum: dict[str, Any]  # {"reference": row, "rows": [{"row", "label"}]}
+    mechanisms: tuple[dict[str, Any], ...]
+    title: str = ""
+    description: str = ""
+    source: str = PLAN
+
+    def row(self, name: str) -> Row:
+        return next(r for r in self.rows if r.name == name)
+
+
+def _need(entry: Any, key: str, where: str, kind: type | tuple[type, ...] = str) -> Any:
+    if not isinstance(entry, dict) or key not in entry:
+        raise PlanError(f"{where}: missing key {key!r}")
+    value = entry[key]
+    if not isinstance(value, kind) or (isinstance(value, str) and not value.strip()):
+        raise PlanError(f"{where}: {key!r} must be {getattr(kind, '__name__', kind)}, got {value!r}")
+    return value
+
+
+def _overrides(items: list[str], where: str) -> dict[str, Any]:
+    """``--set`` items as {dotted key: YAML-parsed value} (ckd.config.parse_overrides' parsing)."""
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise PlanError(f"{where}: --set {item!r} must look like section.key=value")
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
+def parse_row(raw: Any, i: int, plan_seeds: tuple[int, ...], runs_root: str, pools: dict[str, Any],
+              source: str) -> Row:
+    """One row of the plan, its command read and checked against its group, pool and mode."""
+    where = f"{source}: rows[{i}]"
+    if not isinstance(raw, dict):
+        raise PlanError(f"{where}: expected a mapping")
+    if set(raw) - ROW_KEYS:
+        raise PlanError(f"{where}: unknown keys {sorted(set(raw) - ROW_KEYS)}")
+    name = _need(raw, "name", where)
+    where = f"{source}: row {name}"
+    group = _need(raw, "group", where)
+    if group not in GROUPS:
+        raise PlanError(f"{where}: group {group!r} is not one of {GROUPS}")
+    command = " ".join(_need(raw, "command", where).split())
+    argv = shlex.split(command)
+    if argv[:3] != ["python", "-m", "research.seeds"]:
+        raise PlanError(f"{where}: the command must start with `python -m research.seeds`, got {command!r}")
+    try:
+        args = seeds_parser().parse_args(argv[3:])
+    except PlanError as exc:
+        raise PlanError(f"{where}: command: {exc}") from None
+    want_root = f"{runs_root}/{name}"
+    if args.runs_root.rstrip("/") != want_root:
+        raise PlanError(f"{where}: the command's --runs-root is {args.runs_root}, the plan's layout wants {want_root}")
+    if tuple(args.seeds) != plan_seeds:
+        raise PlanError(f"{where}: the command trains seeds {args.seeds}, the plan's are {list(plan_seeds)}")
+    if not args.config:
+        raise PlanError(f"{where}: the command names no --config")
+    settings = _overrides(args.overrides, where)
+    if "train.seed" in settings:
+        raise PlanError(f"{where}: --set train.seed: the seeds come from --seeds")
+    teachers_none = (args.teachers or "").strip().lower() == "none"
+    if teachers_none:
+        settings["service.enabled"] = False
+    pool, mode = raw.get("pool"), raw.get("mode")
+    if group == "integration" or pool is not None or mode is not None:
+        if pool not in pools:
+            raise PlanError(f"{where}: pool {pool!r} is not one of the plan's pools {sorted(pools)}")
+        if mode not in MODES:
+            raise PlanError(f"{where}: mode {mode!r} is not one of {MODES}")
+        if teachers_none:
+            raise PlanError(f"{where}: a row with a teacher pool cannot run with --teachers none")
+        if settings.get("service.spec") != pools[pool]["spec"]:
+            raise PlanError(f"{where}: pool {pool} is served by {pools[pool]['spec']}, the command sets "
+                            f"service.spec={settings.get('service.spec')!r}")
+        integration = "both" if mode == "reliability" else mode
+        if settings.get("kd.integration") != integration:
+            raise PlanError(f"{where}: mode {mode} needs --set kd.integration={integration}, the command sets "
+                            f"{settings.get('kd.integration')!r}")
+        prior = "reliability" if mode == "reliability" else "none"
+        if settings.get("kd.teacher_prior", "none") != prior:
+            raise PlanError(f"{where}: mode {mode} needs kd.teacher_prior={prior}, the command sets "
+                            f"{settings.get('kd.teacher_prior')!r}")
+    return Row(name=name, label=_need(raw, "label", where), group=group, command=command,
+               runs_root=want_root, config=args.config, settings=settings, pool=pool, mode=mode,
+               note=str(raw.get("note", "")))
+
+
+def parse_plan(raw: Any, source: str = PLAN) -> Plan:
+    """Validate the plan's parsed YAML; every error names the entry."""
+    if not isinstance(raw, dict):
+        raise PlanError(f"{source}: expected a mapping")
+    if set(raw) - TOP_KEYS:
+        raise PlanError(f"{source}: unknown top-level keys {sorted(set(raw) - TOP_KEYS)}")
+    domain = _need(raw, "domain", source)
+    seeds = _need(raw, "seeds", source, list)
+    if not seeds or len(set(seeds)) != len(seeds) or \
+            not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise PlanError(f"{source}: 'seeds' must be a non-empty list of distinct integers, got {seeds!r}")
+    runs_root = _need(raw, "runs_root", source).rstrip("/")
+    pools_raw = _need(raw, "pools", source, dict)
+    pools = {}
+    for p, v in pools_raw.items():
+        pools[str(p)] = {"label": _need(v, "label", f"{source}: pool {p}"),
+                         "spec": _need(v, "spec", f"{source}: pool {p}")}
+    teachers, tnames = [], set()
+    for i, t in enumerate(raw.get("teachers") or []):
+        where = f"{source}: teachers[{i}]"
+        if not isinstance(t, dict) or set(t) - TEACHER_KEYS:
+            raise PlanError(f"{where}: expected a mapping with keys among {sorted(TEACHER_KEYS)}")
+        name = _need(t, "name", where)
+        if name in tnames:
+            raise PlanError(f"{where}: teacher {name!r} is listed twice")
+        tnames.add(name)
+        teachers.append({"name": name, "label": _need(t, "label", where), "metrics": t.get("metrics") or "",
+                         "build": str(t.get("build") or ""), "corrupted": bool(t.get("corrupted", False))})
+    rows, names = [], set()
+    for i, r in enumerate(_need(raw, "rows", source, list)):
+        row = parse_row(r, i, tuple(seeds), runs_root, pools, source)
+        if row.name in names:
+            raise PlanError(f"{source}: row {row.name} is listed twice")
+        names.add(row.name)
+        rows.append(row)
+    cells = [(r.pool, r.mode) for r in rows if r.pool]
+    if len(set(cells)) != len(cells):
+        raise PlanError(f"{source}: two rows share a pool and mode")
+
+    def known(name: Any, where: str) -> str:
+        if name not in names:
+            raise PlanError(f"{where}: {name!r} is not a row of the plan")
+        return name
+
+    cur = _need(raw, "curriculum", source, dict)
+    cur_rows = [{"row": known(_need(c, "row", f"{source}: curriculum.rows[{i}]"), f"{source}: curriculum.rows[{i}]"),
+                 "label": _need(c, "label", f"{source}: curriculum.rows[{i}]")}
+                for i, c in enumerate(_need(cur, "rows", f"{source}: curriculum", list))]
+    reference = known(_need(cur, "reference", f"{source}: curriculum"), f"{source}: curriculum.reference")
+    if reference not in [c["row"] for c in cur_rows]:
+        raise PlanError(f"{source}: curriculum.reference {reference} must be one of curriculum.rows")
+    by_name = {r.name: r for r in rows}
+    for c in cur_rows:
+        if by_name[c["row"]].settings.get("train.record_test_curve") is not True:
+            raise PlanError(f"{source}: curriculum row {c['row']}: its command must --set train.record_test_curve=true "
+                            "(the anytime curves)")
+    mechanisms = []
+    for i, mech in enumerate(_need(raw, "mechanisms", source, list)):
+        where = f"{source}: mechanisms[{i}]"
+        comps = []
+        for j, c in enumerate(_need(mech, "comparisons", where, list)):
+            w = f"{where}.comparisons[{j}]"
+            comps.append({"where": _need(c, "where", w), "row": known(_need(c, "row", w), w),
+                          "against": known(_need(c, "against", w), w)})
+        if not comps:
+            raise PlanError(f"{where}: no comparisons")
+        mechanisms.append({"name": _need(mech, "name", where), "label": _need(mech, "label", where),
+                           "comparisons": comps})
+    return Plan(domain=domain, seeds=tuple(seeds), runs_root=runs_root, pools=pools, teachers=tuple(teachers),
+                rows=tuple(rows), curriculum={"reference": reference, "rows": cur_rows}, mechanisms=tuple(mechanisms),
+                title=str(raw.get("title", "")), description=str(raw.get("description", "")), source=source)
+
+
+def load_plan(path: str | Path, label: str | None = None) -> Plan:
+    """Read and validate the plan YAML."""
+    from research.plan_files import read_plan_yaml
+
+    return parse_plan(read_plan_yaml(path, label, PlanError), label or str(path))
+
+
+# ----------------------------------------------------------------------------- run directories
+
+
+def _dotted(cfg: dict[str, Any], key: str) -> tuple[bool, Any]:
+    node: Any = cfg
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def check_run_config(row: Row, seed: int, run_dir: Path) -> None:
+    """The run's resolved config.yaml holds what the row's command sets (and its seed); else a
+    PlanError naming the run directory and the key."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise PlanError(f"{path} not found beside metrics.json: cannot tell which setting the run trained")
+    cfg = yaml.safe_load(path.read_text()) or {}
+    for key, want in {**row.settings, "train.seed": seed}.items():
+        found, have = _dotted(cfg, key)
+        if not found or have != want:
+            raise PlanError(f"{run_dir}: config.yaml has {key}={have!r}" + ("" if found else " (absent)")
+                            + f", but row {row.name} trains {key}={want!r}: another setting's run is in its directory")
+
+
+def read_seed(plan: Plan, row: Row, seed: int, root: Path) -> dict[str, Any]:
+    """One seed of a row: its test metrics and run facts when finished, else why it is pending."""
+    from research.anytime import CurveError, read_curve
+    from research.union import measured_time, running_elsewhere
+
+    rel = f"{row.runs_root}/seed{seed}"
+    run_dir = root / rel
+    rec: dict[str, Any] = {"seed": seed, "run_dir": rel}
+    mpath = run_dir / "metrics.json"
+    if not mpath.is_file():
+        pid = running_elsewhere(root, rel) if run_dir.is_dir() else None
+        detail = ("not started" if not run_dir.is_dir() else
+                  f"being trained (pid {pid})" if pid else "started, not finished (no metrics.json yet)")
+        return {**rec, "status": "pending", "detail": detail}
+    try:
+        metrics = json.loads(mpath.read_text())
+    except json.JSONDecodeError as exc:
+        raise PlanError(f"{mpath}: not valid JSON ({exc})") from exc
+    check_run_config(row, seed, run_dir)
+    test = (metrics.get("test") or {}).get(plan.domain)
+    if not test or any(k not in test for k in METRICS):
+        raise PlanError(f"{mpath}: no test {', '.join(METRICS)} for {plan.domain}")
+    header = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+    timing = measured_time(run_dir, metrics)
+    client = metrics.get("teacher_client") or {}
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    rec.update(status="done", test={k: float(test[k]) for k in METRICS},
+               valid={k: float(v) for k, v in ((metrics.get("valid") or {}).get(plan.domain) or {}).items()},
+               best_epoch=metrics.get("best_epoch"), epochs_run=metrics.get("epochs_run"),
+               epochs=(cfg.get("train") or {}).get("epochs"), global_step=metrics.get("global_step"),
+               wall_s=timing["seconds"], wall_s_source=timing["source"],
+               steps_per_s=(metrics.get("timing") or {}).get("steps_per_s"),
+               git_sha=header.get("git_sha"), device=header.get("device"), started=header.get("started"),
+               served=sorted((header.get("teachers") or {}).keys()),
+               kd_skipped_batches=client.get("kd_skipped_batches"))
+    if client.get("teacher_reliability"):
+        rec["teacher_reliability"] = client["teacher_reliability"]
+    try:
+        rec["curve"] = read_curve(run_dir, SELECT)
+    except CurveError as exc:
+        rec["curve_error"] = str(exc)
+    return rec
+
+
+def mean_curve(curves: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
+    """The mean over seeds of test NDCG@10 at each epoch's end (aligned by epoch; cut to the
+    shortest curve), with its sd, in research.anytime's curve shape: {"steps", "values", "final",
+    "best_epoch"} plus "sd", "seeds" and "steps_differ" (True when seeds ended an epoch at different
+    steps; the mean step is used then). ``final``: the mean of each seed's final value."""
+    n = min(len(c["steps"]) for c in curves)
+    steps, values, sd, differ = [], [], [], False
+    for i in range(n):
+        at = [c["steps"][i] for c in curves]
+        differ |= len(set(at)) > 1
+        steps.append(int(round(statistics.fmean(at))))
+        vals = [c["values"][i] for c in curves]
+        values.append(statistics.fmean(vals))
+        sd.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
+    return {"steps": steps, "values": values, "sd": sd, "final": statistics.fmean(c["final"] for c in curves),
+            "best_epoch": [c["best_epoch"] for c in curves], "seeds": seeds, "steps_differ": differ}
+
+
+# ----------------------------------------------------------------------------- collect
+
+
+def _values(rows: dict[str, Any], name: str, metric: str = SELECT) -> list[float]:
+    return [s["test"][metric] for s in rows[name]["seeds"] if s["status"] == "done"]
+
+
+def _compare(rows: dict[str, Any], name: str, against: str) -> dict[str, Any]:
+    return {"row": name, "against": against, **welch(_values(rows, name), _values(rows, against), LEVEL)}
+
+
+def read_teacher(t: dict[str, Any], domain: str, root: Path) -> dict[str, Any]:
+    entry = {k: t[k] for k in ("label", "metrics", "build", "corrupted")}
+    if not t["metrics"]:
+        return {**entry, "status": "not evaluated"}
+    path = root / t["metrics"]
+    if not path.is_file():
+        return {**entry, "status": "pending"}
+    m = json.loads(path.read_text())
+    test = (m.get("test") or {}).get(domain)
+    if not test:
+        raise PlanError(f"{path}: no test results for {domain}")
+    return {**entry, "status": "done", "test": {k: float(test[k]) for k in METRICS},
+            "best_epoch": m.get("best_epoch"), "checkpoint_sha256": m.get("checkpoint_sha256")}
+
+
+def _pool_teachers(spec: str, root: Path) -> list[str]:
+    path = root / spec
+    if not path.is_file():
+        return []
+    return [str(t.get("name")) for t in (yaml.safe_load(path.read_text()) or {}).get("teachers") or []]
+
+
+def collect(plan: Plan, root: Path, command: str = "") -> dict[str, Any]:
+    """The mechanisms results JSON (format: ckd.mechanisms_report) from the plan's run directories."""
+    from ckd.run_dir import git_sha
+    from research.anytime import compare as anytime_compare
+    from research.union import machine_for
+
+    pools = {p: {**v, "teachers": _pool_teachers(v["spec"], root)} for p, v in plan.pools.items()}
+    teachers = {}
+    for t in plan.teachers:
+        teachers[t["name"]] = {**read_teacher(t, plan.domain, root),
+                               "pools": [p for p, v in pools.items() if t["name"] in v["teachers"]]}
+    clean = {n: t for n, t in teachers.items() if t["status"] == "done" and not t["corrupted"]}
+    best_teacher = max(clean, key=lambda n: clean[n]["test"][SELECT]) if clean else None
+
+    rows: dict[str, Any] = {}
+    pending: list[str] = []
+    for row in plan.rows:
+        seeds = [read_seed(plan, row, s, root) for s in plan.seeds]
+        done = [s for s in seeds if s["status"] == "done"]
+        rows[row.name] = {
+            "label": row.label, "group": row.group, "pool": row.pool, "mode": row.mode, "command": row.command,
+            "config": row.config, "runs_root": row.runs_root, **({"note": row.note} if row.note else {}),
+            "seeds": seeds, "pending_seeds": [s["seed"] for s in seeds if s["status"] != "done"],
+            "stats": {k: mean_interval([s["test"][k] for s in done], LEVEL) for k in METRICS}}
+        pending += [f"row {row.name} seed {s['seed']} ({s['run_dir']}): {s['detail']}" for s in seeds
+                    if s["status"] != "done"]
+    for n, t in teachers.items():
+        if t["status"] == "pending":
+            pending.append(f"teacher {n}: {t['metrics']} not found"
+                           + (f" (built by `{t['build']}`)" if t["build"] else ""))
+
+    # Integration: rows = modes, columns = pools; the change from the clean to the corrupted pool.
+    modes = [m for m in MODES if any(r.mode == m for r in plan.rows)]
+    pool_names = list(plan.pools)
+    cells = {m: {r.pool: r.name for r in plan.rows if r.mode == m} for m in modes}
+    change = {}
+    if {"clean", "corrupted"} <= set(pool_names):
+        change = {m: _compare(rows, c["corrupted"], c["clean"]) for m, c in cells.items()
+                  if "clean" in c and "corrupted" in c}
+    change_pct = {m: c["rel_pct"] if min(c["n"]) >= 2 else None for m, c in change.items()}
+    within = {m: (None if v is None else v >= KEEP_WITHIN_PCT) for m, v in change_pct.items()}
+    mean_loses = None if change_pct.get("mean") is None else change_pct["mean"] <= MEAN_LOSES_PCT
+    both_ok = within.get("both")
+    integ_target = {"rule": f"'both' corrupted vs clean >= {KEEP_WITHIN_PCT}% and 'mean' <= {MEAN_LOSES_PCT}% "
+                            "(point estimates of the relative change; each row at least two seeds)",
+                    "change_pct": change_pct, "within_1pct": within, "mean_loses_5pct": mean_loses,
+                    "met": None if both_ok is None or mean_loses is None else bool(both_ok and mean_loses),
+                    "modes_meeting": [m for m, ok in within.items() if ok and m != "mean" and mean_loses]}
+
+    # Curriculum: comparisons of the finals, and the anytime curves (mean over seeds).
+    ref = plan.curriculum["reference"]
+    cur_comps = {c["row"]: _compare(rows, c["row"], ref) for c in plan.curriculum["rows"] if c["row"] != ref}
+    curves = {}
+    for c in plan.curriculum["rows"]:
+        got = [(s["seed"], s["curve"]) for s in rows[c["row"]]["seeds"] if s.get("curve")]
+        if got:
+            curves[c["row"]] = mean_curve([cv for _, cv in got], [sd for sd, _ in got])
+    steps = anytime_compare({ref: curves[ref], **{k: v for k, v in curves.items() if k != ref}},
+                            ANYTIME_FRACTION) if ref in curves else None
+    cur_rows = {}
+    for name in cur_comps:
+        s = ((steps or {}).get("runs") or {}).get(name) or {}
+        fewer = s.get("fewer_steps_than_reference_pct")
+        spread = beats_by_spread(rows[name]["stats"][SELECT], rows[ref]["stats"][SELECT])
+        two = name in curves and len(curves[name]["seeds"]) >= 2 and len(curves[ref]["seeds"]) >= 2
+        by_steps = None if not s or not two else (fewer is not None and fewer >= FEWER_STEPS_PCT)
+        ok = True if (by_steps or spread) else (None if by_steps is None or spread is None else False)
+        cur_rows[name] = {"fewer_steps_pct": fewer, "by_steps": by_steps, "higher_by_spread": spread, "ok": ok}
+    oks = [r["ok"] for r in cur_rows.values()]
+    met = True if any(oks) else (None if not oks or any(o is None for o in oks) else False)
+    cur_target = {"rule": f">= {FEWER_STEPS_PCT}% fewer steps of the mean curve to the no-curriculum row's final "
+                          "(curves of at least two seeds each), or final mean higher by more than the larger sd of "
+                          "the two rows", "rows": cur_rows, "met": met}
+
+    # Each student row against the best clean teacher.
+    vs_teacher = {}
+    ref_t = teachers[best_teacher]["test"] if best_teacher else {}
+    for row in plan.rows:
+        vs_teacher[row.name] = {k: against_value(_values(rows, row.name, k), ref_t.get(k), LEVEL)
+                                for k in (SELECT, "recall@10")}
+    # What gets closest: among the rows with at least two seeds (the others are open).
+    finished = {n: rows[n]["stats"][SELECT]["mean"] for n in rows
+                if rows[n]["stats"][SELECT] and rows[n]["stats"][SELECT]["n"] >= 2}
+    closest = max(finished, key=finished.get) if finished and best_teacher else None
+    rel = vs_teacher[closest][SELECT]["rel_pct"] if closest else None
+    judged = [v[SELECT]["rel_pct"] for v in vs_teacher.values()
+              if v[SELECT]["n"] >= 2 and v[SELECT]["rel_pct"] is not None]
+    teacher_target = {"rule": f"some row's mean NDCG@10 >= best clean teacher + {BEAT_TEACHER_PCT}% "
+                              "(at least two seeds)",
+                      "best_teacher": best_teacher, "closest": closest, "closest_rel_pct": rel,
+                      "met": (max(judged) >= BEAT_TEACHER_PCT) if judged else None}
+
+    mechanisms = [{"name": m["name"], "label": m["label"],
+                   "comparisons": [{"where": c["where"], **_compare(rows, c["row"], c["against"])}
+                                   for c in m["comparisons"]]} for m in plan.mechanisms]
+    return {"kind": FORMAT, "schema": SCHEMA, "plan": plan.source, "title": plan.title,
+            "description": plan.description, "domain": plan.domain, "seeds": list(plan.seeds), "confidence": LEVEL,
+            "commit": git_sha(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": _machine(rows, machine_for),
+            "command": command, "configs": list(dict.fromkeys(r.config for r in plan.rows)),
+            "epochs": sorted({s["epochs"] for r in rows.values() for s in r["seeds"] if s.get("epochs") is not None}),
+            "pools": pools, "teachers": teachers, "best_teacher": best_teacher, "rows": rows,
+            "integration": {"modes": modes, "pools": pool_names, "cells": cells, "change": change},
+            "curriculum": {"reference": ref, "rows": plan.curriculum["rows"], "comparisons": cur_comps,
+                           "anytime": {"curves": curves, "compare": steps}},
+            "student_vs_teacher": vs_teacher, "mechanisms": mechanisms,
+            "targets": {"integration": integ_target, "curriculum": cur_target, "best_teacher": teacher_target},
+            "pending": pending}
+
+
+def _machine(rows: dict[str, Any], machine_for: Any) -> str:
+    """The machine the runs trained on: research.seeds records none, so the box collect runs on
+    (said so), with the devices the runs' run.json name."""
+    devices = sorted({str(s.get("device")) for r in rows.values() for s in r["seeds"] if s.get("device")})
+    if any(d.startswith("cuda") for d in devices):
+        return f"GPU box (devices {', '.join(devices)}; machine not recorded by the runs)"
+    return machine_for("cpu") + " (not recorded by the runs: the machine collect ran on" + (
+        f"; run devices: {', '.join(devices)})" if devices else ")")
+
+
+def cmd_collect(args: argparse.Namespace, root: Path) -> int:
+    from ckd.reporting import results_out_path, write_results_json
+
+    out = results_out_path(args.out, root, args.overwrite)
+    if out is None:
+        return 2
+    plan = load_plan(root / args.plan, args.plan)
+    data = collect(plan, root, f"python -m research.mechanisms collect --plan {args.plan} --out {args.out}")
+    write_results_json(out, data)
+    n = sum(len(r["seeds"]) for r in data["rows"].values())
+    done = sum(s["status"] == "done" for r in data["rows"].values() for s in r["seeds"])
+    print(f"written {args.out}: {done}/{n} seeds of {len(data['rows'])} rows finished; {len(data['pending'])} pending")
+    for mech in data["mechanisms"]:
+        print(f"  {mech['label']}: " + "; ".join(f"{c['where']} {c['verdict']}" for c in mech["comparisons"]))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m research.mechanisms", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", default=str(REPO), help="repository root the plan's paths are relative to")
+    sub = ap.add_subparsers(dest="what", required=True)
+    c = sub.add_parser("collect", help="write the results JSON from the finished run directories")
+    c.add_argument("--plan", default=PLAN, help=f"the plan, relative to --root (default {PLAN})")
+    c.add_argument("--out", default=DEFAULT_OUT, help=f"results JSON (default {DEFAULT_OUT})")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    args = ap.parse_args(argv)
+    root = Path(args.root).resolve()
+    try:
+        return cmd_collect(args, root)
+    except PlanError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

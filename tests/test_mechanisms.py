@@ -1,0 +1,357 @@
+"""The mechanisms study's collect and page (research/mechanisms.py, ckd/mechanisms_report.py) on
+fabricated run directories with known numbers: mean, sd and t-intervals by hand, the verdict rule
+(helps / no measurable effect / hurts / open), the targets, the anytime steps, pending seeds, a
+run directory that holds another setting, and the page with its figure through ckd-report."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ckd.mechanisms_report import (HELPS, HURTS, NONE, OPEN, VERDICT_RULE, against_value, load_mechanisms,
+                                   mean_interval, render_mechanisms_page, t_quantile, verdict_of, welch)
+from ckd.reporting import ReportError, parse_markdown_tables, parse_results_manifest
+from launch import report
+from research import mechanisms
+from research.mechanisms import PlanError, collect, load_plan, parse_plan
+
+ROOT = Path(__file__).resolve().parents[1]
+SEEDS = [1, 2, 3]
+# Test NDCG@10 per seed of each fabricated row (Recall@10 = 2 x, NDCG@50 = 1.2 x, Recall@50 = 3 x).
+NDCG = {
+    "clean_mean": [0.060, 0.062, 0.064],
+    "clean_both": [0.061, 0.063, 0.065],
+    "corrupted_mean": [0.055, 0.056, 0.057],
+    "corrupted_both": [0.0625, 0.063, 0.0635],
+    "curriculum_off": [0.058, 0.060, 0.062],
+    "alone": [0.050, 0.051, 0.052],
+    "clean_confidence": [0.070],  # seed 1 only: seed 2 started, seed 3 not started
+}
+TEACHERS = {"unisrec": 0.065, "unim2rec": 0.060}
+# Anytime curves: (steps at each epoch's end, value as a fraction of the seed's final); best epoch = the last.
+CURVES = {"curriculum_off": ([100, 200, 300, 400], [0.5, 0.8, 0.95, 1.0]),
+          "clean_both": ([50, 120, 220, 320], [0.7, 0.96, 0.99, 1.0])}
+
+
+def _cmd(name: str, sets: list[str], teachers_none: bool = False) -> str:
+    return ("python -m research.seeds --config configs/demo/student.yaml"
+            + (" --teachers none" if teachers_none else "")
+            + f" --seeds 1 2 3 --parallel 1 --runs-root runs/mech/{name} --set train.record_test_curve=true "
+            + " ".join(f"--set {s}" for s in sets))
+
+
+def _plan() -> dict:
+    clean, corrupted = "service.spec=configs/clean.yaml", "service.spec=configs/corrupted.yaml"
+    rows = [
+        {"name": "clean_mean", "label": "clean, mean", "group": "integration", "pool": "clean", "mode": "mean",
+         "command": _cmd("clean_mean", [clean, "kd.integration=mean"])},
+        {"name": "clean_confidence", "label": "clean, confidence", "group": "integration", "pool": "clean",
+         "mode": "confidence", "command": _cmd("clean_confidence", [clean, "kd.integration=confidence"])},
+        {"name": "clean_both", "label": "clean, both", "group": "integration", "pool": "clean", "mode": "both",
+         "command": _cmd("clean_both", [clean, "kd.integration=both"])},
+        {"name": "corrupted_mean", "label": "corrupted, mean", "group": "integration", "pool": "corrupted",
+         "mode": "mean", "command": _cmd("corrupted_mean", [corrupted, "kd.integration=mean"])},
+        {"name": "corrupted_both", "label": "corrupted, both", "group": "integration", "pool": "corrupted",
+         "mode": "both", "command": _cmd("corrupted_both", [corrupted, "kd.integration=both"])},
+        {"name": "curriculum_off", "label": "no curriculum", "group": "curriculum",
+         "command": _cmd("curriculum_off", [clean, "kd.integration=both", "curriculum.enabled=false"])},
+        {"name": "alone", "label": "SASRec alone", "group": "baseline",
+         "command": _cmd("alone", ["curriculum.enabled=false"], teachers_none=True)},
+    ]
+    return {"title": "Fabricated", "domain": "Scientific", "seeds": SEEDS, "runs_root": "runs/mech",
+            "pools": {"clean": {"label": "two", "spec": "configs/clean.yaml"},
+                      "corrupted": {"label": "three", "spec": "configs/corrupted.yaml"}},
+            "teachers": [{"name": "unisrec", "label": "UniSRec", "metrics": "runs/t/unisrec/metrics.json"},
+                         {"name": "unim2rec", "label": "UniM2Rec", "metrics": "runs/t/unim2rec/metrics.json"},
+                         {"name": "permuted", "label": "UniSRec permuted", "corrupted": True}],
+            "rows": rows,
+            "curriculum": {"reference": "curriculum_off",
+                           "rows": [{"row": "curriculum_off", "label": "no curriculum"},
+                                    {"row": "clean_both", "label": "curriculum on"}]},
+            "mechanisms": [
+                {"name": "integration", "label": "Consistency-aware integration (both, against mean)",
+                 "comparisons": [{"where": "clean pool", "row": "clean_both", "against": "clean_mean"},
+                                 {"where": "corrupted pool", "row": "corrupted_both", "against": "corrupted_mean"}]},
+                {"name": "curriculum", "label": "Curriculum (against none)",
+                 "comparisons": [{"where": "clean pool", "row": "clean_both", "against": "curriculum_off"}]},
+                {"name": "confidence", "label": "Confidence integration (against mean)",
+                 "comparisons": [{"where": "clean pool", "row": "clean_confidence", "against": "clean_mean"}]},
+                {"name": "corruption", "label": "A corrupted teacher under mean integration",
+                 "comparisons": [{"where": "mean", "row": "corrupted_mean", "against": "clean_mean"}]}]}
+
+
+def _nested(dotted: dict) -> dict:
+    out: dict = {}
+    for key, value in dotted.items():
+        node = out
+        *parts, last = key.split(".")
+        for p in parts:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return out
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def _metrics(v: float) -> dict:
+    return {"recall@10": 2 * v, "ndcg@10": v, "recall@50": 3 * v, "ndcg@50": 1.2 * v}
+
+
+@pytest.fixture()
+def repo(tmp_path: Path) -> Path:
+    """A repository root with the plan, the pools' serve specs, the teachers' metrics and the runs."""
+    raw = _plan()
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "plan.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    (tmp_path / "configs" / "clean.yaml").write_text(yaml.safe_dump(
+        {"teachers": [{"name": "unisrec", "checkpoint": "x"}, {"name": "unim2rec", "checkpoint": "y"}]}))
+    (tmp_path / "configs" / "corrupted.yaml").write_text(yaml.safe_dump(
+        {"teachers": [{"name": "unisrec", "checkpoint": "x"}, {"name": "unim2rec", "checkpoint": "y"},
+                      {"name": "permuted", "checkpoint": "z"}]}))
+    for name, v in TEACHERS.items():
+        _write_json(tmp_path / f"runs/t/{name}/metrics.json", {"test": {"Scientific": _metrics(v)}, "best_epoch": 3})
+    plan = parse_plan(raw, "configs/plan.yaml")
+    for row in plan.rows:
+        for seed, v in zip(SEEDS, NDCG[row.name]):
+            d = tmp_path / row.runs_root / f"seed{seed}"
+            steps, fracs = CURVES.get(row.name, ([10, 20], [0.9, 1.0]))
+            hist = [{"epoch": e, "global_step": s, "test_ndcg@10": f * v} for e, (s, f) in enumerate(zip(steps, fracs))]
+            client = {"teacher_reliability": {"unisrec": -2.0 - seed / 10, "permuted": -6.0}} \
+                if row.name == "corrupted_both" else {}
+            _write_json(d / "metrics.json", {"test": {"Scientific": _metrics(v), "mean": _metrics(v)},
+                                             "valid": {"Scientific": _metrics(v)}, "best_epoch": len(steps) - 1,
+                                             "epochs_run": len(steps), "global_step": steps[-1], "history": hist,
+                                             "teacher_client": client})
+            (d / "config.yaml").write_text(yaml.safe_dump(_nested({**row.settings, "train.seed": seed,
+                                                                   "train.epochs": 6})))
+            _write_json(d / "run.json", {"git_sha": "abc", "device": "cpu",
+                                         "teachers": {} if row.name == "alone" else {"unisrec": {}}})
+    (tmp_path / "runs/mech/clean_confidence/seed2").mkdir(parents=True)  # started, not finished
+    return tmp_path
+
+
+@pytest.fixture()
+def data(repo: Path) -> dict:
+    return collect(load_plan(repo / "configs" / "plan.yaml", "configs/plan.yaml"), repo, "collect (test)")
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def test_t_quantiles_match_the_table():
+    for df, t in [(1, 12.7062), (2, 4.3027), (3, 3.1824), (4, 2.7764), (10, 2.2281), (30, 2.0423)]:
+        assert t_quantile(0.975, df) == pytest.approx(t, abs=1e-4)
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for df in (1.5, 2.94, 7.3, 55.0):
+        assert t_quantile(0.975, df) == pytest.approx(float(scipy_stats.t.ppf(0.975, df)), abs=1e-7)
+
+
+def test_mean_sd_and_t_interval_by_hand():
+    s = mean_interval([0.060, 0.062, 0.064])
+    half = 4.302653 * 0.002 / math.sqrt(3)  # t(0.975, 2) * sd / sqrt(n) = 0.0049683
+    assert s["n"] == 3 and s["mean"] == pytest.approx(0.062) and s["sd"] == pytest.approx(0.002)
+    assert s["ci"] == pytest.approx([0.062 - half, 0.062 + half], abs=1e-7)
+    assert mean_interval([0.07]) == {"n": 1, "mean": 0.07, "sd": None, "ci": None} and mean_interval([]) is None
+
+
+def test_welch_interval_and_verdict_rule():
+    # Equal sds 0.002, n 3 and 3: se = 0.002 * sqrt(2/3), df = 4, half = 2.776445 * se = 0.004533.
+    c = welch([0.061, 0.063, 0.065], [0.058, 0.060, 0.062])
+    se = 0.002 * math.sqrt(2 / 3)
+    assert c["df"] == pytest.approx(4.0) and c["diff"] == pytest.approx(0.003)
+    assert c["ci"] == pytest.approx([0.003 - 2.776445 * se, 0.003 + 2.776445 * se], abs=1e-6)
+    assert c["rel_pct"] == pytest.approx(5.0) and c["verdict"] == NONE  # the interval includes 0
+    assert welch([0.07, 0.071, 0.072], [0.05, 0.051, 0.052])["verdict"] == HELPS
+    assert welch([0.05, 0.051, 0.052], [0.07, 0.071, 0.072])["verdict"] == HURTS
+    assert welch([0.07], [0.05, 0.051])["verdict"] == OPEN
+    assert [verdict_of(x) for x in ([0.1, 0.2], [-0.2, -0.1], [-0.1, 0.1], None)] == [HELPS, HURTS, NONE, OPEN]
+    assert welch([0.06, 0.06], [0.05, 0.05])["ci"] == pytest.approx([0.01, 0.01])  # no spread: exact
+    t = against_value([0.061, 0.063, 0.065], 0.065)
+    assert t["rel_pct"] == pytest.approx(-100 * 0.002 / 0.065) and t["diff"] == pytest.approx(-0.002)
+    assert t["verdict"] == NONE  # 0.063 ± 0.00497 includes 0.065
+
+
+# ----------------------------------------------------------------------------- collect
+
+
+def test_collect_rows_stats_and_pending(data):
+    both = data["rows"]["clean_both"]
+    assert [s["status"] for s in both["seeds"]] == ["done"] * 3
+    assert both["stats"]["ndcg@10"]["mean"] == pytest.approx(0.063)
+    assert both["stats"]["recall@10"]["mean"] == pytest.approx(0.126)
+    half = 4.302653 * 0.002 / math.sqrt(3)
+    assert data["rows"]["clean_mean"]["stats"]["ndcg@10"]["ci"] == pytest.approx([0.062 - half, 0.062 + half], abs=1e-7)
+    conf = data["rows"]["clean_confidence"]
+    assert conf["pending_seeds"] == [2, 3] and conf["stats"]["ndcg@10"]["n"] == 1
+    assert data["pending"] == [
+        "row clean_confidence seed 2 (runs/mech/clean_confidence/seed2): started, not finished (no metrics.json yet)",
+        "row clean_confidence seed 3 (runs/mech/clean_confidence/seed3): not started"]
+    assert data["pools"]["corrupted"]["teachers"] == ["unisrec", "unim2rec", "permuted"]
+    assert data["teachers"]["permuted"]["status"] == "not evaluated" and data["best_teacher"] == "unisrec"
+    assert data["epochs"] == [6] and data["configs"] == ["configs/demo/student.yaml"]
+
+
+def test_collect_verdicts_and_targets(data):
+    verdicts = {(m["name"], c["where"]): c["verdict"] for m in data["mechanisms"] for c in m["comparisons"]}
+    assert verdicts == {("integration", "clean pool"): NONE, ("integration", "corrupted pool"): HELPS,
+                        ("curriculum", "clean pool"): NONE, ("confidence", "clean pool"): OPEN,
+                        ("corruption", "mean"): HURTS}
+    change = data["integration"]["change"]
+    assert change["mean"]["rel_pct"] == pytest.approx(100 * (0.056 - 0.062) / 0.062)  # -9.68%
+    assert change["both"]["rel_pct"] == pytest.approx(0.0, abs=1e-9)
+    ti = data["targets"]["integration"]
+    assert ti["mean_loses_5pct"] is True and ti["within_1pct"]["both"] is True and ti["met"] is True
+    assert "confidence" not in change  # no corrupted confidence row in this plan
+    # Curriculum: means 0.063 vs 0.060, larger sd 0.002 -> higher by more than the spread.
+    tc = data["targets"]["curriculum"]["rows"]["clean_both"]
+    assert tc["higher_by_spread"] is True and tc["ok"] is True and data["targets"]["curriculum"]["met"] is True
+    tb = data["targets"]["best_teacher"]
+    # Rows with two or more seeds only (clean_confidence, +7.7% on one seed, is open): both rows at 0.063.
+    assert tb["closest"] in ("clean_both", "corrupted_both")
+    assert tb["closest_rel_pct"] == pytest.approx(-100 * 0.002 / 0.065)
+    assert tb["met"] is False
+    assert data["student_vs_teacher"]["clean_both"]["ndcg@10"]["rel_pct"] == pytest.approx(-100 * 0.002 / 0.065)
+
+
+def test_anytime_mean_curves_and_steps_by_hand(data):
+    curves = data["curriculum"]["anytime"]["curves"]
+    off, on = curves["curriculum_off"], curves["clean_both"]
+    assert off["steps"] == [100, 200, 300, 400] and off["values"] == pytest.approx([0.030, 0.048, 0.057, 0.060])
+    assert off["final"] == pytest.approx(0.060) and off["seeds"] == SEEDS and off["steps_differ"] is False
+    assert on["values"] == pytest.approx([0.0441, 0.06048, 0.06237, 0.063])
+    steps = data["curriculum"]["anytime"]["compare"]["runs"]
+    # on: 95% of 0.063 = 0.05985, first reached at step 120 (0.06048); the off final 0.060 also at 120.
+    assert steps["clean_both"]["steps_to_95pct_of_final"] == 120
+    assert steps["clean_both"]["steps_to_reference_final"] == 120
+    # off: 95% of 0.060 = 0.057, reached at 300; its own final at 400 -> (400 - 120) / 400 = 70% fewer.
+    assert steps["curriculum_off"]["steps_to_95pct_of_final"] == 300
+    assert steps["clean_both"]["fewer_steps_than_reference_pct"] == 70.0
+    assert data["targets"]["curriculum"]["rows"]["clean_both"]["by_steps"] is True
+
+
+def test_a_run_of_another_setting_is_refused(repo):
+    cfg = repo / "runs/mech/clean_both/seed2/config.yaml"
+    c = yaml.safe_load(cfg.read_text())
+    c["kd"]["integration"] = "mean"
+    cfg.write_text(yaml.safe_dump(c))
+    with pytest.raises(PlanError, match=r"seed2: config.yaml has kd.integration='mean', but row clean_both trains "
+                                        r"kd.integration='both'"):
+        collect(load_plan(repo / "configs" / "plan.yaml"), repo)
+
+
+def test_bad_plans_are_named_errors():
+    for mutate, match in [
+        (lambda p: p["rows"][0].update(mode="average"), "mode 'average' is not one of"),
+        (lambda p: p["rows"][0].update(command=p["rows"][0]["command"].replace("kd.integration=mean",
+                                                                               "kd.integration=both")),
+         "mode mean needs --set kd.integration=mean"),
+        (lambda p: p["rows"][0].update(command=p["rows"][0]["command"].replace("runs/mech/clean_mean", "runs/x")),
+         "--runs-root is runs/x"),
+        (lambda p: p["rows"][0].update(command=p["rows"][0]["command"].replace("--seeds 1 2 3", "--seeds 1 2")),
+         "trains seeds"),
+        (lambda p: p["rows"][0].update(command=p["rows"][0]["command"].replace("configs/clean.yaml",
+                                                                               "configs/corrupted.yaml")),
+         "pool clean is served by configs/clean.yaml"),
+        (lambda p: p["mechanisms"][0]["comparisons"][0].update(against="nope"), "'nope' is not a row"),
+        (lambda p: p["rows"][5].update(command=p["rows"][5]["command"].replace("--set train.record_test_curve=true",
+                                                                               "")),
+         "must --set train.record_test_curve=true"),
+        (lambda p: p.update(extra=1), "unknown top-level keys"),
+    ]:
+        raw = _plan()
+        mutate(raw)
+        with pytest.raises(PlanError, match=match):
+            parse_plan(raw, "plan.yaml")
+
+
+def test_cli_writes_once_and_refuses_to_overwrite(repo, capsys):
+    argv = ["--root", str(repo), "collect", "--plan", "configs/plan.yaml", "--out", "results/m.json"]
+    assert mechanisms.main(argv) == 0
+    out = json.loads((repo / "results/m.json").read_text())
+    assert out["kind"] == "mechanisms" and out["command"].startswith("python -m research.mechanisms collect")
+    assert "cores" in out["machine"] and out["commit"]
+    assert mechanisms.main(argv) == 2 and "--overwrite" in capsys.readouterr().err
+    assert mechanisms.main(argv + ["--overwrite"]) == 0
+
+
+# ----------------------------------------------------------------------------- page
+
+
+def test_page_names_the_verdicts_and_tables(repo, data, tmp_path):
+    src = tmp_path / "m.json"
+    src.write_text(json.dumps(data))
+    m = load_mechanisms(src, "results/m.json")
+    page = render_mechanisms_page(m, generated_by="ckd-report --page docs/m.md", generated_at="c0ffee")
+    assert page.startswith("# Results\n") and "Generated by `ckd-report --page docs/m.md` at commit `c0ffee`" in page
+    assert "Demo scale" in page and "`configs/demo/student.yaml`" in page and "train.epochs = 6" in page
+    assert VERDICT_RULE in page
+    line = next(x for x in page.splitlines() if x.startswith("- **Consistency-aware integration"))
+    assert "clean pool: no measurable effect, +1.6%" in line and "corrupted pool: helps by +12.5%" in line
+    assert "open (clean_confidence: 1 seed(s), clean_mean: 3 seed(s) finished)" in page
+    assert "hurts by -9.7%" in page
+    assert "**Integration under a corrupted teacher**" in page and "**met**" in page
+    assert ("curriculum on: 70.0% fewer steps to the no-curriculum final, final higher by more than the seed "
+            "spread") in page
+    assert "- corrupted, both (`corrupted_both`): unisrec R = -2.200, permuted R = -6.000" in page
+    tables = parse_markdown_tables(page)
+    integ = next(t for t in tables if t and "Mode" in t[0])
+    mean = next(r for r in integ if r["Mode"] == "mean")
+    assert mean["NDCG@10 clean"].startswith("0.0620 ± 0.0020 [0.0570, 0.0670]")
+    assert mean["Corrupted vs clean (NDCG@10)"].startswith("-9.7%") and mean["Within 1% of clean?"] == "no"
+    assert mean["Verdict of the change"] == "lower (interval below 0)"
+    conf = next(r for r in integ if r["Mode"] == "confidence")
+    assert conf["NDCG@10 clean"] == "0.0700 (1 seed)" and conf["NDCG@10 corrupted"] == "pending"
+    cur = next(t for t in tables if t and "Final NDCG@10 (test)" in t[0])
+    on = next(r for r in cur if r["Row"] == "curriculum on")
+    assert on["Steps to 95% of its final"] == "120" and on["Fewer steps than it"] == "+70.0%"
+    assert "row clean_confidence seed 3 (runs/mech/clean_confidence/seed3): not started" in page
+    with pytest.raises(ReportError, match="not a mechanisms results file"):
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps({"kind": "union"}))
+        load_mechanisms(bad)
+
+
+def test_ckd_report_writes_the_page_figure_and_sidecar(repo, data, tmp_path, capsys):
+    src = repo / "results" / "m.json"
+    src.parent.mkdir(exist_ok=True)
+    src.write_text(json.dumps(data))
+    out, fig = repo / "docs" / "m.md", repo / "docs" / "m_anytime.png"
+    argv = ["--root", str(repo), "--mechanisms", str(src), "--out", str(out), "--figure", str(fig), "--draft"]
+    assert report.main(argv, state=report.TreeState(commit="")) == 0, capsys.readouterr().err
+    page = out.read_text()
+    assert "](m_anytime.png)" in page and "**Draft:**" in page
+    assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    side = json.loads(fig.with_suffix(".json").read_text())
+    assert side["reference"] == "curriculum_off" and side["curves"]["clean_both"]["steps"] == [50, 120, 220, 320]
+    assert side["curves"]["clean_both"]["mean"] == pytest.approx([0.0441, 0.06048, 0.06237, 0.063])
+    # As a manifest page: parsed, and --check compares the page and the sidecar with the JSON.
+    spec = parse_results_manifest({"pages": [{"page": "docs/m.md", "mechanisms": "results/m.json",
+                                              "figure": "docs/m_anytime.png"}]}).pages[0]
+    assert spec.inputs == ["results/m.json"] and spec.figure == "docs/m_anytime.png"
+    assert report.check_page(spec, repo) == []
+    for extra in ({"experiments": ["results/a.json"]}, {"efficiency": "results/e.json"}, {"domain": "Games"}):
+        with pytest.raises(ReportError, match="a 'mechanisms' page takes only 'figure'"):
+            parse_results_manifest({"pages": [{"page": "docs/m.md", "mechanisms": "results/m.json", **extra}]})
+
+
+def test_committed_plan_rows_resolve_to_their_settings():
+    """configs/mechanisms/scientific.yaml parses, and each row's command resolves (launch/distill.py's
+    own resolution, research.seeds' argv) to a config that holds the settings collect checks."""
+    import shlex
+
+    from research.seeds import distill_argv, resolved
+
+    plan = load_plan(ROOT / "configs/mechanisms/scientific.yaml", "configs/mechanisms/scientific.yaml")
+    assert [r.name for r in plan.rows][:2] == ["clean_mean", "clean_confidence"] and len(plan.rows) == 14
+    assert plan.seeds == (2024, 7, 11) and plan.curriculum["reference"] == "curriculum_off"
+    for row in plan.rows:
+        args = mechanisms.seeds_parser().parse_args(shlex.split(row.command)[3:])
+        cfg = resolved(distill_argv(args, plan.seeds[0]))
+        for key, want in row.settings.items():
+            assert mechanisms._dotted(cfg, key) == (True, want), (row.name, key)
