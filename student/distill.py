@@ -145,11 +145,12 @@ def masked_log_softmax(logits: torch.Tensor, valid_mask: torch.Tensor,
     return torch.log_softmax(z, dim=-1)
 
 
-def teacher_distributions(scores: Mapping[str, torch.Tensor | None], temps: Mapping[str, float],
-                          valid_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """p^t = softmax(S^t / tau_t) over valid columns, per teacher; teachers given as None (skipped
-    for this batch) are left out."""
+def teacher_log_distributions(scores: Mapping[str, torch.Tensor | None], temps: Mapping[str, float],
+                              valid_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """log p^t = log_softmax(S^t / tau_t) over valid columns (-inf elsewhere), per teacher;
+    teachers given as None (skipped for this batch) are left out."""
     out: dict[str, torch.Tensor] = {}
+    all_valid = bool(valid_mask.all())
     for name, s in scores.items():
         if s is None:
             continue
@@ -159,10 +160,20 @@ def teacher_distributions(scores: Mapping[str, torch.Tensor | None], temps: Mapp
         if name not in temps:
             raise DistillError(f"teacher {name}: no temperature given")
         s = s.float()
-        if not bool(torch.isfinite(s[valid_mask]).all()):
+        # One pass when every score is finite (the usual case); only then are the valid columns
+        # looked at one by one (boolean indexing copies, which costs at a whole-catalogue width).
+        if not bool(torch.isfinite(s).all()) and (
+                all_valid or not bool(torch.isfinite(s.masked_fill(~valid_mask, 0.0)).all())):
             raise DistillError(f"teacher {name}: non-finite scores on valid candidates")
-        out[name] = masked_log_softmax(s, valid_mask, float(temps[name])).exp()
+        out[name] = masked_log_softmax(s, valid_mask, float(temps[name]))
     return out
+
+
+def teacher_distributions(scores: Mapping[str, torch.Tensor | None], temps: Mapping[str, float],
+                          valid_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """p^t = softmax(S^t / tau_t) over valid columns, per teacher; teachers given as None (skipped
+    for this batch) are left out."""
+    return {n: lp.exp() for n, lp in teacher_log_distributions(scores, temps, valid_mask).items()}
 
 
 def _kl_rows(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -171,17 +182,45 @@ def _kl_rows(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Jensen-Shannon divergence per row (natural log, in [0, ln 2])."""
+    """Jensen-Shannon divergence per row (natural log, in [0, ln 2]): the reference definition,
+    0.5 KL(p || m) + 0.5 KL(q || m) with m the average."""
     m = 0.5 * (p + q)
     return 0.5 * _kl_rows(p, m) + 0.5 * _kl_rows(q, m)
+
+
+def _plogp_rows(p: torch.Tensor, log_p: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_c p log p per row (0 log 0 = 0), from ``log_p`` when given (no log taken)."""
+    if log_p is None:
+        return torch.xlogy(p, p).sum(-1)
+    return torch.where(p > 0, p * log_p, torch.zeros((), dtype=p.dtype, device=p.device)).sum(-1)
+
+
+def pairwise_js(P: torch.Tensor, log_P: torch.Tensor | None = None) -> torch.Tensor:
+    """[M, M, B] Jensen-Shannon divergences of every pair of the M distributions P [M, B, C], as
+    JS = H(m) - (H(p) + H(q)) / 2, the same value as ``js_divergence`` up to rounding (at least 0).
+
+    One logarithm per pair over [B, C] (none per teacher when ``log_P`` is given), against four for
+    the KL form: at a whole-catalogue width the teachers' consistency cost the student more than
+    its own KD loss (issue 21)."""
+    M = P.shape[0]
+    neg_h = torch.stack([_plogp_rows(P[t], None if log_P is None else log_P[t]) for t in range(M)])  # [M, B]
+    js = torch.zeros(M, M, P.shape[1], dtype=P.dtype, device=P.device)
+    for t in range(M):
+        for u in range(t + 1, M):
+            m = 0.5 * (P[t] + P[u])
+            js[t, u] = js[u, t] = (0.5 * (neg_h[t] + neg_h[u]) - torch.xlogy(m, m).sum(-1)).clamp_min(0.0)
+    return js
 
 
 def integrate(probs: Mapping[str, torch.Tensor | None], target_col: torch.Tensor, mode: str = "both",
               a: float = 1.0, b: float = 1.0, instance_weighting: bool = True, gamma: float = 0.5,
               r_max: float = 5.0, eps: float = 1e-12, log_prior: Mapping[str, float] | None = None,
+              log_probs: Mapping[str, torch.Tensor | None] | None = None,
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """Mix teacher distributions: (q [B, C], weights {teacher: [B]}, r [B]) -- module doc.
-    ``log_prior``: {teacher: log pi_t} added to every row's integration logit (teacher prior)."""
+    ``log_prior``: {teacher: log pi_t} added to every row's integration logit (teacher prior).
+    ``log_probs``: the same distributions' logs (``teacher_log_distributions``), which spares the
+    consistency its per-teacher logarithms."""
     if mode not in INTEGRATION_MODES:
         raise DistillError(f"unknown integration mode {mode!r}; have {INTEGRATION_MODES}")
     names = [n for n, p in probs.items() if p is not None]
@@ -194,10 +233,10 @@ def integrate(probs: Mapping[str, torch.Tensor | None], target_col: torch.Tensor
     if M == 1:
         cons = torch.ones_like(conf)
     else:
-        js = torch.zeros(M, M, P.shape[1], dtype=P.dtype, device=P.device)
-        for t in range(M):
-            for u in range(t + 1, M):
-                js[t, u] = js[u, t] = js_divergence(P[t], P[u]) / _LN2
+        log_P = None
+        if log_probs is not None and all(log_probs.get(n) is not None for n in names):
+            log_P = torch.stack([log_probs[n] for n in names])
+        js = pairwise_js(P, log_P) / _LN2
         cons = 1.0 - js.sum(1) / (M - 1)  # the diagonal is 0
         cons = cons.clamp(0.0, 1.0)
     log_conf = conf.clamp_min(eps).log()
@@ -395,11 +434,13 @@ class DistillLoss(nn.Module):
         if self.enabled["kd"]:
             if candidates is None or target_col is None or valid_mask is None or teacher_scores is None:
                 raise DistillError("KD is on: pass candidates, target_col, valid_mask and teacher_scores")
-            probs = teacher_distributions(teacher_scores, self.teacher_temps, valid_mask)
+            log_probs = teacher_log_distributions(teacher_scores, self.teacher_temps, valid_mask)
+            probs = {n: lp.exp() for n, lp in log_probs.items()}
             terms["kd_teachers"] = torch.tensor(float(len(probs)))
             if probs:
                 q, w, r = integrate(probs, target_col, self.integration, self.a, self.b,
-                                    self.instance_weighting, self.gamma, self.r_max, log_prior=self.log_prior)
+                                    self.instance_weighting, self.gamma, self.r_max, log_prior=self.log_prior,
+                                    log_probs=log_probs)
                 tick("kd_targets")
                 if cand_logits is not None:
                     z = cand_logits

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from student.distill import (DistillError, DistillLoss, NoTeacherSignal, build_candidates, domain_ce,
-                             integrate, js_divergence, kd_loss, kd_loss_positive, teacher_distributions)
+                             integrate, js_divergence, kd_loss, kd_loss_positive, masked_log_softmax,
+                             pairwise_js, teacher_distributions)
 
 pytestmark = pytest.mark.unit
 
@@ -300,3 +301,19 @@ def test_kd_over_covered_rows_only_is_their_sum_over_the_whole_batch():
     by_hand = (q * (q.log() - log_s)).sum() / 5
     assert terms["kd"].item() == pytest.approx(by_hand.item(), rel=1e-5)
     assert total.item() == pytest.approx((domain_ce(full, targets, domains, RANGES) + by_hand).item(), rel=1e-5)
+
+
+def test_pairwise_js_equals_the_kl_form_with_masked_columns():
+    """The entropy form the integration uses (one log per pair) gives the reference KL-form JS of
+    every pair, also where columns are masked (p = 0, log p = -inf) and with the logs given."""
+    g = torch.Generator().manual_seed(0)
+    valid = torch.rand(6, 40, generator=g) > 0.3
+    valid[:, 0] = True
+    scores = {f"t{k}": 3 * torch.randn(6, 40, generator=g, dtype=torch.float64) for k in range(3)}
+    log_p = {n: masked_log_softmax(s, valid) for n, s in scores.items()}
+    P = torch.stack([lp.exp() for lp in log_p.values()])
+    ref = torch.stack([torch.stack([js_divergence(P[t], P[u]) for u in range(3)]) for t in range(3)])
+    for got in (pairwise_js(P), pairwise_js(P, torch.stack(list(log_p.values())))):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+    assert float(ref.max()) > 0.05  # distinct teachers: a real divergence to match, not zeros
