@@ -74,7 +74,9 @@ def resolve_config(args: argparse.Namespace):
 def embedded_spec(cfg) -> tuple[DeploySpec, list[str]] | None:
     """The deploy spec this run starts itself, cut to the teachers it distils from, and their names
     (``service.teachers``, default: all of the spec). None when the run has no teachers or joins a
-    running service (``service.ray_address``, ``service.endpoints``)."""
+    running service (``service.ray_address``, ``service.endpoints``). The run joins the service it
+    starts, so ``cfg.service.namespace`` becomes the spec's namespace (a spec with its own, e.g.
+    configs/union/serve.yaml's ckd-union, would otherwise be looked up under the default)."""
     svc = cfg.service
     if not svc.active or svc.endpoints or svc.ray_address:
         return None
@@ -86,6 +88,7 @@ def embedded_spec(cfg) -> tuple[DeploySpec, list[str]] | None:
     if unknown:
         raise ConfigError(f"service.teachers names {unknown}, not in the deploy spec {svc.spec}")
     spec.teachers = [t for t in spec.teachers if t.name in names]
+    svc.namespace = spec.namespace
     return spec, names
 
 

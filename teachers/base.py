@@ -16,7 +16,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -99,6 +99,8 @@ class Teacher(torch.nn.Module):
         self.max_history = max_history
         self.checkpoint_sha256 = ""
         self._item_cache: torch.Tensor | None = None  # item_embeddings of every id, eval mode only
+        self._eval_tables: dict[str, torch.Tensor] = {}  # other per-item tables (eval_table)
+        self._tables_version: tuple[int, ...] = ()  # _state_version() the tables were built at
         self.inference_precision = "float32"
 
     def set_inference_precision(self, precision: str) -> "Teacher":
@@ -202,24 +204,53 @@ class Teacher(torch.nn.Module):
             return self.item_embeddings(candidates)
         return self._item_table(candidates.device)[candidates]
 
+    def _state_version(self) -> tuple[int, ...]:
+        """The in-place version counters of every parameter and buffer: any write to the weights or
+        to a feature buffer (an optimizer step, ``has_image[...] = False``) changes it."""
+        return tuple(t._version for t in (*self.parameters(), *self.buffers()))
+
+    def _drop_stale_tables(self) -> None:
+        version = self._state_version()
+        if version != self._tables_version:
+            self._item_cache, self._eval_tables, self._tables_version = None, {}, version
+
     def _item_table(self, device: torch.device) -> torch.Tensor:
-        """The eval-mode table of every item's embedding on ``device``, built on first use."""
+        """The eval-mode table of every item's embedding on ``device``, built on first use (and
+        again after the weights or buffers it was built from change)."""
+        self._drop_stale_tables()
         cache = self._item_cache
         if cache is None or cache.device != device:
-            ids = torch.arange(self.num_items, device=device)
-            # Built once in float32 whatever the inference precision: autocast casts its rows per
-            # product, so the table itself never loses precision.
-            with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
-                cache = torch.cat([self.item_embeddings(ids[i: i + 4096]) for i in range(0, self.num_items, 4096)])
+            cache = self._build_table(self.item_embeddings, device)
             self._item_cache = cache
         return cache
 
+    def eval_table(self, name: str, per_item: Callable[[torch.Tensor], torch.Tensor],
+                   device: torch.device) -> torch.Tensor:
+        """``per_item`` over every item id, built once on ``device`` and kept until ``train()`` or
+        ``load_state_dict`` or until a weight or buffer changes. For an item-level computation a frozen teacher repeats for every
+        history position of every request (e.g. UniSRec's MoE adaptor, UniM2Rec's modality fusion);
+        callers use it in eval mode only, where ``per_item`` is deterministic."""
+        self._drop_stale_tables()
+        table = self._eval_tables.get(name)
+        if table is None or table.device != device:
+            table = self._eval_tables[name] = self._build_table(per_item, device)
+        return table
+
+    def _build_table(self, per_item: Callable[[torch.Tensor], torch.Tensor], device: torch.device) -> torch.Tensor:
+        ids = torch.arange(self.num_items, device=device)
+        # Built once in float32 whatever the inference precision: autocast casts its rows per
+        # product, so the table itself never loses precision.
+        with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
+            return torch.cat([per_item(ids[i: i + 4096]) for i in range(0, self.num_items, 4096)])
+
     def train(self, mode: bool = True) -> "Teacher":
         self._item_cache = None
+        self._eval_tables = {}
         return super().train(mode)
 
     def load_state_dict(self, *args, **kwargs):
         self._item_cache = None
+        self._eval_tables = {}
         return super().load_state_dict(*args, **kwargs)
 
     @torch.no_grad()

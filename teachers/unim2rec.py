@@ -188,7 +188,11 @@ class UniM2RecTeacher(Teacher):
     def encode_histories(self, histories: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         if histories.shape[1] > self.max_history:
             raise TeacherContractError(f"history length {histories.shape[1]} > max_history {self.max_history}")
-        return self._encode_fused(self.fuse(histories), histories, lengths)
+        if self.training:
+            return self._encode_fused(self.fuse(histories), histories, lengths)
+        # Frozen: each item's fused representation once (the table candidates are read from too),
+        # then a lookup per history position instead of projecting every position's features.
+        return self._encode_fused(self._item_table(histories.device)[histories], histories, lengths)
 
     def similarity(self, seq: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         return super().similarity(F.normalize(seq, dim=-1), F.normalize(items, dim=-1))

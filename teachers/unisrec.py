@@ -166,6 +166,8 @@ class UniSRecTeacher(Teacher):
         return h[torch.arange(hist.shape[0], device=hist.device), (lengths - 1).clamp(min=0)]
 
     def _sequence(self, hist: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        if not self.training:  # frozen: every item's adaptor output once, then a lookup per position
+            return self._encode(hist, lengths, self.eval_table("item_repr", self._item_repr, hist.device)[hist])
         ids, inv = torch.unique(hist, return_inverse=True)
         return self._encode(hist, lengths, self._item_repr(ids)[inv])
 

@@ -99,6 +99,19 @@ def test_entry_point_decides_which_teachers_it_starts(tmp_path):
         assert embedded_spec(resolve_config(parse_args(["--set", f"service.spec={spec}", *joins]))) is None
 
 
+def test_run_joins_the_namespace_of_the_spec_it_starts(tmp_path):
+    """A spec with its own namespace (configs/union/serve.yaml: ckd-union) deploys there, so the
+    student must look its teachers up there too, not under service.namespace's default."""
+    from launch.distill import embedded_spec, parse_args, resolve_config
+
+    spec = _spec_with_two_teachers(tmp_path)
+    spec.write_text("namespace: ckd-elsewhere\n" + spec.read_text())
+    cfg = resolve_config(parse_args(["--set", f"service.spec={spec}"]))
+    assert cfg.service.namespace != "ckd-elsewhere"
+    deploy, _ = embedded_spec(cfg)
+    assert deploy.namespace == cfg.service.namespace == "ckd-elsewhere"
+
+
 def test_teacher_names_outside_the_spec_are_refused_before_anything_starts(tmp_path, capsys):
     from launch.distill import main
 

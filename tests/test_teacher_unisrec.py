@@ -202,3 +202,19 @@ def test_served_item_table_equals_per_request_embeddings_and_is_dropped_by_train
     assert trained._item_cache is None
     assert trained.candidate_embeddings(cands).requires_grad  # training reads the live forward
     trained.eval()
+
+
+@pytest.mark.unit
+def test_frozen_teacher_reads_history_items_from_its_table(scientific, slice_rows):
+    """In eval mode the MoE adaptor runs once per item (a table) instead of once per history
+    position: the encodings are the same numbers, and a write to the weights rebuilds the table."""
+    torch.manual_seed(0)
+    model = UniSRecTeacher.from_dataset(scientific, item_mode="text+id", **SMALL).eval()
+    hist, lens, _, _ = _batch(scientific, slice_rows[:64])
+    with torch.no_grad():
+        ids, inv = torch.unique(hist, return_inverse=True)
+        per_position = torch.nn.functional.normalize(model._encode(hist, lens, model._item_repr(ids)[inv]), dim=-1)
+        assert torch.equal(model.encode_histories(hist, lens), per_position)
+        model.id_emb.weight[hist[0, 0]] += 1.0  # an in-place write, as an optimizer step would do
+        changed = model.encode_histories(hist, lens)
+    assert not torch.equal(changed[0], per_position[0])
