@@ -57,6 +57,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ckd.run_dir import git_sha
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = "runs/bench_distill_throughput.json"
 DEFAULT_CONFIG = "configs/demo/student.yaml"
@@ -706,6 +708,7 @@ def main(argv: list[str] | None = None) -> int:
         jobs = plan_jobs(args, specs, tmp)
         res: dict[str, Any] = {
             "benchmark": "distill_throughput", "command": " ".join(shlex.quote(a) for a in sys.argv),
+            "git_sha": git_sha(),
             "machine": machine(), "config": args.config,
             "settings": {k: getattr(args, k) for k in ("domains", "candidates", "layouts", "steps", "warmup",
                                                        "batch_size", "threads", "prefetch", "kd_precision",
