@@ -462,7 +462,8 @@ def collect(plan: Plan, root: Path, command: str = "") -> dict[str, Any]:
         s = ((steps or {}).get("runs") or {}).get(name) or {}
         fewer = s.get("fewer_steps_than_reference_pct")
         spread = beats_by_spread(rows[name]["stats"][SELECT], rows[ref]["stats"][SELECT])
-        two = name in curves and len(curves[name]["seeds"]) >= 2 and len(curves[ref]["seeds"]) >= 2
+        two = (name in curves and ref in curves and len(curves[name]["seeds"]) >= 2
+               and len(curves[ref]["seeds"]) >= 2)
         by_steps = None if not s or not two else (fewer is not None and fewer >= FEWER_STEPS_PCT)
         ok = True if (by_steps or spread) else (None if by_steps is None or spread is None else False)
         cur_rows[name] = {"fewer_steps_pct": fewer, "by_steps": by_steps, "higher_by_spread": spread, "ok": ok}
