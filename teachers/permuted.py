@@ -96,11 +96,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base", required=True, help="checkpoint folder of the clean teacher")
     ap.add_argument("--out", required=True, help="checkpoint folder to write")
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--evaluate", nargs="+", metavar="DOMAIN", default=None,
+                    help="also write <out>/metrics.json: the written teacher's full-ranking valid and test "
+                         "metrics on these domains (in the base's order), as ckd-train-teacher writes them")
+    ap.add_argument("--data-dir", default=None, help="data root for --evaluate (default $CKD_DATA_DIR)")
     args = ap.parse_args(argv)
     base = load_teacher(args.base)
     out = save_teacher(PermutedTeacher.wrap(base, args.seed), args.out,
                        extra={"base_checkpoint": str(args.base), "base_checkpoint_sha256": base.checkpoint_sha256})
     print(f"permuted teacher (seed {args.seed}) of {args.base} written to {Path(out)}")
+    if args.evaluate:
+        import json
+
+        from ckd.config import default_data_dir
+        from ckd.data.multidomain import load_multidomain
+        from ckd.metrics import evaluate_model
+
+        data = load_multidomain(args.data_dir or default_data_dir(), args.evaluate, max_len=int(base.max_history))
+        model = load_teacher(out, expected_vocab_hash=data.vocab_hash())
+        metrics = {split: evaluate_model(model, data, split) for split in ("valid", "test")}
+        metrics.update(kind=model.kind, checkpoint=str(out), checkpoint_sha256=model.checkpoint_sha256)
+        (Path(out) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        print("test " + ", ".join(f"{d} NDCG@10 {m['ndcg@10']:.4f}" for d, m in metrics["test"].items()))
     return 0
 
 
