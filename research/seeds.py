@@ -31,8 +31,9 @@ from ckd.config import to_dict
 from ckd.run_dir import git_sha
 
 METRICS = ("recall@10", "ndcg@10", "recall@50", "ndcg@50")
-# Keys that say where or how loudly a run ran, not what it trained.
-IGNORED = {("run_dir",), ("data", "data_dir"), ("train", "progress")}
+# Keys that say where or how loudly a run ran, not what it trained (service.namespace: the run
+# adopts its deploy spec's, launch/distill.embedded_spec).
+IGNORED = {("run_dir",), ("data", "data_dir"), ("train", "progress"), ("service", "namespace")}
 
 
 def distill_argv(args: argparse.Namespace, seed: int) -> list[str]:
