@@ -188,7 +188,7 @@ def against_value(values: Sequence[float], reference: float | None, level: float
     return out
 
 
-def beats_by_spread(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool | None:
+def higher_by_spread_of(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool | None:
     """mean(a) − mean(b) > max(sd(a), sd(b)) on two Stats (None: a side has fewer than two seeds)."""
     if not a or not b or a.get("sd") is None or b.get("sd") is None:
         return None
@@ -198,7 +198,7 @@ def beats_by_spread(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool 
 # ----------------------------------------------------------------------------- formatting
 
 
-def fmt_stat(s: dict[str, Any] | None, interval: bool = True) -> str:
+def fmt_seed_stat(s: dict[str, Any] | None, interval: bool = True) -> str:
     """``0.0620 ± 0.0020 [0.0570, 0.0670]`` (mean ± sample sd [95% t-interval]); one seed: its value."""
     if not s:
         return PENDING
@@ -331,7 +331,7 @@ def rows_table(m: dict[str, Any]) -> str:
     for name, r in m["rows"].items():
         per_seed = ", ".join(f"{s['seed']}: {s['test'][SELECT]:.4f}" for s in r["seeds"] if s["status"] == "done")
         rows.append([r["label"], f"`{name}`", r["group"], _seeds_text(m, name)]
-                    + [fmt_stat(r["stats"].get(k), interval=k == SELECT) for k in METRICS] + [per_seed or PENDING])
+                    + [fmt_seed_stat(r["stats"].get(k), interval=k == SELECT) for k in METRICS] + [per_seed or PENDING])
     return markdown_table(headers, rows, align=["l", "l", "l", "l"] + ["r"] * (len(METRICS) + 1))
 
 
@@ -349,7 +349,7 @@ def integration_table(m: dict[str, Any]) -> str:
         line = [mode]
         for p in pools:
             stats = (m["rows"].get(cells.get(p)) or {}).get("stats") or {}
-            line += [fmt_stat(stats.get(SELECT)), fmt_stat(stats.get("recall@10"), interval=False)]
+            line += [fmt_seed_stat(stats.get(SELECT)), fmt_seed_stat(stats.get("recall@10"), interval=False)]
         ch = (integ.get("change") or {}).get(mode)
         keeps = (m["targets"].get("integration") or {}).get("within_1pct", {}).get(mode)
         line += [fmt_rel(ch) if ch else DASH, CHANGE_WORDS[ch["verdict"]] if ch else DASH,
@@ -374,7 +374,7 @@ def curriculum_table(m: dict[str, Any]) -> str:
         comp = (cur.get("comparisons") or {}).get(name)
         s = steps.get(name) or {}
         curve = ((cur.get("anytime") or {}).get("curves") or {}).get(name)
-        rows.append([entry["label"], fmt_stat(st), DASH if name == ref else (fmt_rel(comp) if comp else DASH),
+        rows.append([entry["label"], fmt_seed_stat(st), DASH if name == ref else (fmt_rel(comp) if comp else DASH),
                      fmt_steps(s.get(f"steps_to_{pct}pct_of_final")) if s else DASH,
                      fmt_steps(s.get("steps_to_reference_final")) if s else DASH,
                      DASH if name == ref or not s else fmt_signed_pct(s.get("fewer_steps_than_reference_pct")),
@@ -382,7 +382,7 @@ def curriculum_table(m: dict[str, Any]) -> str:
     return markdown_table(headers, rows, align=["l"] + ["r"] * 6)
 
 
-def teacher_table(m: dict[str, Any]) -> str:
+def mechanisms_teacher_table(m: dict[str, Any]) -> str:
     headers = ["Teacher", "Pools", "NDCG@10 (test)", "Recall@10 (test)", "Source"]
     rows = []
     for name, t in m["teachers"].items():
@@ -403,8 +403,8 @@ def student_vs_teacher_table(m: dict[str, Any]) -> str:
         n, r = c["ndcg@10"], c["recall@10"]
         stats = m["rows"][name]["stats"]
         word = {HELPS: "beats it", HURTS: "trails it", NONE: "ties (interval includes it)", OPEN: "open"}[n["verdict"]]
-        rows.append([_row_label(m, name), fmt_stat(stats.get(SELECT), interval=False), fmt_rel(n), word,
-                     fmt_stat(stats.get("recall@10"), interval=False), fmt_rel(r)])
+        rows.append([_row_label(m, name), fmt_seed_stat(stats.get(SELECT), interval=False), fmt_rel(n), word,
+                     fmt_seed_stat(stats.get("recall@10"), interval=False), fmt_rel(r)])
     return markdown_table(headers, rows, align=["l", "r", "r", "l", "r", "r"])
 
 
@@ -524,7 +524,7 @@ def render_mechanisms_page(m: dict[str, Any], generated_by: str = "ckd-report", 
             "NDCG@10. A student row against it: its mean over seeds minus the teacher's value, with the row's "
             "one-sample 95% t-interval, in % of the teacher's value (Recall@10: against the same teacher's); "
             "*beats it* / *trails it* when the interval is above / below the teacher's value.", "",
-            teacher_table(m), "",
+            mechanisms_teacher_table(m), "",
             student_vs_teacher_table(m), ""]
 
     out += ["## 5. Every row", "", rows_table(m), ""]

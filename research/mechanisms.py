@@ -36,7 +36,7 @@ from typing import Any
 import yaml
 
 from ckd.mechanisms_report import (ANYTIME_FRACTION, FORMAT, LEVEL, SCHEMA, SELECT, against_value,
-                                   beats_by_spread, mean_interval, welch)
+                                   higher_by_spread_of, mean_interval, welch)
 from ckd.reporting import METRICS
 
 REPO = Path(__file__).resolve().parents[1]  # the checkout: the plan's paths are relative to it
@@ -461,7 +461,7 @@ def collect(plan: Plan, root: Path, command: str = "") -> dict[str, Any]:
     for name in cur_comps:
         s = ((steps or {}).get("runs") or {}).get(name) or {}
         fewer = s.get("fewer_steps_than_reference_pct")
-        spread = beats_by_spread(rows[name]["stats"][SELECT], rows[ref]["stats"][SELECT])
+        spread = higher_by_spread_of(rows[name]["stats"][SELECT], rows[ref]["stats"][SELECT])
         two = (name in curves and ref in curves and len(curves[name]["seeds"]) >= 2
                and len(curves[ref]["seeds"]) >= 2)
         by_steps = None if not s or not two else (fewer is not None and fewer >= FEWER_STEPS_PCT)
