@@ -461,6 +461,20 @@ def parse_specs(values: list[str], domains: list[str]) -> dict[str, str]:
     return out
 
 
+def domain_specs(values: list[str], domains: list[str], tmp: Path) -> dict[str, str]:
+    """The teacher spec for each domain: --spec where given, else the demo teachers (Scientific's
+    committed spec, or a spec written under ``tmp`` for the demo teachers retrained on that domain)."""
+    specs = parse_specs(values, domains)
+    for d in domains:
+        if d not in specs:
+            if d == "Scientific":
+                specs[d] = DEMO_SPEC
+            else:
+                specs[d] = str(tmp / f"demo_teachers_{d}.yaml")
+                _write_yaml(Path(specs[d]), demo_spec_for(d, REPO))
+    return specs
+
+
 def plan_jobs(args: argparse.Namespace, specs: dict[str, str], tmp: Path) -> list[dict[str, Any]]:
     """Every run: per domain, one no-teacher run per distinct student core set, then one run per
     (layout, candidate kind) with teachers."""
@@ -696,14 +710,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         specs: dict[str, str] = {}
         if not args.fixture_teachers:
-            specs = parse_specs(args.spec, args.domains)
-            for d in args.domains:
-                if d not in specs:
-                    if d == "Scientific":
-                        specs[d] = DEMO_SPEC
-                    else:
-                        specs[d] = str(tmp / f"demo_teachers_{d}.yaml")
-                        _write_yaml(Path(specs[d]), demo_spec_for(d, REPO))
+            specs = domain_specs(args.spec, args.domains, tmp)
             check_specs(specs)
         jobs = plan_jobs(args, specs, tmp)
         res: dict[str, Any] = {

@@ -62,16 +62,12 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.distill_throughput import DEMO_SPEC, REPO, demo_spec_for, fixture_spec, machine, refuse_out
+from benchmarks.distill_throughput import REPO, BenchError, domain_specs, fixture_spec, machine, refuse_out
 
 DEFAULT_OUT = "runs/bench_offline_cache.json"
 DEFAULT_CONFIG = "configs/demo/student.yaml"
 SCORE_BYTES = 4  # float32
 INDEX_BYTES = 4  # int32 item id of a top-K entry
-
-
-class BenchError(RuntimeError):
-    """Inputs that cannot be benchmarked (a config, a spec, a teacher)."""
 
 
 # ----------------------------------------------------------------------------- the run's batches
@@ -440,20 +436,9 @@ def main(argv: list[str] | None = None) -> int:
         print(why, file=sys.stderr)
         return 2
     os.chdir(REPO)
-    from benchmarks.distill_throughput import parse_specs
-
     tmp = Path(tempfile.mkdtemp(prefix="bench_offline_"))
     try:
-        specs = parse_specs(args.spec, args.domains)
-        for d in args.domains:
-            if d not in specs:
-                if d == "Scientific":
-                    specs[d] = DEMO_SPEC
-                else:
-                    import yaml
-
-                    specs[d] = str(tmp / f"demo_teachers_{d}.yaml")
-                    Path(specs[d]).write_text(yaml.safe_dump(demo_spec_for(d, REPO), sort_keys=False))
+        specs = domain_specs(args.spec, args.domains, tmp)
         disk = disk_write_mib_s(args.disk_mib, str(REPO / "runs") if (REPO / "runs").is_dir() else None) \
             if args.disk_mib > 0 else 0.0
         res: dict[str, Any] = {"benchmark": "offline_cache", "command": " ".join(shlex.quote(a) for a in sys.argv),
