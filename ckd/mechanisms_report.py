@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from ckd.reporting import (DASH, METRIC_LABELS, METRICS, ReportError, _read_file, _require, _source_block,
-                           fmt_duration, fmt_metric, markdown_table)
+                           draw_curves, fmt_duration, fmt_metric, markdown_table)
 
 FORMAT = "mechanisms"
 SCHEMA = 1
@@ -288,26 +288,9 @@ def anytime_points(m: dict[str, Any]) -> dict[str, Any] | None:
 
 def draw_anytime(sidecar: dict[str, Any], path: str | Path) -> None:
     """Mean test NDCG@10 against training steps per curriculum row, ± 1 sd over seeds shaded."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=150)
-    for row, c in sidecar["curves"].items():
-        (line,) = ax.plot(c["steps"], c["mean"], marker="o", ms=3,
-                          label=f"{c['label']} (final {c['final']:.4f}, {len(c['seeds'])} seed(s))")
-        if any(s for s in c["sd"]):
-            lo = [v - s for v, s in zip(c["mean"], c["sd"])]
-            hi = [v + s for v, s in zip(c["mean"], c["sd"])]
-            ax.fill_between(c["steps"], lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
-    ax.set_xlabel("training steps")
-    ax.set_ylabel(f"test NDCG@10 on {sidecar['domain']} (mean over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    curves = {f"{c['label']} (final {c['final']:.4f}, {len(c['seeds'])} seed(s))":
+              {"steps": c["steps"], "values": c["mean"], "sd": c["sd"]} for c in sidecar["curves"].values()}
+    draw_curves(curves, "training steps", f"test NDCG@10 on {sidecar['domain']} (mean over seeds)", path)
 
 
 # ----------------------------------------------------------------------------- tables

@@ -604,6 +604,32 @@ def draw_figure(sidecar: dict[str, Any], path: str | os.PathLike[str]) -> list[t
     return boxes
 
 
+def draw_curves(curves: dict[str, dict[str, Any]], xlabel: str, ylabel: str,
+                path: str | os.PathLike[str]) -> None:
+    """One line per legend label (``steps``, ``values``; ``sd`` optional, shaded ± 1 sd where any is
+    non-zero), written as a PNG: the anytime curves of research/anytime.py and the mechanisms page."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=150)
+    for label, c in curves.items():
+        (line,) = ax.plot(c["steps"], c["values"], marker="o", ms=3, label=label)
+        sd = c.get("sd") or []
+        if any(sd):
+            ax.fill_between(c["steps"], [v - d for v, d in zip(c["values"], sd)],
+                            [v + d for v, d in zip(c["values"], sd)], color=line.get_color(), alpha=0.15,
+                            linewidth=0)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def plot_panel(ax: Any, pts: list[dict[str, Any]], domain: str, scale: float) -> Any:
     """One Figure 1 panel on ``ax`` (labels are placed later, after the layout): the points by role,
     circle area = peak memory x ``scale`` (points^2 per MB, so a shared scale keeps panels

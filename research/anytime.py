@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ckd.reporting import overwrite_refusal
+from ckd.reporting import draw_curves, overwrite_refusal
 
 
 class CurveError(ValueError):
@@ -71,21 +71,9 @@ def compare(curves: dict[str, dict[str, Any]], fraction: float = 0.95) -> dict[s
 
 
 def draw(curves: dict[str, dict[str, Any]], metric: str, path: str | Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=150)
-    for name, c in curves.items():
-        ax.plot(c["steps"], c["values"], marker="o", ms=3, label=f"{name} (final {c['final']:.4f})")
-    ax.set_xlabel("training steps")
-    ax.set_ylabel(f"test {metric.upper().replace('@', '@')} (mean over domains)")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    """Test ``metric`` (mean over domains) against training steps, one line per run."""
+    draw_curves({f"{name} (final {c['final']:.4f})": c for name, c in curves.items()}, "training steps",
+                f"test {metric.upper()} (mean over domains)", path)
 
 
 def main(argv: list[str] | None = None) -> int:
