@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from ckd.config import dump_config, json_dump
 
@@ -28,6 +30,46 @@ def git_sha() -> str:
         return (sha + ("-dirty" if dirty else "")) or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+class RunDirInUse(RuntimeError):
+    """Another live process is training into the same run directory."""
+
+
+LOCK_FILE = ".lock"
+_held: dict[str, IO[str]] = {}  # run directory -> its open lock file, kept open for the process's life
+
+
+def claim_run_dir(run_dir: Path) -> None:
+    """Hold an exclusive lock on ``<run_dir>/.lock`` for the rest of this process.
+
+    Two processes training into one run directory (a second ``research.union run``, a retried job
+    whose first attempt still lives) would interleave their checkpoints and metrics, and a resume
+    would read a mixture. The lock is an OS lock (flock) on an open file: the kernel drops it when
+    the process exits, even on kill -9, so a crashed run never leaves a stale lock behind. Claiming
+    a directory this process already holds is a no-op. Raises :class:`RunDirInUse` naming the
+    holder (pid, host, since when) when another process holds it."""
+    import fcntl
+
+    run_dir = Path(run_dir)
+    key = str(run_dir.resolve())
+    if key in _held:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = open(run_dir / LOCK_FILE, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "a process that wrote no details"
+        f.close()
+        raise RunDirInUse(f"run directory {run_dir} is in use by another training process ({holder}): wait for "
+                          "it to finish or stop it, or pick another --run-dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+    f.flush()
+    _held[key] = f
 
 
 def default_run_dir(prefix: str = "runs") -> Path:

@@ -162,9 +162,14 @@ def run(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    from ckd.run_dir import RunDirInUse
     from student.pipeline import prepare_run, run_distillation
 
-    acc = prepare_run(cfg)
+    try:
+        acc = prepare_run(cfg)
+    except RunDirInUse as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     address, names, deployment = "", [], None
     try:
         if embedded is not None:

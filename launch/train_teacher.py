@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
         os.environ.setdefault(k, v)
     from ckd.metrics import format_table
+    from ckd.run_dir import RunDirInUse
     from teachers.config import TeacherConfig
     from teachers.training import train_teacher
 
@@ -82,7 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     if not cfg.data.data_dir:
         cfg.data.data_dir = default_data_dir()
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / "teachers" / Path(args.config).stem
-    metrics = train_teacher(cfg, run_dir, cfg.data.data_dir)
+    try:
+        metrics = train_teacher(cfg, run_dir, cfg.data.data_dir)
+    except RunDirInUse as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     print(f"\n{cfg.kind} — best epoch {metrics['best_epoch']}, checkpoint {metrics['checkpoint']}")
     print(format_table({"valid": metrics["valid"], "test": metrics["test"]}))
     return 0

@@ -18,7 +18,7 @@ import torch
 from ckd.config import ConfigError, to_dict
 from ckd.data.multidomain import MultiDomainDataset, load_multidomain
 from ckd.metrics import format_table
-from ckd.run_dir import setup_logging, write_run_header
+from ckd.run_dir import claim_run_dir, setup_logging, write_run_header
 from student.models import build_student
 
 if TYPE_CHECKING:
@@ -126,6 +126,8 @@ def prepare_run(cfg) -> Accelerator:
     seed_everything(cfg.train.seed)
     run_dir = shared_run_dir(cfg, acc)
     cfg.run_dir = str(run_dir)
+    if acc.is_main_process:
+        claim_run_dir(run_dir)  # before anything is written into it
     setup_logging(run_dir, acc.process_index)
     return acc
 

@@ -36,7 +36,7 @@ from ckd.data.multidomain import MultiDomainDataset, SeqExamples, load_multidoma
 from ckd.loop import (count_parameters, epoch_batches, peak_memory_mb, rng_state, set_rng_state,
                       torch_permutation, write_dir_atomically)
 from ckd.metrics import evaluate_model, format_table
-from ckd.run_dir import setup_logging, write_metrics, write_run_header
+from ckd.run_dir import claim_run_dir, setup_logging, write_metrics, write_run_header
 from teachers.base import TEACHERS, Teacher, TeacherContractError, load_teacher, save_teacher
 from teachers.config import StageConfig, TeacherConfig
 
@@ -310,6 +310,7 @@ class TeacherTrainer:
 
     # the whole run
     def fit(self) -> dict[str, Any]:
+        claim_run_dir(self.run_dir)  # before anything is written into it
         setup_logging(self.run_dir)
         if self.cfg.train.threads > 0:
             torch.set_num_threads(self.cfg.train.threads)
