@@ -17,7 +17,8 @@ A sweep file names the base config, the runs root and, per parameter, its values
 
 Each point is ``ckd-distill --config <config> --run-dir <runs_root>/<param>=<value> --set <param>=<value>
 --set train.seed=<seed> <args>``; ``run`` trains the missing ones (a finished run directory is read,
-not retrained). The default of a parameter is its value in the resolved base config plus ``args``.
+not retrained). The default of a parameter is its value in the resolved base config plus ``args``;
+every parameter's default point is that one base run, ``<runs_root>/default``, trained once.
 An existing --out or --png is replaced only with --overwrite.
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from ckd.config import ConfigError
 from ckd.reporting import overwrite_refusal
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,13 +54,17 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
     return sweep
 
 
-def run_dir(sweep: dict[str, Any], param: str, value: Any) -> Path:
+def run_dir(sweep: dict[str, Any], param: str, value: Any, defaults: dict[str, Any] | None = None) -> Path:
+    """``<runs_root>/<param>=<value>``; the point at a parameter's default is the base config itself,
+    the same run for every parameter: ``<runs_root>/default`` (trained once, not once per parameter)."""
+    if defaults is not None and param in defaults and value == defaults[param]:
+        return Path(sweep["runs_root"]) / "default"
     return Path(sweep["runs_root"]) / f"{param}={value}"
 
 
-def command(sweep: dict[str, Any], param: str, value: Any) -> list[str]:
+def command(sweep: dict[str, Any], param: str, value: Any, defaults: dict[str, Any] | None = None) -> list[str]:
     """The ckd-distill arguments of one point."""
-    return ["--config", sweep["config"], "--run-dir", str(run_dir(sweep, param, value)),
+    return ["--config", sweep["config"], "--run-dir", str(run_dir(sweep, param, value, defaults)),
             "--set", f"{param}={value}", "--set", f"train.seed={sweep['seed']}", *map(str, sweep["args"])]
 
 
@@ -82,9 +88,10 @@ def collect(sweep: dict[str, Any], defaults: dict[str, Any] | None = None, metri
     for param, values in sweep["params"].items():
         pts = []
         for v in values:
-            m = run_dir(sweep, param, v) / "metrics.json"
+            d = run_dir(sweep, param, v, defaults)
+            m = d / "metrics.json"
             y = json.loads(m.read_text())["test"]["mean"][metric] if m.is_file() else None
-            pts.append({"value": v, "test_" + metric: y, "run_dir": str(run_dir(sweep, param, v))})
+            pts.append({"value": v, "test_" + metric: y, "run_dir": str(d)})
         out[param] = {"points": pts, "default": (defaults or {}).get(param)}
     return out
 
@@ -135,16 +142,21 @@ def main(argv: list[str] | None = None) -> int:
     except SweepError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    try:
+        defaults = {p: default_value(sweep, p) for p in sweep["params"]}
+    except (SweepError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.action == "run":
         failed = 0
         for param, values in sweep["params"].items():
             for v in values:
-                if (run_dir(sweep, param, v) / "metrics.json").is_file():
+                if (run_dir(sweep, param, v, defaults) / "metrics.json").is_file():
                     print(f"{param}={v}: finished, skipped", flush=True)
                     continue
-                print(f"{param}={v}: ckd-distill {' '.join(command(sweep, param, v))}", flush=True)
-                rc = subprocess.run([sys.executable, "-m", "launch.distill", *command(sweep, param, v)],
-                                    cwd=REPO).returncode
+                cmd = command(sweep, param, v, defaults)
+                print(f"{param}={v}: ckd-distill {' '.join(cmd)}", flush=True)
+                rc = subprocess.run([sys.executable, "-m", "launch.distill", *cmd], cwd=REPO).returncode
                 failed += rc != 0
         return 1 if failed else 0
     for p in (args.out, args.png):
@@ -152,11 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         if refusal:
             print(f"error: {refusal}", file=sys.stderr)
             return 2
-    defaults = {p: default_value(sweep, p) for p in sweep["params"]}
     result = collect(sweep, defaults, args.metric)
     doc = {"sweep": str(args.sweep), "metric": f"test {args.metric} (mean over domains)", "seed": sweep["seed"],
-           "params": result, "commands": {p: [" ".join(["ckd-distill", *command(sweep, p, v)]) for v in vals]
-                                          for p, vals in sweep["params"].items()}}
+           "params": result, "commands": {p: [" ".join(["ckd-distill", *command(sweep, p, v, defaults)])
+                                              for v in vals] for p, vals in sweep["params"].items()}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
     draw(result, args.metric, args.png, title=Path(args.sweep).stem)

@@ -15,7 +15,8 @@ def _sweep(tmp_path):
     p = tmp_path / "sweep.yaml"
     p.write_text(f"config: configs/distill_scientific.yaml\nruns_root: {tmp_path / 'runs'}\nseed: 7\n"
                  "params:\n  kd.lambda_kd: [1.0, 3.0]\n  curriculum.pacing: [linear, root]\n")
-    for name, y in (("kd.lambda_kd=1.0", 0.06), ("kd.lambda_kd=3.0", 0.065), ("curriculum.pacing=root", 0.064)):
+    # λ=3 and root pacing are the base config's defaults: both read the one "default" run
+    for name, y in (("kd.lambda_kd=1.0", 0.06), ("default", 0.065), ("curriculum.pacing=linear", 0.064)):
         d = tmp_path / "runs" / name
         d.mkdir(parents=True)
         (d / "metrics.json").write_text(json.dumps({"test": {"mean": {"ndcg@10": y}}}))
@@ -27,9 +28,17 @@ def test_points_defaults_and_commands(tmp_path):
     assert command(sweep, "kd.lambda_kd", 3.0)[-4:] == ["--set", "kd.lambda_kd=3.0", "--set", "train.seed=7"]
     defaults = {p: default_value(sweep, p) for p in sweep["params"]}
     assert defaults == {"kd.lambda_kd": 3.0, "curriculum.pacing": "root"}  # the shipped config's values
+    runs = tmp_path / "runs"
+    assert command(sweep, "kd.lambda_kd", 3.0, defaults)[3] == str(runs / "default")
+    assert command(sweep, "curriculum.pacing", "root", defaults)[3] == str(runs / "default")
+    assert command(sweep, "kd.lambda_kd", 1.0, defaults)[3] == str(runs / "kd.lambda_kd=1.0")
     r = collect(sweep, defaults)
     assert [q["test_ndcg@10"] for q in r["kd.lambda_kd"]["points"]] == [0.06, 0.065]
-    assert [q["test_ndcg@10"] for q in r["curriculum.pacing"]["points"]] == [None, 0.064]  # linear pending
+    assert [q["test_ndcg@10"] for q in r["curriculum.pacing"]["points"]] == [0.064, 0.065]  # root: the default run
+    (runs / "default" / "metrics.json").unlink()
+    r = collect(sweep, defaults)
+    assert r["kd.lambda_kd"]["points"][1]["test_ndcg@10"] is None  # pending until the default run lands
+    assert r["curriculum.pacing"]["points"][1]["test_ndcg@10"] is None
     with pytest.raises(SweepError):
         default_value(sweep, "kd.no_such_setting")
 
