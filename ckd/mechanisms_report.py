@@ -425,7 +425,9 @@ def target_lines(m: dict[str, Any]) -> list[str]:
             steps = ("never reaches the no-curriculum final" if fewer is None else
                      f"{abs(fewer):.1f}% {'fewer' if fewer >= 0 else 'more'} steps to the no-curriculum final")
             spread = {True: "higher", False: "not higher", None: "open whether higher"}[r.get("higher_by_spread")]
-            per.append(f"{labels.get(row, row)}: {steps if r.get('by_steps') is not None else 'steps open'}, "
+            if r.get("by_steps") is None:
+                steps = "steps open (too few seeds, or the no-curriculum mean curve never reaches its own final)"
+            per.append(f"{labels.get(row, row)}: {steps}, "
                        f"final {spread} by more than the seed spread")
         out.append(f"- **Curriculum** (reaches the no-curriculum final in at least 20% fewer steps, or ends higher "
                    f"by more than the seed spread): {yes_no_open(tc.get('met'))}"

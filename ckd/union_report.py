@@ -5,12 +5,14 @@ Pure functions (no torch, no training, no git) over ``results/experiments_union.
 
     {"kind": "union", "schema": 1, "plan", "domains": [D, ...], "commit", "created", "machine",
      "command",                                   # the collect command
-     "retrain_teachers": {"command", "teachers": [name], "finished", "train_s", "machines", "devices"},
+     "retrain_teachers": {"command", "teachers": [name], "finished", "train_s", "train_s_lower_bound"?,
+                          "machines", "devices"},
      "teachers": {name: {"label", "config", "command", "run_dir", "row", "served", "note"?, "sizing",
                          "status": "done" | "pending", "detail"? (pending),
                          # when done:
                          "kind", "checkpoint", "checkpoint_sha256", "vocab_hash", "params", "best_epoch",
-                         "device", "train_s", "train_s_source", "invocations", "failed_invocations",
+                         "device", "train_s", "train_s_source", "train_s_lower_bound"?, "invocations",
+                         "failed_invocations",
                          "machine", "machine_source", "stages", "valid", "test"}},
      "students": {name: {"label", "group", "model", "variant", "teachers": "none" | "served",
                          "configs", "run_dirs", "commands", "note"?,
@@ -685,11 +687,14 @@ def render_union_page(u: UnionResults, eff: Efficiency | None = None, generated_
     so_far = "" if finished == n_teachers else f" so far ({finished} of {n_teachers} teachers finished)"
     out += ["## 3. Teachers: reproducibility", "",
             "Training time = the sum of the wall times of the training invocations recorded in the run "
-            "directory (invocations.jsonl), else the per-epoch times the run recorded (said so in the row).", "",
+            "directory (invocations.jsonl); where there are none, or the per-epoch times the run recorded sum to "
+            "more (part of the training ran unrecorded), those per-epoch times, a lower bound (said so in the "
+            "row).", "",
             teacher_table(u), "",
             "Retrain every teacher on a fresh clone (each resumes from its run directory if interrupted):", "",
             "```bash", rt.get("command") or "python -m research.union run --only " + ",".join(u.teachers), "```", "",
-            f"Measured: {fmt_duration(rt.get('train_s'))} of training wall time{so_far}"
+            f"Measured: {'at least ' if rt.get('train_s_lower_bound') else ''}{fmt_duration(rt.get('train_s'))} "
+            f"of training wall time{so_far}"
             + (f", on {'; '.join(rt.get('machines') or [])}" if rt.get("machines") else "")
             + (f" (device: {', '.join(rt.get('devices') or [])})" if rt.get("devices") else "") + ".", ""]
     out += ["## 4. Students: runs", "",

@@ -398,6 +398,19 @@ def _pool_teachers(spec: str, root: Path) -> list[str]:
     return [str(t.get("name")) for t in (yaml.safe_load(path.read_text()) or {}).get("teachers") or []]
 
 
+def steps_verdict(compare: dict[str, Any] | None, row: str, enough_seeds: bool) -> bool | None:
+    """The curriculum target's steps half for ``row`` from research.anytime.compare's output: True when
+    its mean curve reaches the reference's final in at least FEWER_STEPS_PCT% fewer steps; None (open)
+    without curves of enough seeds, or when the reference's own mean curve never reaches its final
+    (seeds that select different epochs), so that no saving is defined."""
+    runs = (compare or {}).get("runs") or {}
+    ref = (compare or {}).get("reference")
+    if row not in runs or not enough_seeds or runs.get(ref, {}).get("steps_to_reference_final") is None:
+        return None
+    fewer = runs[row].get("fewer_steps_than_reference_pct")
+    return fewer is not None and fewer >= FEWER_STEPS_PCT
+
+
 def collect(plan: Plan, root: Path, command: str = "") -> dict[str, Any]:
     """The mechanisms results JSON (format: ckd.mechanisms_report) from the plan's run directories."""
     from ckd.run_dir import git_sha
@@ -464,7 +477,7 @@ def collect(plan: Plan, root: Path, command: str = "") -> dict[str, Any]:
         spread = higher_by_spread_of(rows[name]["stats"][SELECT], rows[ref]["stats"][SELECT])
         two = (name in curves and ref in curves and len(curves[name]["seeds"]) >= 2
                and len(curves[ref]["seeds"]) >= 2)
-        by_steps = None if not s or not two else (fewer is not None and fewer >= FEWER_STEPS_PCT)
+        by_steps = steps_verdict(steps, name, two)
         ok = True if (by_steps or spread) else (None if by_steps is None or spread is None else False)
         cur_rows[name] = {"fewer_steps_pct": fewer, "by_steps": by_steps, "higher_by_spread": spread, "ok": ok}
     oks = [r["ok"] for r in cur_rows.values()]

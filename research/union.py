@@ -338,20 +338,30 @@ def history_seconds(metrics: dict[str, Any]) -> tuple[float, str]:
 
 
 def measured_time(run_dir: Path, metrics: dict[str, Any] | None) -> dict[str, Any]:
-    """``{"seconds", "source", "invocations", "failed_invocations", "machines"}``: the sum of the
-    invocations' wall times when invocations.jsonl exists, else the metrics' history (said so)."""
+    """``{"seconds", "source", "lower_bound", "invocations", "failed_invocations", "machines"}``: the
+    sum of the invocations' wall times when invocations.jsonl exists, else the metrics' history (said
+    so). When the history's per-epoch times sum to more than the invocations (part of the training ran
+    outside ``research.union run``: before it, or in a continuation it did not launch), the history is
+    the better record; it excludes start-up and the final evaluation, so it is a lower bound."""
     inv = read_invocations(run_dir)
+    hist = history_seconds(metrics) if metrics is not None else None
     if inv:
         failed = sum(1 for r in inv if r.get("rc", 0) != 0)
         machines = list(dict.fromkeys(str(r["machine"]) for r in inv if r.get("machine")))
-        return {"seconds": round(sum(float(r["end"]) - float(r["start"]) for r in inv), 1),
-                "source": "invocations.jsonl (sum of wall times)", "invocations": len(inv),
-                "failed_invocations": failed, "machines": machines}
-    if metrics is None:
-        return {"seconds": None, "source": "not run", "invocations": 0, "failed_invocations": 0, "machines": []}
-    secs, what = history_seconds(metrics)
-    return {"seconds": round(secs, 1), "source": f"no invocations.jsonl: {what} (excludes start-up and the "
-            "final evaluation)", "invocations": 0, "failed_invocations": 0, "machines": []}
+        out = {"seconds": round(sum(float(r["end"]) - float(r["start"]) for r in inv), 1),
+               "source": "invocations.jsonl (sum of wall times)", "lower_bound": False, "invocations": len(inv),
+               "failed_invocations": failed, "machines": machines}
+        if hist is not None and hist[0] > out["seconds"]:
+            out.update(seconds=round(hist[0], 1), lower_bound=True,
+                       source=f"{hist[1]}, more than the {len(inv)} recorded invocation(s)' "
+                              f"{fmt_duration(out['seconds'])}: part of the training ran unrecorded (a lower "
+                              "bound: excludes start-up and the final evaluation)")
+        return out
+    if hist is None:
+        return {"seconds": None, "source": "not run", "lower_bound": False, "invocations": 0,
+                "failed_invocations": 0, "machines": []}
+    return {"seconds": round(hist[0], 1), "source": f"no invocations.jsonl: {hist[1]} (excludes start-up and the "
+            "final evaluation)", "lower_bound": True, "invocations": 0, "failed_invocations": 0, "machines": []}
 
 
 # ----------------------------------------------------------------------------- run
@@ -617,7 +627,8 @@ def collect_teacher(t: TeacherPlan, plan: Plan, root: Path, here: str) -> dict[s
         "status": "done", "kind": metrics.get("kind"), "checkpoint": _rel(str(metrics.get("checkpoint", "")), root),
         "checkpoint_sha256": metrics.get("checkpoint_sha256"), "vocab_hash": metrics.get("vocab_hash"),
         "params": metrics.get("params"), "best_epoch": metrics.get("best_epoch"), "device": device,
-        "train_s": timing["seconds"], "train_s_source": timing["source"], "invocations": timing["invocations"],
+        "train_s": timing["seconds"], "train_s_source": timing["source"],
+        "train_s_lower_bound": timing["lower_bound"], "invocations": timing["invocations"],
         "failed_invocations": timing["failed_invocations"], "machine": machine, "machine_source": machine_source,
         "stages": {n: {"best_epoch": s.get("best_epoch"), "epochs_run": len(s.get("history") or []),
                        "train_s": round(sum(float(h.get("train_s", 0)) + float(h.get("eval_s", 0))
@@ -707,6 +718,7 @@ def collect(plan: Plan, root: Path, command: str = "") -> dict[str, Any]:
     retrain = {"command": "python -m research.union run --only " + ",".join(teachers),
                "teachers": list(teachers), "finished": len(done_t),
                "train_s": round(sum(t["train_s"] or 0 for t in done_t), 1) if done_t else None,
+               "train_s_lower_bound": any(t.get("train_s_lower_bound") for t in done_t),
                "machines": list(dict.fromkeys(t["machine"] for t in done_t)),
                "devices": list(dict.fromkeys(t["device"] for t in done_t))}
     return {"kind": FORMAT, "schema": SCHEMA, "plan": plan.source, "domains": list(plan.domains),

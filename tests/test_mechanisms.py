@@ -16,7 +16,7 @@ from ckd.mechanisms_report import (HELPS, HURTS, NONE, OPEN, VERDICT_RULE, again
 from ckd.reporting import ReportError, parse_markdown_tables, parse_results_manifest
 from launch import report
 from research import mechanisms
-from research.mechanisms import PlanError, collect, load_plan, parse_plan
+from research.mechanisms import PlanError, collect, load_plan, parse_plan, steps_verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = [1, 2, 3]
@@ -233,6 +233,23 @@ def test_anytime_mean_curves_and_steps_by_hand(data):
     assert steps["curriculum_off"]["steps_to_95pct_of_final"] == 300
     assert steps["clean_both"]["fewer_steps_than_reference_pct"] == 70.0
     assert data["targets"]["curriculum"]["rows"]["clean_both"]["by_steps"] is True
+
+
+def test_steps_verdict_is_open_when_the_reference_never_reaches_its_own_final():
+    # compare() output by hand: the reference's mean curve stays below its final (its seeds selected
+    # different epochs), so no row's saving is defined -> open, even for a row that is ahead throughout.
+    never = {"reference": "off", "runs": {"off": {"steps_to_reference_final": None},
+                                          "on": {"steps_to_reference_final": None,
+                                                 "fewer_steps_than_reference_pct": None}}}
+    assert steps_verdict(never, "on", True) is None
+    reaches = {"reference": "off", "runs": {"off": {"steps_to_reference_final": 400},
+                                            "on": {"steps_to_reference_final": 300,
+                                                   "fewer_steps_than_reference_pct": 25.0},
+                                            "late": {"steps_to_reference_final": None,
+                                                     "fewer_steps_than_reference_pct": None}}}
+    assert steps_verdict(reaches, "on", True) is True  # 25% >= 20%
+    assert steps_verdict(reaches, "late", True) is False  # never reaches the reference's final
+    assert steps_verdict(reaches, "on", False) is None  # curves of fewer than two seeds
 
 
 def test_a_run_of_another_setting_is_refused(repo):

@@ -429,7 +429,9 @@ def tiny_tree(root: Path) -> None:
         "checkpoint_sha256": "a" * 64, "vocab_hash": "h" * 64, "params": 1000, "best_epoch": 1,
         "stages": {"pretrain": {"best_epoch": 1, "history": [{"epoch": 0, "train_s": 40.0},
                                                              {"epoch": 1, "train_s": 50.0}]}}})
-    # tid: no invocations.jsonl -> the history's train_s + eval_s, said so
+    # tid: one recorded invocation of 20 s, but its history's train_s + eval_s say 71 s (part of the
+    # training ran outside research.union): the history, a lower bound, said so
+    inv(root / "runs/t/tid", (3000.0, 3020.0, 0))
     write_json(root / "runs/t/tid/metrics.json", {
         "valid": two, "test": {"Scientific": m(0.12), "Office14": m(0.06)}, "kind": "unisrec",
         "checkpoint": "runs/t/tid/best", "checkpoint_sha256": "b" * 64, "vocab_hash": "h" * 64, "params": 2000,
@@ -470,8 +472,9 @@ def test_collect_builds_the_union_json_from_run_directories(tmp_path, capsys):
     assert pre["command"] == "ckd-train-teacher --config configs/pre.yaml --run-dir runs/t/pre"
     assert pre["machine_source"].startswith("not recorded at training")
     tid = data["teachers"]["tid"]
-    assert tid["train_s"] == 71.0  # 30 + 5 + 31.5 + 4.5
-    assert tid["train_s_source"].startswith("no invocations.jsonl: history train_s+eval_s of stage(s) finetune")
+    assert (tid["train_s"], tid["train_s_lower_bound"], pre["train_s_lower_bound"]) == (71.0, True, False)  # 30+5+31.5+4.5
+    assert tid["train_s_source"].startswith("history train_s+eval_s of stage(s) finetune, more than the 1 recorded "
+                                            "invocation(s)' 20 s: part of the training ran unrecorded")
     # the mean over domains is the unweighted mean, recomputed: (.12 + .06) / 2
     assert tid["test"]["mean"]["ndcg@10"] == pytest.approx(0.09)
     assert tid["stages"]["finetune"] == {"best_epoch": 0, "epochs_run": 2, "train_s": 71.0}
@@ -499,6 +502,7 @@ def test_collect_builds_the_union_json_from_run_directories(tmp_path, capsys):
                                "student dist seed 1 (runs/dist/seed1): not started"]
     assert data["retrain_teachers"]["command"] == "python -m research.union run --only pre,tid,late"
     assert (data["retrain_teachers"]["finished"], data["retrain_teachers"]["train_s"]) == (2, 181.0)
+    assert data["retrain_teachers"]["train_s_lower_bound"] is True  # tid's time is a lower bound
 
     # the JSON renders: the partial seed counts on Scientific only, the mean needs both domains
     u = load_union(out)
@@ -509,6 +513,7 @@ def test_collect_builds_the_union_json_from_run_directories(tmp_path, capsys):
     text = render_union_page(u)
     assert "| Alone | baseline | 2 seeds | 0.1100 ± 0.0141 | 0.0550 ± 0.0071 |" in text
     assert "invocations.jsonl (sum of wall times); 2 invocations, 1 failed" in text  # pre's row
+    assert "Measured: at least 3.0 min of training wall time so far (2 of 3 teachers finished)" in text
 
     # an existing --out is never replaced without --overwrite
     before = out.read_text()
