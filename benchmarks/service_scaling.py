@@ -482,7 +482,7 @@ def print_table(res: dict[str, Any]) -> None:
           f"client cores {s['client_cpus'] or 'not pinned'}")
     cores = {d["replicas"]: d for d in res["deployments"]}
     print(f"{'R':>2s} {'N':>2s} {'replica cores':>16s} {'batches/s':>10s} {'rows/s':>9s} {'p50 ms':>8s} "
-          f"{'p99 ms':>8s} {'x R=1':>6s} {'t.util':>6s} {'err':>4s}")
+          f"{'p99 ms':>8s} {'n':>5s} {'x R=1':>6s} {'t.util':>6s} {'err':>4s}")
     for c in res["cells"]:
         d = cores[c["replicas"]]
         rc = "/".join(",".join(map(str, x["cpus_os"])) for x in d["replica_info"])
@@ -491,7 +491,8 @@ def print_table(res: dict[str, Any]) -> None:
         sp = res["speedup_vs_1_replica"].get(str(c["clients"]), {}).get(str(c["replicas"]))
         print(f"{c['replicas']:2d} {c['clients']:2d} {rc[-16:]:>16s} {c['batches_per_s']:10.2f} "
               f"{c['rows_per_s']:9.0f} {f(c['latency']['p50_ms'])!s:>8s} {f(c['latency']['p99_ms'])!s:>8s} "
-              f"{f(sp, '.2f')!s:>6s} {f(c['teacher_core_utilisation'], '.2f')!s:>6s} {c['errors']:4d}")
+              f"{c['latency']['n']:5d} {f(sp, '.2f')!s:>6s} {f(c['teacher_core_utilisation'], '.2f')!s:>6s} {c['errors']:4d}")
+    print("n: requests timed in the cell (with fewer than ~100, p99 is close to the slowest one)")
     if any(d["shared_cores"] for d in res["deployments"]):
         print("* more replicas than core slots: replicas share cores")
     best = res["best_speedup_1_to_2"]

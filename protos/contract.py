@@ -69,13 +69,16 @@ class ServiceLimits:
 
         replica  <=  resident + max_workers * (3R + 3S) + (2G + S) + encoder
 
-    - resident: interpreter, torch, the weights and the item table (num_items * E);
+    - resident: interpreter, torch, the weights and the item tables (num_items * E each; UniSRec
+      keeps two, its adapted text and its item representation);
     - 3R + 3S per Score call in flight (at most max_workers run at once: a gRPC handler thread
       starts receiving a message only when it takes the call; calls still waiting hold only what
       HTTP/2 flow control lets gRPC buffer): the received message, its bytes and its ids widened to
       int64, then the scores, their encoded bytes and the serialised reply;
     - 2G + S for the scoring, which one batcher thread runs one request at a time: one gathered
       block, one copy of it (the cosine teachers normalise it) and the [B, C] scores it fills;
+      + G/2 for a teacher served in bfloat16/float16, whose autocast product takes a 16-bit copy of
+      the block;
     - encoder: the teacher's own activations for one coalesced batch of histories (model-specific;
       the text teachers encode 128 rows at a time).
     """
@@ -109,18 +112,21 @@ class ServiceLimits:
         """G: the most bytes one gathered block takes (a block holds at least one embedding)."""
         return max(self.max_gather_bytes, embedding_bytes)
 
-    def scoring_bytes(self, embedding_bytes: int) -> int:
-        """2G + S: the scoring's working set for one request inside these limits."""
-        return 2 * self.gather_bytes(embedding_bytes) + 4 * self.max_score_cells
+    def scoring_bytes(self, embedding_bytes: int, precision: str = "float32") -> int:
+        """2G + S: the scoring's working set for one request inside these limits; 2G + G/2 + S when
+        the teacher serves in a 16-bit precision (autocast adds a half-size copy of the block)."""
+        g = self.gather_bytes(embedding_bytes)
+        return 2 * g + (g // 2 if precision != "float32" else 0) + 4 * self.max_score_cells
 
     def call_bytes(self) -> int:
         """3R + 3S: what one Score call in flight holds outside the scoring."""
         return 3 * self.max_message_bytes + 3 * 4 * self.max_score_cells
 
-    def replica_bytes(self, embedding_bytes: int, resident_bytes: int = 0, encoder_bytes: int = 0) -> int:
+    def replica_bytes(self, embedding_bytes: int, resident_bytes: int = 0, encoder_bytes: int = 0,
+                      precision: str = "float32") -> int:
         """The memory budget of one replica (formula in the class docstring)."""
-        return resident_bytes + self.max_workers * self.call_bytes() + self.scoring_bytes(embedding_bytes) \
-            + encoder_bytes
+        return resident_bytes + self.max_workers * self.call_bytes() \
+            + self.scoring_bytes(embedding_bytes, precision) + encoder_bytes
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any] | None) -> "ServiceLimits":

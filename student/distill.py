@@ -159,7 +159,9 @@ def teacher_log_distributions(scores: Mapping[str, torch.Tensor | None], temps: 
                                f"{tuple(valid_mask.shape)}")
         if name not in temps:
             raise DistillError(f"teacher {name}: no temperature given")
-        s = s.float()
+        # Teachers are never trained through the KD loss; detached, the masked p log p terms below
+        # (0 * -inf where p = 0) cannot put NaN into a gradient.
+        s = s.detach().float()
         # One pass when every score is finite (the usual case); only then are the valid columns
         # looked at one by one (boolean indexing copies, which costs at a whole-catalogue width).
         if not bool(torch.isfinite(s).all()) and (

@@ -100,7 +100,7 @@ class Teacher(torch.nn.Module):
         self.checkpoint_sha256 = ""
         self._item_cache: torch.Tensor | None = None  # item_embeddings of every id, eval mode only
         self._eval_tables: dict[str, torch.Tensor] = {}  # other per-item tables (eval_table)
-        self._tables_version: tuple[int, ...] = ()  # _state_version() the tables were built at
+        self._tables_version: tuple | None = None  # _state_version() the tables were built at
         self.inference_precision = "float32"
 
     def set_inference_precision(self, precision: str) -> "Teacher":
@@ -204,10 +204,26 @@ class Teacher(torch.nn.Module):
             return self.item_embeddings(candidates)
         return self._item_table(candidates.device)[candidates]
 
-    def _state_version(self) -> tuple[int, ...]:
-        """The in-place version counters of every parameter and buffer: any write to the weights or
-        to a feature buffer (an optimizer step, ``has_image[...] = False``) changes it."""
-        return tuple(t._version for t in (*self.parameters(), *self.buffers()))
+    def _state_version(self) -> tuple[tuple[int, torch.dtype, int], ...]:
+        """Per parameter and buffer: its storage address, dtype and in-place version counter. An
+        in-place write (an optimizer step, ``has_image[...] = False``) bumps the counter; replacing a
+        tensor (``m.text_emb = new``, ``.to(dtype)``) changes the address or dtype, even when the new
+        tensor's counter happens to equal the old one's. Not seen: writes through ``.data`` (they
+        bypass the counter) and changes to inference-mode tensors (no counter): call
+        ``invalidate_tables()`` after those."""
+        def key(t: torch.Tensor) -> tuple[int, torch.dtype, int]:
+            try:
+                version = t._version
+            except RuntimeError:  # an inference-mode tensor tracks no version
+                version = -1
+            return (t.data_ptr(), t.dtype, version)
+
+        return tuple(key(t) for t in (*self.parameters(), *self.buffers()))
+
+    def invalidate_tables(self) -> None:
+        """Drop every eval-mode table now (they are rebuilt on next use); for weight changes the
+        automatic check cannot see (see ``_state_version``)."""
+        self._item_cache, self._eval_tables, self._tables_version = None, {}, None
 
     def _drop_stale_tables(self) -> None:
         version = self._state_version()
@@ -226,8 +242,9 @@ class Teacher(torch.nn.Module):
 
     def eval_table(self, name: str, per_item: Callable[[torch.Tensor], torch.Tensor],
                    device: torch.device) -> torch.Tensor:
-        """``per_item`` over every item id, built once on ``device`` and kept until ``train()`` or
-        ``load_state_dict`` or until a weight or buffer changes. For an item-level computation a frozen teacher repeats for every
+        """``per_item`` over every item id, built once on ``device`` and kept until ``train()``,
+        ``load_state_dict``, ``invalidate_tables()`` or a change to a weight or buffer (written in place,
+        or replaced). For an item-level computation a frozen teacher repeats for every
         history position of every request (e.g. UniSRec's MoE adaptor, UniM2Rec's modality fusion);
         callers use it in eval mode only, where ``per_item`` is deterministic."""
         self._drop_stale_tables()

@@ -116,6 +116,7 @@ def test_at_the_default_limits_a_300d_teacher_gathers_64_mib_not_9_gib():
     assert b * c * emb == 9600 * 1024 * 1024  # what one gather of the whole request needed before
     assert plan.block_bytes <= 64 * 1024 * 1024 and plan.num_blocks == 152
     assert lim.scoring_bytes(emb) == (2 * 64 + 32) * 1024 * 1024
+    assert lim.scoring_bytes(emb, "bfloat16") == (2 * 64 + 32 + 32) * 1024 * 1024  # + a half-size block copy
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -217,4 +217,18 @@ def test_frozen_teacher_reads_history_items_from_its_table(scientific, slice_row
         assert torch.equal(model.encode_histories(hist, lens), per_position)
         model.id_emb.weight[hist[0, 0]] += 1.0  # an in-place write, as an optimizer step would do
         changed = model.encode_histories(hist, lens)
+        # a replaced buffer whose version counter equals the old one's is seen too (by its storage)
+        new = model.text_emb.clone()
+        new[int(hist[1, 0])].add_(1.0)  # one in-place write through a view: one version bump
+        while new._version < model.text_emb._version:
+            new.add_(0.0)
+        assert new._version == model.text_emb._version
+        model.text_emb = new
+        replaced = model.encode_histories(hist, lens)
+        # a write through .data bypasses the counter: invalidate_tables() is the documented way
+        model.id_emb.weight.data[hist[2, 0]] += 1.0
+        model.invalidate_tables()
+        invalidated = model.encode_histories(hist, lens)
     assert not torch.equal(changed[0], per_position[0])
+    assert not torch.equal(replaced[1], changed[1])
+    assert not torch.equal(invalidated[2], replaced[2])
