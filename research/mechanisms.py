@@ -38,6 +38,7 @@ import yaml
 from ckd.mechanisms_report import (ANYTIME_FRACTION, FORMAT, LEVEL, SCHEMA, SELECT, against_value,
                                    higher_by_spread_of, mean_interval, welch)
 from ckd.reporting import METRICS
+from research.plan_schema import PlanError, distinct_ints, entry_mapping, need
 
 REPO = Path(__file__).resolve().parents[1]  # the checkout: the plan's paths are relative to it
 PLAN = "configs/mechanisms/scientific.yaml"
@@ -54,9 +55,6 @@ MEAN_LOSES_PCT = -5.0  # while mean integration loses at least 5%
 FEWER_STEPS_PCT = 20.0  # the curriculum reaches the no-curriculum final in >= 20% fewer steps
 BEAT_TEACHER_PCT = 3.0  # the student beats its best teacher by >= 3% NDCG@10
 
-
-class PlanError(ValueError):
-    """The plan is malformed, or a run directory contradicts it."""
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -116,15 +114,6 @@ class Plan:
         return next(r for r in self.rows if r.name == name)
 
 
-def _need(entry: Any, key: str, where: str, kind: type | tuple[type, ...] = str) -> Any:
-    if not isinstance(entry, dict) or key not in entry:
-        raise PlanError(f"{where}: missing key {key!r}")
-    value = entry[key]
-    if not isinstance(value, kind) or (isinstance(value, str) and not value.strip()):
-        raise PlanError(f"{where}: {key!r} must be {getattr(kind, '__name__', kind)}, got {value!r}")
-    return value
-
-
 def _overrides(items: list[str], where: str) -> dict[str, Any]:
     """``--set`` items as {dotted key: YAML-parsed value} (ckd.config.parse_overrides' parsing)."""
     out = {}
@@ -143,16 +132,13 @@ def parse_row(raw: Any, i: int, plan_seeds: tuple[int, ...], runs_root: str, poo
               source: str) -> Row:
     """One row of the plan, its command read and checked against its group, pool and mode."""
     where = f"{source}: rows[{i}]"
-    if not isinstance(raw, dict):
-        raise PlanError(f"{where}: expected a mapping")
-    if set(raw) - ROW_KEYS:
-        raise PlanError(f"{where}: unknown keys {sorted(set(raw) - ROW_KEYS)}")
-    name = _need(raw, "name", where)
+    entry_mapping(raw, ROW_KEYS, where)
+    name = need(raw, "name", where)
     where = f"{source}: row {name}"
-    group = _need(raw, "group", where)
+    group = need(raw, "group", where)
     if group not in GROUPS:
         raise PlanError(f"{where}: group {group!r} is not one of {GROUPS}")
-    command = " ".join(_need(raw, "command", where).split())
+    command = " ".join(need(raw, "command", where).split())
     argv = shlex.split(command)
     if argv[:3] != ["python", "-m", "research.seeds"]:
         raise PlanError(f"{where}: the command must start with `python -m research.seeds`, got {command!r}")
@@ -192,7 +178,7 @@ def parse_row(raw: Any, i: int, plan_seeds: tuple[int, ...], runs_root: str, poo
         if settings.get("kd.teacher_prior", "none") != prior:
             raise PlanError(f"{where}: mode {mode} needs kd.teacher_prior={prior}, the command sets "
                             f"{settings.get('kd.teacher_prior')!r}")
-    return Row(name=name, label=_need(raw, "label", where), group=group, command=command,
+    return Row(name=name, label=need(raw, "label", where), group=group, command=command,
                runs_root=want_root, config=args.config, settings=settings, pool=pool, mode=mode,
                note=str(raw.get("note", "")))
 
@@ -203,30 +189,27 @@ def parse_plan(raw: Any, source: str = PLAN) -> Plan:
         raise PlanError(f"{source}: expected a mapping")
     if set(raw) - TOP_KEYS:
         raise PlanError(f"{source}: unknown top-level keys {sorted(set(raw) - TOP_KEYS)}")
-    domain = _need(raw, "domain", source)
-    seeds = _need(raw, "seeds", source, list)
-    if not seeds or len(set(seeds)) != len(seeds) or \
-            not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise PlanError(f"{source}: 'seeds' must be a non-empty list of distinct integers, got {seeds!r}")
-    runs_root = _need(raw, "runs_root", source).rstrip("/")
-    pools_raw = _need(raw, "pools", source, dict)
+    domain = need(raw, "domain", source)
+    seeds = distinct_ints(need(raw, "seeds", source, list), "seeds", source)
+    runs_root = need(raw, "runs_root", source).rstrip("/")
+    pools_raw = need(raw, "pools", source, dict)
     pools = {}
     for p, v in pools_raw.items():
-        pools[str(p)] = {"label": _need(v, "label", f"{source}: pool {p}"),
-                         "spec": _need(v, "spec", f"{source}: pool {p}")}
+        pools[str(p)] = {"label": need(v, "label", f"{source}: pool {p}"),
+                         "spec": need(v, "spec", f"{source}: pool {p}")}
     teachers, tnames = [], set()
     for i, t in enumerate(raw.get("teachers") or []):
         where = f"{source}: teachers[{i}]"
         if not isinstance(t, dict) or set(t) - TEACHER_KEYS:
             raise PlanError(f"{where}: expected a mapping with keys among {sorted(TEACHER_KEYS)}")
-        name = _need(t, "name", where)
+        name = need(t, "name", where)
         if name in tnames:
             raise PlanError(f"{where}: teacher {name!r} is listed twice")
         tnames.add(name)
-        teachers.append({"name": name, "label": _need(t, "label", where), "metrics": t.get("metrics") or "",
+        teachers.append({"name": name, "label": need(t, "label", where), "metrics": t.get("metrics") or "",
                          "build": str(t.get("build") or ""), "corrupted": bool(t.get("corrupted", False))})
     rows, names = [], set()
-    for i, r in enumerate(_need(raw, "rows", source, list)):
+    for i, r in enumerate(need(raw, "rows", source, list)):
         row = parse_row(r, i, tuple(seeds), runs_root, pools, source)
         if row.name in names:
             raise PlanError(f"{source}: row {row.name} is listed twice")
@@ -241,11 +224,11 @@ def parse_plan(raw: Any, source: str = PLAN) -> Plan:
             raise PlanError(f"{where}: {name!r} is not a row of the plan")
         return name
 
-    cur = _need(raw, "curriculum", source, dict)
-    cur_rows = [{"row": known(_need(c, "row", f"{source}: curriculum.rows[{i}]"), f"{source}: curriculum.rows[{i}]"),
-                 "label": _need(c, "label", f"{source}: curriculum.rows[{i}]")}
-                for i, c in enumerate(_need(cur, "rows", f"{source}: curriculum", list))]
-    reference = known(_need(cur, "reference", f"{source}: curriculum"), f"{source}: curriculum.reference")
+    cur = need(raw, "curriculum", source, dict)
+    cur_rows = [{"row": known(need(c, "row", f"{source}: curriculum.rows[{i}]"), f"{source}: curriculum.rows[{i}]"),
+                 "label": need(c, "label", f"{source}: curriculum.rows[{i}]")}
+                for i, c in enumerate(need(cur, "rows", f"{source}: curriculum", list))]
+    reference = known(need(cur, "reference", f"{source}: curriculum"), f"{source}: curriculum.reference")
     if reference not in [c["row"] for c in cur_rows]:
         raise PlanError(f"{source}: curriculum.reference {reference} must be one of curriculum.rows")
     by_name = {r.name: r for r in rows}
@@ -254,16 +237,16 @@ def parse_plan(raw: Any, source: str = PLAN) -> Plan:
             raise PlanError(f"{source}: curriculum row {c['row']}: its command must --set train.record_test_curve=true "
                             "(the anytime curves)")
     mechanisms = []
-    for i, mech in enumerate(_need(raw, "mechanisms", source, list)):
+    for i, mech in enumerate(need(raw, "mechanisms", source, list)):
         where = f"{source}: mechanisms[{i}]"
         comps = []
-        for j, c in enumerate(_need(mech, "comparisons", where, list)):
+        for j, c in enumerate(need(mech, "comparisons", where, list)):
             w = f"{where}.comparisons[{j}]"
-            comps.append({"where": _need(c, "where", w), "row": known(_need(c, "row", w), w),
-                          "against": known(_need(c, "against", w), w)})
+            comps.append({"where": need(c, "where", w), "row": known(need(c, "row", w), w),
+                          "against": known(need(c, "against", w), w)})
         if not comps:
             raise PlanError(f"{where}: no comparisons")
-        mechanisms.append({"name": _need(mech, "name", where), "label": _need(mech, "label", where),
+        mechanisms.append({"name": need(mech, "name", where), "label": need(mech, "label", where),
                            "comparisons": comps})
     return Plan(domain=domain, seeds=tuple(seeds), runs_root=runs_root, pools=pools, teachers=tuple(teachers),
                 rows=tuple(rows), curriculum={"reference": reference, "rows": cur_rows}, mechanisms=tuple(mechanisms),

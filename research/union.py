@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckd.reporting import METRICS
-from ckd.reporting import fmt_duration
+from ckd.reporting import METRICS, fmt_duration
 from ckd.union_report import FORMAT
+from research.plan_schema import PlanError, distinct_ints, entry_mapping, need
 
 REPO = Path(__file__).resolve().parents[1]  # the checkout: the plan's paths are relative to it
 PLAN = "configs/union/plan.yaml"
@@ -44,9 +44,6 @@ SCHEMA = 1
 TEACHER_KEYS = {"name", "label", "config", "run_dir", "row", "served", "note"}
 STUDENT_KEYS = {"name", "label", "group", "model", "variant", "teachers", "seeds", "runs", "note"}
 
-
-class PlanError(ValueError):
-    """The plan is malformed, or a run directory contradicts it."""
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -93,15 +90,6 @@ class Plan:
         return (Path(os.path.commonpath(dirs)) / "logs").as_posix()
 
 
-def _need(entry: dict[str, Any], key: str, where: str, kind: type | tuple[type, ...] = str) -> Any:
-    if key not in entry:
-        raise PlanError(f"{where}: missing key {key!r}")
-    value = entry[key]
-    if not isinstance(value, kind) or (isinstance(value, str) and not value.strip()):
-        raise PlanError(f"{where}: {key!r} must be {getattr(kind, '__name__', kind)}, got {value!r}")
-    return value
-
-
 def parse_plan(raw: Any, source: str = PLAN) -> Plan:
     """Validate the plan's parsed YAML: unknown keys, repeated names or run directories, and
     malformed seeds or runs are errors naming the entry."""
@@ -126,42 +114,33 @@ def parse_plan(raw: Any, source: str = PLAN) -> Plan:
 
     for i, t in enumerate(raw.get("teachers") or []):
         where = f"{source}: teachers[{i}]"
-        if not isinstance(t, dict):
-            raise PlanError(f"{where}: expected a mapping")
-        if set(t) - TEACHER_KEYS:
-            raise PlanError(f"{where}: unknown keys {sorted(set(t) - TEACHER_KEYS)}")
-        tp = TeacherPlan(name=_need(t, "name", where), label=_need(t, "label", where),
-                         config=_need(t, "config", where), run_dir=_need(t, "run_dir", where).rstrip("/"),
+        entry_mapping(t, TEACHER_KEYS, where)
+        tp = TeacherPlan(name=need(t, "name", where), label=need(t, "label", where),
+                         config=need(t, "config", where), run_dir=need(t, "run_dir", where).rstrip("/"),
                          row=bool(t.get("row", True)), served=bool(t.get("served", False)),
                          note=str(t.get("note", "")))
         claim(tp.name, [tp.run_dir], where)
         teachers.append(tp)
     for i, s in enumerate(raw.get("students") or []):
         where = f"{source}: students[{i}]"
-        if not isinstance(s, dict):
-            raise PlanError(f"{where}: expected a mapping")
-        if set(s) - STUDENT_KEYS:
-            raise PlanError(f"{where}: unknown keys {sorted(set(s) - STUDENT_KEYS)}")
-        name = _need(s, "name", where)
+        entry_mapping(s, STUDENT_KEYS, where)
+        name = need(s, "name", where)
         where = f"{source}: student {name}"
-        seeds = _need(s, "seeds", where, list)
-        if not seeds or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds) \
-                or len(set(seeds)) != len(seeds):
-            raise PlanError(f"{where}: 'seeds' must be a non-empty list of distinct integers, got {seeds!r}")
-        runs = _need(s, "runs", where, list)
+        seeds = distinct_ints(need(s, "seeds", where, list), "seeds", where)
+        runs = need(s, "runs", where, list)
         if not runs:
             raise PlanError(f"{where}: 'runs' must list at least one {{config, run_dir}}")
         pairs = []
         for j, r in enumerate(runs):
             if not isinstance(r, dict) or set(r) != {"config", "run_dir"}:
                 raise PlanError(f"{where}: runs[{j}] must be {{config, run_dir}}, got {r!r}")
-            pairs.append((_need(r, "config", f"{where}: runs[{j}]"),
-                          _need(r, "run_dir", f"{where}: runs[{j}]").rstrip("/")))
+            pairs.append((need(r, "config", f"{where}: runs[{j}]"),
+                          need(r, "run_dir", f"{where}: runs[{j}]").rstrip("/")))
         teachers_value = s.get("teachers")
         if teachers_value not in (None, "none"):
             raise PlanError(f"{where}: 'teachers' is 'none' (trained alone) or absent (the served teachers)")
-        sp = StudentPlan(name=name, label=_need(s, "label", where), group=_need(s, "group", where),
-                         model=_need(s, "model", where), variant=_need(s, "variant", where),
+        sp = StudentPlan(name=name, label=need(s, "label", where), group=need(s, "group", where),
+                         model=need(s, "model", where), variant=need(s, "variant", where),
                          teachers_none=teachers_value == "none", seeds=tuple(seeds), runs=tuple(pairs),
                          note=str(s.get("note", "")))
         claim(name, [r for _, r in pairs], where)
