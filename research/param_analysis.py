@@ -165,7 +165,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {refusal}", file=sys.stderr)
             return 2
     result = collect(sweep, defaults, args.metric)
-    doc = {"sweep": str(args.sweep), "metric": f"test {args.metric} (mean over domains)", "seed": sweep["seed"],
+    from ckd.run_dir import git_sha
+
+    doc = {"sweep": str(args.sweep), "config": sweep["config"], "args": list(map(str, sweep["args"])),
+           "metric": f"test {args.metric} (mean over domains)", "seed": sweep["seed"], "png": str(args.png),
+           "commit": git_sha(), "command": " ".join(["python -m research.param_analysis", *(argv or sys.argv[1:])]),
            "params": result, "commands": {p: [" ".join(["ckd-distill", *command(sweep, p, v, defaults)])
                                               for v in vals] for p, vals in sweep["params"].items()}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
