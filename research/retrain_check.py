@@ -1,0 +1,121 @@
+"""Does a teacher retrained from its committed config land where the recorded one did?
+
+    python -m research.retrain_check --recorded runs/demo/teachers/unisrec \
+        --retrained runs/repro/demo_unisrec --out results/repro/demo_unisrec_retrain.json
+
+Reads the two teacher run directories (``ckd-train-teacher`` writes config.yaml, run.json and
+metrics.json into each): the resolved configs must be the same recipe (only ``data.data_dir`` and
+``train.progress`` may differ), then per domain of the run the recorded and retrained test metrics,
+their absolute differences, and whether NDCG@10 lands within ``--tolerance`` (default 0.002, the
+"every domain" issue's rule) on every domain; also whether the two checkpoints are the same bytes
+(sha256), the commits both ran at and the retrain's wall time. Prints a table and writes the JSON
+(an existing --out, or one under results/, is replaced only with --overwrite).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ckd.reporting import METRICS, results_out_path, write_results_json
+
+REPO = Path(__file__).resolve().parents[1]
+SELECT = "ndcg@10"
+# Resolved-config keys that say where or how visibly a run ran, not what it trained.
+NOT_RECIPE = {("data", "data_dir"), ("train", "progress")}
+
+
+class RetrainCheckError(ValueError):
+    """A run directory that cannot be compared (missing files, a different recipe)."""
+
+
+def _read(run_dir: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, loader in (("config.yaml", yaml.safe_load), ("metrics.json", json.loads), ("run.json", json.loads)):
+        path = run_dir / name
+        if not path.is_file():
+            raise RetrainCheckError(f"{run_dir}: no {name} (is it a finished ckd-train-teacher run directory?)")
+        out[name] = loader(path.read_text())
+    return out
+
+
+def recipe(config: dict[str, Any]) -> dict[str, Any]:
+    """The resolved config without the keys of NOT_RECIPE."""
+    out = json.loads(json.dumps(config))
+    for section, key in NOT_RECIPE:
+        (out.get(section) or {}).pop(key, None)
+    return out
+
+
+def compare(recorded: Path, retrained: Path, tolerance: float = 0.002) -> dict[str, Any]:
+    """The comparison (see the module docstring) as a JSON-able dict."""
+    a, b = _read(recorded), _read(retrained)
+    if recipe(a["config.yaml"]) != recipe(b["config.yaml"]):
+        raise RetrainCheckError(f"{retrained}/config.yaml is not the recipe of {recorded}/config.yaml: "
+                                "a retrain must use the same config")
+    ta, tb = a["metrics.json"]["test"], b["metrics.json"]["test"]
+    domains = [d for d in ta if d != "mean"]
+    if [d for d in tb if d != "mean"] != domains:
+        raise RetrainCheckError(f"the runs were tested on different domains: {domains} vs {list(tb)}")
+    per_domain = {}
+    for d in domains:
+        per_domain[d] = {m: {"recorded": ta[d][m], "retrained": tb[d][m], "abs_diff": abs(ta[d][m] - tb[d][m])}
+                         for m in METRICS}
+        per_domain[d]["within_tolerance"] = per_domain[d][SELECT]["abs_diff"] <= tolerance
+    from research.union import measured_time
+
+    timing = measured_time(retrained, b["metrics.json"])
+    return {
+        "kind": "retrain_check", "recorded": str(recorded), "retrained": str(retrained),
+        "config": a["config.yaml"], "tolerance": tolerance, "metric": f"test {SELECT}",
+        "recorded_commit": a["run.json"].get("git_sha"), "retrained_commit": b["run.json"].get("git_sha"),
+        "retrained_command": " ".join(b["run.json"].get("argv") or []),
+        "recorded_sha256": a["metrics.json"].get("checkpoint_sha256"),
+        "retrained_sha256": b["metrics.json"].get("checkpoint_sha256"),
+        "same_checkpoint_bytes": a["metrics.json"].get("checkpoint_sha256") == b["metrics.json"].get("checkpoint_sha256"),
+        "best_epoch": {"recorded": a["metrics.json"].get("best_epoch"), "retrained": b["metrics.json"].get("best_epoch")},
+        "retrain_time_s": timing["seconds"], "retrain_time_source": timing["source"],
+        "per_domain": per_domain, "within_tolerance": all(v["within_tolerance"] for v in per_domain.values()),
+    }
+
+
+def print_table(r: dict[str, Any]) -> None:
+    print(f"recorded  {r['recorded']} ({r['recorded_commit']})\nretrained {r['retrained']} ({r['retrained_commit']})")
+    print(f"{'domain':12s} {'metric':10s} {'recorded':>9s} {'retrained':>9s} {'|diff|':>9s}")
+    for d, v in r["per_domain"].items():
+        for m in METRICS:
+            print(f"{d:12s} {m:10s} {v[m]['recorded']:9.4f} {v[m]['retrained']:9.4f} {v[m]['abs_diff']:9.2e}")
+    print(f"test {SELECT} within {r['tolerance']} on every domain: {'yes' if r['within_tolerance'] else 'NO'}; "
+          f"same checkpoint bytes: {'yes' if r['same_checkpoint_bytes'] else 'no'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recorded", required=True, help="the run directory whose numbers are on a page")
+    ap.add_argument("--retrained", required=True, help="the same config trained again")
+    ap.add_argument("--tolerance", type=float, default=0.002)
+    ap.add_argument("--out", default=None, help="JSON to write (optional)")
+    ap.add_argument("--overwrite", action="store_true")
+    args = ap.parse_args(argv)
+    out = results_out_path(args.out, REPO, args.overwrite) if args.out else None
+    if args.out and out is None:
+        return 2
+    try:
+        r = compare(Path(args.recorded), Path(args.retrained), args.tolerance)
+    except RetrainCheckError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    r["command"] = " ".join(["python -m research.retrain_check", *(argv if argv is not None else sys.argv[1:])])
+    print_table(r)
+    if out is not None:
+        write_results_json(out, r)
+        print(f"wrote {out}")
+    return 0 if r["within_tolerance"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
