@@ -512,18 +512,59 @@ def render_mechanisms_page(m: dict[str, Any], generated_by: str = "ckd-report", 
             mechanisms_teacher_table(m), "",
             student_vs_teacher_table(m), ""]
 
-    out += ["## 5. Every row", "", rows_table(m), ""]
+    if m.get("params"):
+        out += ["## 5. Parameter analysis", "", *params_lines(m)]
+    out += [f"## {6 if m.get('params') else 5}. Every row", "", rows_table(m), ""]
     commands = [m.get("command", "")] + [r.get("command", "") for r in m["rows"].values()]
     builds = [t.get("build", "") for t in m["teachers"].values() if t.get("build")]
-    out += ["## 6. Runs", "", _source_block(m.get("commit", "unknown"), m.get("machine", "unknown"),
+    n = 7 if m.get("params") else 6
+    out += [f"## {n}. Runs", "", _source_block(m.get("commit", "unknown"), m.get("machine", "unknown"),
                                            m.get("created", ""), commands, m["source"]), ""]
     if builds:
         out += ["Teacher checkpoints served (each built by):", "", "```bash", *builds, "```", ""]
     out += [_wall_line(m), ""]
-    out += ["## 7. Pending", ""]
+    out += [f"## {n + 1}. Pending", ""]
     out += [f"- {p}" for p in m["pending"]] if m["pending"] else ["Nothing: every run of the plan has finished."]
     out += [""]
     return "\n".join(out)
+
+
+def params_lines(m: dict[str, Any]) -> list[str]:
+    """Per sweep: one row per parameter with every point's test NDCG@10 (the default in bold), the
+    best point and the default's distance to it, then the commands and the figure."""
+    key = f"test_{SELECT}"
+    sds = [r["stats"][SELECT]["sd"] for r in m["rows"].values()
+           if (r.get("stats") or {}).get(SELECT) and r["stats"][SELECT].get("sd") is not None]
+    out = ["One setting at a time, the others at the sweep's base config; one seed per point, so a difference "
+           "smaller than the seed spread of the rows above "
+           + (f"(sample sd {min(sds):.4f}–{max(sds):.4f} NDCG@10 over their seeds) " if sds else "")
+           + "is not a measured difference. Default = the shipped value (bold).", ""]
+    for sw in m["params"]:
+        rows = []
+        for name, r in sw["params"].items():
+            pts, d = r["points"], r.get("default")
+            cells = " · ".join((f"**{q['value']}: {fmt_metric(q[key])}**" if q["value"] == d else
+                                f"{q['value']}: {fmt_metric(q[key])}") for q in pts)
+            done = [q for q in pts if q[key] is not None]
+            best = max(done, key=lambda q: q[key]) if done else None
+            dflt = next((q for q in done if q["value"] == d), None)
+            if best is None or dflt is None:
+                verdict = PENDING
+            elif len(done) < len(pts):
+                verdict = f"{PENDING} (best so far at {best['value']})"
+            elif best["value"] == d:
+                verdict = "the default is the best point"
+            else:
+                verdict = f"best at {best['value']}, the default {dflt[key] - best[key]:+.4f} from it"
+            rows.append([f"`{name}`", str(d), cells, verdict])
+        args = " ".join(sw.get("args") or [])
+        out += [f"### {sw['label']} (`{sw['sweep']}`)", "",
+                f"Base: `{sw['config']}`" + (f" with `{args}`" if args else "") + f", seed {sw['seed']}; figure: "
+                f"`{sw['png']}` (its plotted numbers: `results/{Path(sw['png']).stem}.json`).", "",
+                markdown_table(["Parameter", "Default", f"Test {METRIC_LABELS[SELECT]} per value", "Default vs best"],
+                               rows, align=["l", "l", "l", "l"]), "",
+                "```bash", *sw.get("commands", []), "```", ""]
+    return out
 
 
 def _reliability_lines(m: dict[str, Any]) -> list[str]:

@@ -46,7 +46,8 @@ DEFAULT_OUT = "results/mechanisms_scientific.json"
 GROUPS = ("integration", "curriculum", "precision", "baseline")
 MODES = ("mean", "confidence", "consistency", "both", "reliability")
 TOP_KEYS = {"title", "description", "domain", "seeds", "runs_root", "pools", "teachers", "rows", "curriculum",
-            "mechanisms"}
+            "mechanisms", "params"}
+PARAMS_KEYS = {"sweep", "label", "png"}
 ROW_KEYS = {"name", "label", "group", "pool", "mode", "command", "note"}
 TEACHER_KEYS = {"name", "label", "metrics", "build", "corrupted"}
 # The issue's targets (issue 22, "What to build and measure").
@@ -106,6 +107,7 @@ class Plan:
     rows: tuple[Row, ...]
     curriculum: dict[str, Any]  # {"reference": row, "rows": [{"row", "label"}]}
     mechanisms: tuple[dict[str, Any], ...]
+    params: tuple[dict[str, str], ...] = ()  # parameter sweeps (research.param_analysis): sweep, label, png
     title: str = ""
     description: str = ""
     source: str = PLAN
@@ -248,9 +250,16 @@ def parse_plan(raw: Any, source: str = PLAN) -> Plan:
             raise PlanError(f"{where}: no comparisons")
         mechanisms.append({"name": need(mech, "name", where), "label": need(mech, "label", where),
                            "comparisons": comps})
+    params = []
+    for i, sw in enumerate(raw.get("params") or []):
+        where = f"{source}: params[{i}]"
+        entry_mapping(sw, PARAMS_KEYS, where)
+        params.append({"sweep": need(sw, "sweep", where), "label": need(sw, "label", where),
+                       "png": need(sw, "png", where)})
     return Plan(domain=domain, seeds=tuple(seeds), runs_root=runs_root, pools=pools, teachers=tuple(teachers),
                 rows=tuple(rows), curriculum={"reference": reference, "rows": cur_rows}, mechanisms=tuple(mechanisms),
-                title=str(raw.get("title", "")), description=str(raw.get("description", "")), source=source)
+                params=tuple(params), title=str(raw.get("title", "")), description=str(raw.get("description", "")),
+                source=source)
 
 
 def load_plan(path: str | Path, label: str | None = None) -> Plan:
@@ -381,6 +390,30 @@ def _pool_teachers(spec: str, root: Path) -> list[str]:
     return [str(t.get("name")) for t in (yaml.safe_load(path.read_text()) or {}).get("teachers") or []]
 
 
+def collect_sweep(sw: dict[str, str], root: Path) -> dict[str, Any]:
+    """One parameter sweep of the plan (research.param_analysis): per parameter its points (test
+    NDCG@10 of each finished run, None while pending) and the base config's default."""
+    from research import param_analysis as pa
+
+    try:
+        sweep = pa.load_sweep(root / sw["sweep"])
+        sweep["runs_root"] = str(root / sweep["runs_root"]) if not Path(sweep["runs_root"]).is_absolute() \
+            else sweep["runs_root"]
+        defaults = {p: pa.default_value(sweep, p) for p in sweep["params"]}
+    except (pa.SweepError, OSError) as exc:
+        raise PlanError(f"{sw['sweep']}: {exc}") from exc
+    result = pa.collect(sweep, defaults, SELECT)
+    for r in result.values():  # run directories as the plan names them (relative to the checkout)
+        for q in r["points"]:
+            q["run_dir"] = str(Path(q["run_dir"]).relative_to(root)) if Path(q["run_dir"]).is_absolute() \
+                and Path(q["run_dir"]).is_relative_to(root) else q["run_dir"]
+    plot = (f"python -m research.param_analysis plot --sweep {sw['sweep']} --out "
+            f"results/{Path(sw['png']).stem}.json --png {sw['png']} --overwrite")
+    return {"sweep": sw["sweep"], "label": sw["label"], "png": sw["png"], "config": sweep["config"],
+            "args": list(map(str, sweep["args"])), "seed": sweep["seed"], "params": result,
+            "commands": [f"python -m research.param_analysis run --sweep {sw['sweep']}", plot]}
+
+
 def steps_verdict(compare: dict[str, Any] | None, row: str, enough_seeds: bool) -> bool | None:
     """The curriculum target's steps half for ``row`` from research.anytime.compare's output: True when
     its mean curve reaches the reference's final in at least FEWER_STEPS_PCT% fewer steps; None (open)
@@ -487,6 +520,9 @@ def collect(plan: Plan, root: Path, command: str = "") -> dict[str, Any]:
                       "best_teacher": best_teacher, "closest": closest, "closest_rel_pct": rel,
                       "met": (max(judged) >= BEAT_TEACHER_PCT) if judged else None}
 
+    params = [collect_sweep(sw, root) for sw in plan.params]
+    pending += [f"parameter point {p['label']} {name}={q['value']} ({q['run_dir']}): not finished"
+                for p in params for name, r in p["params"].items() for q in r["points"] if q[f"test_{SELECT}"] is None]
     mechanisms = [{"name": m["name"], "label": m["label"],
                    "comparisons": [{"where": c["where"], **_compare(rows, c["row"], c["against"])}
                                    for c in m["comparisons"]]} for m in plan.mechanisms]
@@ -499,7 +535,7 @@ def collect(plan: Plan, root: Path, command: str = "") -> dict[str, Any]:
             "integration": {"modes": modes, "pools": pool_names, "cells": cells, "change": change},
             "curriculum": {"reference": ref, "rows": plan.curriculum["rows"], "comparisons": cur_comps,
                            "anytime": {"curves": curves, "compare": steps}},
-            "student_vs_teacher": vs_teacher, "mechanisms": mechanisms,
+            "student_vs_teacher": vs_teacher, "mechanisms": mechanisms, "params": params,
             "targets": {"integration": integ_target, "curriculum": cur_target, "best_teacher": teacher_target},
             "pending": pending}
 

@@ -372,3 +372,35 @@ def test_committed_plan_rows_resolve_to_their_settings():
         cfg = resolved(distill_argv(args, plan.seeds[0]))
         for key, want in row.settings.items():
             assert mechanisms._dotted(cfg, key) == (True, want), (row.name, key)
+
+
+def test_parameter_sweeps_on_the_page(repo):
+    """A plan's parameter sweep: every point read from its run directory (the default point is the
+    one shared base run), pending points named, and the page's row per parameter computed by hand."""
+    raw = yaml.safe_load((repo / "configs/plan.yaml").read_text())
+    raw["params"] = [{"sweep": "configs/sweep.yaml", "label": "Sci", "png": "docs/params_sci.png"}]
+    (repo / "configs/plan.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    (repo / "configs/sweep.yaml").write_text(yaml.safe_dump({
+        "config": "configs/demo/student.yaml", "runs_root": "runs/params", "seed": 2024,
+        "params": {"kd.lambda_kd": [0.3, 1.0, 3.0], "kd.temperature": [1.0, 2.0]}}))
+    for name, v in (("default", 0.0579), ("kd.lambda_kd=0.3", 0.0564), ("kd.lambda_kd=3.0", 0.0583)):
+        _write_json(repo / f"runs/params/{name}/metrics.json", {"test": {"mean": {"ndcg@10": v}}})
+    data = collect(load_plan(repo / "configs/plan.yaml", "configs/plan.yaml"), repo, "collect (test)")
+    sweep = data["params"][0]
+    lam = sweep["params"]["kd.lambda_kd"]
+    assert lam["default"] == 1.0  # configs/demo/student.yaml's value
+    assert [q["test_ndcg@10"] for q in lam["points"]] == [0.0564, 0.0579, 0.0583]
+    assert lam["points"][1]["run_dir"] == "runs/params/default"
+    temp = sweep["params"]["kd.temperature"]["points"]
+    assert [q["test_ndcg@10"] for q in temp] == [0.0579, None]  # T=1 is the default run; T=2 pending
+    assert ("parameter point Sci kd.temperature=2.0 (runs/params/kd.temperature=2.0): not finished"
+            in data["pending"])
+    src = repo / "m.json"
+    src.write_text(json.dumps(data))
+    page = render_mechanisms_page(load_mechanisms(src, "results/m.json"))
+    table = next(t for t in parse_markdown_tables(page) if t and "Default vs best" in t[0])
+    rows = {r["Parameter"]: r for r in table}
+    assert rows["`kd.lambda_kd`"]["Test NDCG@10 per value"] == "0.3: 0.0564 · **1.0: 0.0579** · 3.0: 0.0583"
+    assert rows["`kd.lambda_kd`"]["Default vs best"] == "best at 3.0, the default -0.0004 from it"
+    assert rows["`kd.temperature`"]["Default vs best"] == "pending (best so far at 1.0)"
+    assert "## 5. Parameter analysis" in page and "## 8. Pending" in page
