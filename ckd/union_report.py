@@ -7,6 +7,11 @@ Pure functions (no torch, no training, no git) over ``results/experiments_union.
      "command",                                   # the collect command
      "retrain_teachers": {"command", "teachers": [name], "finished", "train_s", "train_s_lower_bound"?,
                           "machines", "devices"},
+     "retrain_checks": [{"teacher", "label", "run_dir", "command", "status": "done" | "pending",
+                         # when done: research.retrain_check's verdict, per domain test NDCG@10
+                         "tolerance", "within_tolerance", "same_checkpoint_bytes", "retrained_commit",
+                         "retrain_time_s", "per_domain": {D: {"recorded", "retrained", "abs_diff",
+                                                              "within_tolerance"}}}]?,
      "teachers": {name: {"label", "config", "command", "run_dir", "row", "served", "note"?, "sizing",
                          "status": "done" | "pending", "detail"? (pending),
                          # when done:
@@ -43,7 +48,7 @@ domain keys) still lists its measurements beside every row, without a figure.
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -136,6 +141,7 @@ class UnionResults:
     retrain: dict[str, Any]
     pending: list[str]
     source: str = ""
+    retrain_checks: list[dict[str, Any]] = field(default_factory=list)  # research.union collect_retrain_check
 
     def row(self, name: str) -> Row:
         for r in self.rows:
@@ -218,7 +224,8 @@ def parse_union(raw: Any, source: str) -> UnionResults:
                         commit=str(raw.get("commit", "unknown")), created=str(raw.get("created", "")),
                         machine=str(raw.get("machine", "unknown")), command=str(raw.get("command", "")),
                         plan=str(raw.get("plan", "")), retrain=raw.get("retrain_teachers") or {},
-                        pending=list(raw.get("pending") or []), source=source)
+                        pending=list(raw.get("pending") or []), source=source,
+                        retrain_checks=list(raw.get("retrain_checks") or []))
 
 
 def load_union(path: str | Path, label: str | None = None) -> UnionResults:
@@ -626,6 +633,35 @@ def efficiency_section(u: UnionResults, eff: Efficiency | None = None, effs: dic
 # ----------------------------------------------------------------------------- page
 
 
+def retrain_check_lines(u: UnionResults) -> list[str]:
+    """§3's seeded-training check: each teacher the plan trains again from its config, its test
+    NDCG@10 per domain against the recorded run's, within the tolerance or not."""
+    checks = u.retrain_checks
+    if not checks:
+        return []
+    out = ["### Retrain check", "",
+           "A teacher trained again from its committed config into another run directory (`python -m "
+           "research.retrain_check` compares the two); seeded training should land within the tolerance of the "
+           "recorded test NDCG@10 on every domain.", ""]
+    rows = []
+    for c in checks:
+        if c.get("status") != "done":
+            out += [f"- {c['label']}: *pending*; train it with `{c['command']}`."]
+            continue
+        for d, v in c["per_domain"].items():
+            rows.append([c["label"], d, fmt_metric(v["recorded"]), fmt_metric(v["retrained"]),
+                         f"{v['abs_diff']:.4f}", "yes" if v["within_tolerance"] else "no"])
+        out += [f"- {c['label']}: within {c['tolerance']} on every domain: "
+                f"**{'yes' if c['within_tolerance'] else 'no'}**; same checkpoint bytes: "
+                f"{'yes' if c['same_checkpoint_bytes'] else 'no'}; retrained at `{c.get('retrained_commit')}` in "
+                f"{fmt_duration(c.get('retrain_time_s'))} (`{c['command']}`)."]
+    out += [""]
+    if rows:
+        out += [markdown_table(["Teacher", "Domain", "Recorded NDCG@10", "Retrained NDCG@10", "|Δ|", "Within"], rows,
+                               align=["l", "l", "r", "r", "r", "l"]), ""]
+    return out
+
+
 def render_union_page(u: UnionResults, eff: Efficiency | None = None, generated_by: str = "ckd-report",
                       generated_at: str = "", draft: bool = False, effs: dict[str, Efficiency] | None = None,
                       figure_link: str | None = None, sidecar: dict[str, Any] | None = None) -> str:
@@ -697,6 +733,7 @@ def render_union_page(u: UnionResults, eff: Efficiency | None = None, generated_
             f"of training wall time{so_far}"
             + (f", on {'; '.join(rt.get('machines') or [])}" if rt.get("machines") else "")
             + (f" (device: {', '.join(rt.get('devices') or [])})" if rt.get("devices") else "") + ".", ""]
+    out += retrain_check_lines(u)
     out += ["## 4. Students: runs", "",
             "Wall time of a seed = the sum over its runs (SASRec alone: one per domain) of their training "
             "invocations.", "", student_runs_table(u), ""]

@@ -79,6 +79,9 @@ class Plan:
     teachers: tuple[TeacherPlan, ...]
     students: tuple[StudentPlan, ...]
     source: str = PLAN
+    # Teachers trained again from their committed config into another run directory, to check that
+    # training is seeded: (teacher name, retrained run directory).
+    retrain_checks: tuple[tuple[str, str], ...] = ()
 
     def names(self) -> list[str]:
         return [t.name for t in self.teachers] + [s.name for s in self.students]
@@ -95,7 +98,7 @@ def parse_plan(raw: Any, source: str = PLAN) -> Plan:
     malformed seeds or runs are errors naming the entry."""
     if not isinstance(raw, dict):
         raise PlanError(f"{source}: expected a mapping with domains, teachers and students")
-    unknown = set(raw) - {"domains", "teachers", "students"}
+    unknown = set(raw) - {"domains", "teachers", "students", "retrain_checks"}
     if unknown:
         raise PlanError(f"{source}: unknown top-level keys {sorted(unknown)}")
     domains = raw.get("domains")
@@ -147,7 +150,17 @@ def parse_plan(raw: Any, source: str = PLAN) -> Plan:
         students.append(sp)
     if not teachers and not students:
         raise PlanError(f"{source}: no teachers and no students")
-    return Plan(domains=tuple(domains), teachers=tuple(teachers), students=tuple(students), source=source)
+    checks = []
+    for i, c in enumerate(raw.get("retrain_checks") or []):
+        where = f"{source}: retrain_checks[{i}]"
+        entry_mapping(c, {"teacher", "run_dir"}, where)
+        name, run_dir = need(c, "teacher", where), need(c, "run_dir", where).rstrip("/")
+        if name not in {t.name for t in teachers if t.row}:
+            raise PlanError(f"{where}: {name!r} is not a teacher row of the plan")
+        claim(f"retrain check {i}", [run_dir], where)
+        checks.append((name, run_dir))
+    return Plan(domains=tuple(domains), teachers=tuple(teachers), students=tuple(students), source=source,
+                retrain_checks=tuple(checks))
 
 
 def load_plan(path: str | os.PathLike[str], label: str | None = None) -> Plan:
@@ -681,6 +694,28 @@ def collect_student(s: StudentPlan, plan: Plan, root: Path) -> dict[str, Any]:
     return entry
 
 
+def collect_retrain_check(plan: Plan, name: str, run_dir: str, root: Path) -> dict[str, Any]:
+    """A teacher of the plan trained again from its config into ``run_dir``, against the recorded
+    run (research.retrain_check); pending until both have finished."""
+    from research.retrain_check import RetrainCheckError, compare
+
+    t = next(t for t in plan.teachers if t.name == name)
+    entry: dict[str, Any] = {"teacher": name, "label": t.label, "run_dir": run_dir,
+                             "command": f"ckd-train-teacher --config {t.config} --run-dir {run_dir}"}
+    if not ((root / t.run_dir / "metrics.json").is_file() and (root / run_dir / "metrics.json").is_file()):
+        return {**entry, "status": "pending"}
+    try:
+        r = compare(root / t.run_dir, root / run_dir)
+    except RetrainCheckError as exc:
+        raise PlanError(f"retrain check of {name}: {exc}") from exc
+    return {**entry, "status": "done", "tolerance": r["tolerance"], "within_tolerance": r["within_tolerance"],
+            "same_checkpoint_bytes": r["same_checkpoint_bytes"], "retrained_commit": r["retrained_commit"],
+            "retrain_time_s": r["retrain_time_s"], "retrain_time_source": r["retrain_time_source"],
+            "per_domain": {d: {"recorded": v["ndcg@10"]["recorded"], "retrained": v["ndcg@10"]["retrained"],
+                               "abs_diff": v["ndcg@10"]["abs_diff"], "within_tolerance": v["within_tolerance"]}
+                           for d, v in r["per_domain"].items()}}
+
+
 def collect(plan: Plan, root: Path, command: str = "") -> dict[str, Any]:
     """The union results JSON (see ckd.union_report for the format) from the run directories."""
     from ckd.run_dir import git_sha
@@ -693,6 +728,9 @@ def collect(plan: Plan, root: Path, command: str = "") -> dict[str, Any]:
         for rec in s["seeds"]:
             pending += [f"student {n} seed {rec['seed']} ({r['run_dir']}): {r['detail']}"
                         for r in rec["runs"] if r["status"] != "done"]
+    checks = [collect_retrain_check(plan, name, run_dir, root) for name, run_dir in plan.retrain_checks]
+    pending += [f"retrain check of teacher {c['teacher']} ({c['run_dir']}): not finished; train it with "
+                f"`{c['command']}`" for c in checks if c["status"] != "done"]
     done_t = [t for t in teachers.values() if t["status"] == "done"]
     retrain = {"command": "python -m research.union run --only " + ",".join(teachers),
                "teachers": list(teachers), "finished": len(done_t),
@@ -702,7 +740,8 @@ def collect(plan: Plan, root: Path, command: str = "") -> dict[str, Any]:
                "devices": list(dict.fromkeys(t["device"] for t in done_t))}
     return {"kind": FORMAT, "schema": SCHEMA, "plan": plan.source, "domains": list(plan.domains),
             "commit": git_sha(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": here,
-            "command": command, "retrain_teachers": retrain, "teachers": teachers, "students": students,
+            "command": command, "retrain_teachers": retrain, "retrain_checks": checks, "teachers": teachers,
+            "students": students,
             "pending": pending}
 
 

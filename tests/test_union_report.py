@@ -567,3 +567,36 @@ def test_committed_plan_parses_and_orders_its_steps():
     assert deps["unisrec_text"] == ["unisrec_pretrain"] and deps["recformer"] == []
     assert deps["sasrec_joint_distilled"] == [t.name for t in plan.teachers if t.served]
     assert deps["sasrec_joint_alone"] == []
+
+
+def test_retrain_check_of_a_teacher_on_the_page(tmp_path):
+    """The plan's retrain check: pending until the retrained run exists, then per domain the
+    recorded and retrained test NDCG@10 with |Δ| and the 0.002 verdict, computed by hand."""
+    tiny_tree(tmp_path)
+    plan_path = tmp_path / "configs" / "plan.yaml"
+    raw = yaml.safe_load(plan_path.read_text())
+    raw["retrain_checks"] = [{"teacher": "tid", "run_dir": "runs/repro/tid"}]
+    plan_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    cfg = {"kind": "unisrec", "data": {"data_dir": "/a", "domains": ["Scientific", "Office14"]}, "train": {"seed": 1}}
+    for d in ("runs/t/tid", "runs/repro/tid"):
+        (tmp_path / d).mkdir(parents=True, exist_ok=True)
+        (tmp_path / d / "config.yaml").write_text(yaml.safe_dump(cfg))
+        write_json(tmp_path / d / "run.json", {"git_sha": "abc", "argv": ["ckd-train-teacher"]})
+    argv = ["--root", str(tmp_path), "--plan", "configs/plan.yaml", "collect", "--out", "u.json", "--overwrite"]
+    assert union.main(argv) == 0
+    data = json.loads((tmp_path / "u.json").read_text())
+    assert data["retrain_checks"][0]["status"] == "pending"
+    assert ("retrain check of teacher tid (runs/repro/tid): not finished; train it with "
+            "`ckd-train-teacher --config configs/tid.yaml --run-dir runs/repro/tid`") in data["pending"]
+    # recorded: Scientific .12, Office14 .06; retrained .1215 (|Δ| .0015) and .0625 (|Δ| .0025 > .002)
+    write_json(tmp_path / "runs/repro/tid/metrics.json", {
+        "test": {"Scientific": m(0.1215), "Office14": m(0.0625)}, "checkpoint_sha256": "c" * 64,
+        "stages": {"finetune": {"history": [{"train_s": 10.0}]}}})
+    assert union.main(argv) == 0
+    check = json.loads((tmp_path / "u.json").read_text())["retrain_checks"][0]
+    assert check["per_domain"]["Scientific"]["abs_diff"] == pytest.approx(0.0015)
+    assert (check["per_domain"]["Scientific"]["within_tolerance"], check["per_domain"]["Office14"]["within_tolerance"],
+            check["within_tolerance"], check["same_checkpoint_bytes"]) == (True, False, False, False)
+    text = render_union_page(load_union(tmp_path / "u.json"))
+    assert "- Text+ID: within 0.002 on every domain: **no**; same checkpoint bytes: no" in text
+    assert "| Text+ID | Office14 | 0.0600 | 0.0625 | 0.0025 | no |" in text
