@@ -51,6 +51,12 @@ def recipe(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _commit(which: str, sha: str | None) -> dict[str, Any]:
+    """run.json's git_sha as ``<which>_commit`` and ``<which>_uncommitted_changes`` (the '-dirty' suffix)."""
+    sha = sha or "unknown"
+    return {f"{which}_commit": sha.removesuffix("-dirty"), f"{which}_uncommitted_changes": sha.endswith("-dirty")}
+
+
 def compare(recorded: Path, retrained: Path, tolerance: float = 0.002) -> dict[str, Any]:
     """The comparison (see the module docstring) as a JSON-able dict."""
     a, b = _read(recorded), _read(retrained)
@@ -72,7 +78,7 @@ def compare(recorded: Path, retrained: Path, tolerance: float = 0.002) -> dict[s
     return {
         "kind": "retrain_check", "recorded": str(recorded), "retrained": str(retrained),
         "config": a["config.yaml"], "tolerance": tolerance, "metric": f"test {SELECT}",
-        "recorded_commit": a["run.json"].get("git_sha"), "retrained_commit": b["run.json"].get("git_sha"),
+        **_commit("recorded", a["run.json"].get("git_sha")), **_commit("retrained", b["run.json"].get("git_sha")),
         "retrained_command": " ".join(b["run.json"].get("argv") or []),
         "recorded_sha256": a["metrics.json"].get("checkpoint_sha256"),
         "retrained_sha256": b["metrics.json"].get("checkpoint_sha256"),
@@ -84,7 +90,9 @@ def compare(recorded: Path, retrained: Path, tolerance: float = 0.002) -> dict[s
 
 
 def print_table(r: dict[str, Any]) -> None:
-    print(f"recorded  {r['recorded']} ({r['recorded_commit']})\nretrained {r['retrained']} ({r['retrained_commit']})")
+    for k in ("recorded", "retrained"):
+        extra = " plus uncommitted changes" if r[f"{k}_uncommitted_changes"] else ""
+        print(f"{k:9s} {r[k]} (commit {r[f'{k}_commit']}{extra})")
     print(f"{'domain':12s} {'metric':10s} {'recorded':>9s} {'retrained':>9s} {'|diff|':>9s}")
     for d, v in r["per_domain"].items():
         for m in METRICS:

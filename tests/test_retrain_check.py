@@ -34,6 +34,9 @@ def test_differences_and_the_rule_on_every_domain(tmp_path, capsys):
     assert r["per_domain"]["Sci"]["ndcg@10"]["abs_diff"] == pytest.approx(0.0015)
     assert r["per_domain"]["Off"]["recall@10"]["abs_diff"] == pytest.approx(0.0020)  # 2 x 0.0010
     assert r["within_tolerance"] is True and r["same_checkpoint_bytes"] is False
+    assert (r["recorded_commit"], r["recorded_uncommitted_changes"]) == ("abc", False)
+    (rec / "run.json").write_text(json.dumps({"git_sha": "abc-dirty"}))
+    assert (compare(rec, ok)["recorded_commit"], compare(rec, ok)["recorded_uncommitted_changes"]) == ("abc", True)
     far = _run(tmp_path / "far", {"Sci": 0.0600, "Off": 0.0525}, "s1")  # Office off by 0.0025
     r = compare(rec, far)
     assert (r["per_domain"]["Sci"]["within_tolerance"], r["per_domain"]["Off"]["within_tolerance"]) == (True, False)
