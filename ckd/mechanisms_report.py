@@ -512,12 +512,14 @@ def render_mechanisms_page(m: dict[str, Any], generated_by: str = "ckd-report", 
             mechanisms_teacher_table(m), "",
             student_vs_teacher_table(m), ""]
 
+    n = 5  # the sections below are numbered as they come (the parameter analysis is optional)
     if m.get("params"):
-        out += ["## 5. Parameter analysis", "", *params_lines(m)]
-    out += [f"## {6 if m.get('params') else 5}. Every row", "", rows_table(m), ""]
+        out += [f"## {n}. Parameter analysis", "", *params_lines(m)]
+        n += 1
+    out += [f"## {n}. Every row", "", rows_table(m), ""]
+    n += 1
     commands = [m.get("command", "")] + [r.get("command", "") for r in m["rows"].values()]
     builds = [t.get("build", "") for t in m["teachers"].values() if t.get("build")]
-    n = 7 if m.get("params") else 6
     out += [f"## {n}. Runs", "", _source_block(m.get("commit", "unknown"), m.get("machine", "unknown"),
                                            m.get("created", ""), commands, m["source"]), ""]
     if builds:

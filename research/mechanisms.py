@@ -405,8 +405,8 @@ def collect_sweep(sw: dict[str, str], root: Path) -> dict[str, Any]:
     result = pa.collect(sweep, defaults, SELECT)
     for r in result.values():  # run directories as the plan names them (relative to the checkout)
         for q in r["points"]:
-            q["run_dir"] = str(Path(q["run_dir"]).relative_to(root)) if Path(q["run_dir"]).is_absolute() \
-                and Path(q["run_dir"]).is_relative_to(root) else q["run_dir"]
+            if Path(q["run_dir"]).is_relative_to(root):
+                q["run_dir"] = str(Path(q["run_dir"]).relative_to(root))
     plot = (f"python -m research.param_analysis plot --sweep {sw['sweep']} --out "
             f"results/{Path(sw['png']).stem}.json --png {sw['png']} --overwrite")
     return {"sweep": sw["sweep"], "label": sw["label"], "png": sw["png"], "config": sweep["config"],
@@ -521,8 +521,13 @@ def collect(plan: Plan, root: Path, command: str = "") -> dict[str, Any]:
                       "met": (max(judged) >= BEAT_TEACHER_PCT) if judged else None}
 
     params = [collect_sweep(sw, root) for sw in plan.params]
-    pending += [f"parameter point {p['label']} {name}={q['value']} ({q['run_dir']}): not finished"
-                for p in params for name, r in p["params"].items() for q in r["points"] if q[f"test_{SELECT}"] is None]
+    listed = set()  # the default run is every parameter's point: listed once
+    for p in params:
+        for name, r in p["params"].items():
+            for q in r["points"]:
+                if q[f"test_{SELECT}"] is None and q["run_dir"] not in listed:
+                    listed.add(q["run_dir"])
+                    pending.append(f"parameter point {p['label']} {name}={q['value']} ({q['run_dir']}): not finished")
     mechanisms = [{"name": m["name"], "label": m["label"],
                    "comparisons": [{"where": c["where"], **_compare(rows, c["row"], c["against"])}
                                    for c in m["comparisons"]]} for m in plan.mechanisms]

@@ -701,7 +701,7 @@ def collect_retrain_check(plan: Plan, name: str, run_dir: str, root: Path) -> di
 
     t = next(t for t in plan.teachers if t.name == name)
     entry: dict[str, Any] = {"teacher": name, "label": t.label, "run_dir": run_dir,
-                             "command": f"ckd-train-teacher --config {t.config} --run-dir {run_dir}"}
+                             "command": Step("teacher", name, t.config, run_dir).command}
     if not ((root / t.run_dir / "metrics.json").is_file() and (root / run_dir / "metrics.json").is_file()):
         return {**entry, "status": "pending"}
     try:

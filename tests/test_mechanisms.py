@@ -395,6 +395,12 @@ def test_parameter_sweeps_on_the_page(repo):
     assert [q["test_ndcg@10"] for q in temp] == [0.0579, None]  # T=1 is the default run; T=2 pending
     assert ("parameter point Sci kd.temperature=2.0 (runs/params/kd.temperature=2.0): not finished"
             in data["pending"])
+    assert not any("runs/params/default" in x for x in data["pending"])  # finished, so not listed
+    (repo / "runs/params/default/metrics.json").unlink()
+    again = collect(load_plan(repo / "configs/plan.yaml", "configs/plan.yaml"), repo, "collect (test)")["pending"]
+    assert [x for x in again if "(runs/params/default)" in x] == [
+        "parameter point Sci kd.lambda_kd=1.0 (runs/params/default): not finished"]  # once, not per parameter
+    _write_json(repo / "runs/params/default/metrics.json", {"test": {"mean": {"ndcg@10": 0.0579}}})
     src = repo / "m.json"
     src.write_text(json.dumps(data))
     page = render_mechanisms_page(load_mechanisms(src, "results/m.json"))
