@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from ckd.reporting import (DASH, METRIC_LABELS, METRICS, ReportError, _read_file, _require, _source_block,
-                           draw_curves, fmt_duration, fmt_metric, markdown_table)
+                           carried_note, draw_curves, fmt_duration, fmt_metric, markdown_table)
 
 FORMAT = "mechanisms"
 SCHEMA = 1
@@ -522,6 +522,8 @@ def render_mechanisms_page(m: dict[str, Any], generated_by: str = "ckd-report", 
     builds = [t.get("build", "") for t in m["teachers"].values() if t.get("build")]
     out += [f"## {n}. Runs", "", _source_block(m.get("commit", "unknown"), m.get("machine", "unknown"),
                                            m.get("created", ""), commands, m["source"]), ""]
+    if carried_note(m):
+        out += [carried_note(m), ""]
     if builds:
         out += ["Teacher checkpoints served (each built by):", "", "```bash", *builds, "```", ""]
     out += [_wall_line(m), ""]

@@ -712,6 +712,34 @@ def expected_png_size() -> tuple[int, int]:
 # ----------------------------------------------------------------------------- page
 
 
+def carried_entries(data: Any, path: str = "") -> list[tuple[str, dict[str, Any]]]:
+    """Every (JSON path, ``carried`` marker) in a collected results document: results a collect kept
+    from the JSON it replaced because their run directories were not on its machine (research.carry)."""
+    found: list[tuple[str, dict[str, Any]]] = []
+    if isinstance(data, dict):
+        if isinstance(data.get("carried"), dict):
+            found.append((path or "/", data["carried"]))
+        for k, v in data.items():
+            if k != "carried":
+                found += carried_entries(v, f"{path}/{k}")
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            found += carried_entries(v, f"{path}/{i}")
+    return found
+
+
+def carried_note(data: Any) -> str:
+    """One sentence for a page: how many of its results were carried, and from which collect commits;
+    empty when none was."""
+    found = carried_entries(data)
+    if not found:
+        return ""
+    commits = sorted({str(c.get("from_commit", "unknown"))[:12] for _, c in found})
+    return (f"{len(found)} of these results were recorded by an earlier collect (commit(s) "
+            + ", ".join(f"`{c}`" for c in commits) + ") and carried over unchanged: their run directories "
+            "are not on the machine this collect ran on, and their configs have not changed since.")
+
+
 def _source_block(commit: str, machine: str, created: str, commands: Iterable[str], source: str,
                   device: str = "") -> str:
     cmds = [c for c in commands if c]

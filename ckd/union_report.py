@@ -53,8 +53,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ckd.reporting import (DASH, FIGURE_DPI, FIGURE_SIZE_IN, MAX_AREA_PT2, MEAN, METRIC_LABELS, METRICS, Efficiency,
-                           ReportError, _read_file, _require, _source_block, fmt_duration, fmt_int, fmt_mb, fmt_metric,
-                           fmt_ms, markdown_table, place_labels, plot_panel)
+                           ReportError, _read_file, _require, _source_block, carried_note, fmt_duration, fmt_int,
+                           fmt_mb, fmt_metric, fmt_ms, markdown_table, place_labels, plot_panel)
 
 FORMAT = "union"
 PENDING = "pending"
@@ -688,6 +688,9 @@ def render_union_page(u: UnionResults, eff: Efficiency | None = None, generated_
                [c for s in u.students.values() for c in s.get("commands") or []]
     out += ["## 1. Test results per domain", "",
             _source_block(u.commit, u.machine, u.created, [u.command] + commands, u.source), ""]
+    carried = carried_note({"teachers": u.teachers, "students": u.students, "retrain_checks": u.retrain_checks})
+    if carried:
+        out += [carried, ""]
     for d in u.domains:
         out += [f"### {d}", "", domain_table(u, d), ""]
     out += ["### Mean over domains", "",

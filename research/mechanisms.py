@@ -390,9 +390,10 @@ def _pool_teachers(spec: str, root: Path) -> list[str]:
     return [str(t.get("name")) for t in (yaml.safe_load(path.read_text()) or {}).get("teachers") or []]
 
 
-def collect_sweep(sw: dict[str, str], root: Path) -> dict[str, Any]:
+def collect_sweep(sw: dict[str, str], root: Path, previous: dict[str, Any] | None = None) -> dict[str, Any]:
     """One parameter sweep of the plan (research.param_analysis): per parameter its points (test
-    NDCG@10 of each finished run, None while pending) and the base config's default."""
+    NDCG@10 of each finished run, None while pending; carried from ``previous`` when recorded there)
+    and the base config's default."""
     from research import param_analysis as pa
 
     try:
@@ -407,6 +408,9 @@ def collect_sweep(sw: dict[str, str], root: Path) -> dict[str, Any]:
         for q in r["points"]:
             if Path(q["run_dir"]).is_relative_to(root):
                 q["run_dir"] = str(Path(q["run_dir"]).relative_to(root))
+    prev = next((p for p in (previous or {}).get("params") or [] if p.get("sweep") == sw["sweep"]), None)
+    if prev:
+        pa.carry_points(result, previous, prev.get("params"), root, [sw["sweep"], sweep["config"]], SELECT)
     plot = (f"python -m research.param_analysis plot --sweep {sw['sweep']} --out "
             f"results/{Path(sw['png']).stem}.json --png {sw['png']} --overwrite")
     return {"sweep": sw["sweep"], "label": sw["label"], "png": sw["png"], "config": sweep["config"],
@@ -427,8 +431,25 @@ def steps_verdict(compare: dict[str, Any] | None, row: str, enough_seeds: bool) 
     return fewer is not None and fewer >= FEWER_STEPS_PCT
 
 
-def collect(plan: Plan, root: Path, command: str = "") -> dict[str, Any]:
-    """The mechanisms results JSON (format: ckd.mechanisms_report) from the plan's run directories."""
+def _carry_seed(rec: dict[str, Any], row: Row, prev_row: dict[str, Any] | None, previous: dict[str, Any] | None,
+                root: Path) -> dict[str, Any]:
+    """A seed pending here replaced by the same seed's finished record of ``previous`` (research.carry)."""
+    from research.carry import carry
+
+    prev = next((s for s in (prev_row or {}).get("seeds") or [] if (s.get("seed"), s.get("run_dir")) == (
+        rec["seed"], rec["run_dir"])), None)
+    if rec["status"] == "done" or not prev or prev.get("status") != "done" or (prev_row or {}).get(
+            "command") != row.command:
+        return rec
+    got = carry(prev, previous or {}, root, [row.config])
+    return {**rec, "detail": f"{rec['detail']}; a recorded result was not carried: {got}"} if isinstance(got, str) \
+        else got
+
+
+def collect(plan: Plan, root: Path, command: str = "", previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The mechanisms results JSON (format: ckd.mechanisms_report) from the plan's run directories,
+    with the finished entries of ``previous`` (the JSON it replaces) whose run directories are not here."""
+    from research.carry import carry
     from ckd.run_dir import git_sha
     from research.anytime import compare as anytime_compare
     from research.union import machine_for
@@ -436,15 +457,20 @@ def collect(plan: Plan, root: Path, command: str = "") -> dict[str, Any]:
     pools = {p: {**v, "teachers": _pool_teachers(v["spec"], root)} for p, v in plan.pools.items()}
     teachers = {}
     for t in plan.teachers:
-        teachers[t["name"]] = {**read_teacher(t, plan.domain, root),
-                               "pools": [p for p, v in pools.items() if t["name"] in v["teachers"]]}
+        got = read_teacher(t, plan.domain, root)
+        prev = ((previous or {}).get("teachers") or {}).get(t["name"])
+        if got["status"] == "pending" and prev and prev.get("status") == "done" and prev.get("metrics") == t["metrics"]:
+            kept = carry(prev, previous or {}, root, [])
+            got = got if isinstance(kept, str) else {k: v for k, v in kept.items() if k != "pools"}
+        teachers[t["name"]] = {**got, "pools": [p for p, v in pools.items() if t["name"] in v["teachers"]]}
     clean = {n: t for n, t in teachers.items() if t["status"] == "done" and not t["corrupted"]}
     best_teacher = max(clean, key=lambda n: clean[n]["test"][SELECT]) if clean else None
 
     rows: dict[str, Any] = {}
     pending: list[str] = []
     for row in plan.rows:
-        seeds = [read_seed(plan, row, s, root) for s in plan.seeds]
+        prev_row = ((previous or {}).get("rows") or {}).get(row.name)
+        seeds = [_carry_seed(read_seed(plan, row, s, root), row, prev_row, previous, root) for s in plan.seeds]
         done = [s for s in seeds if s["status"] == "done"]
         rows[row.name] = {
             "label": row.label, "group": row.group, "pool": row.pool, "mode": row.mode, "command": row.command,
@@ -520,7 +546,7 @@ def collect(plan: Plan, root: Path, command: str = "") -> dict[str, Any]:
                       "best_teacher": best_teacher, "closest": closest, "closest_rel_pct": rel,
                       "met": (max(judged) >= BEAT_TEACHER_PCT) if judged else None}
 
-    params = [collect_sweep(sw, root) for sw in plan.params]
+    params = [collect_sweep(sw, root, previous) for sw in plan.params]
     listed = set()  # the default run is every parameter's point: listed once
     for p in params:
         for name, r in p["params"].items():
@@ -533,7 +559,7 @@ def collect(plan: Plan, root: Path, command: str = "") -> dict[str, Any]:
                                    for c in m["comparisons"]]} for m in plan.mechanisms]
     return {"kind": FORMAT, "schema": SCHEMA, "plan": plan.source, "title": plan.title,
             "description": plan.description, "domain": plan.domain, "seeds": list(plan.seeds), "confidence": LEVEL,
-            "commit": git_sha(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": _machine(rows, machine_for),
+            "commit": git_sha(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": _machine(rows, machine_for, previous),
             "command": command, "configs": list(dict.fromkeys(r.config for r in plan.rows)),
             "epochs": sorted({s["epochs"] for r in rows.values() for s in r["seeds"] if s.get("epochs") is not None}),
             "pools": pools, "teachers": teachers, "best_teacher": best_teacher, "rows": rows,
@@ -545,10 +571,18 @@ def collect(plan: Plan, root: Path, command: str = "") -> dict[str, Any]:
             "pending": pending}
 
 
-def _machine(rows: dict[str, Any], machine_for: Any) -> str:
+def _machine(rows: dict[str, Any], machine_for: Any, previous: dict[str, Any] | None = None) -> str:
     """The machine the runs trained on: research.seeds records none, so the box collect runs on
-    (said so), with the devices the runs' run.json name."""
-    devices = sorted({str(s.get("device")) for r in rows.values() for s in r["seeds"] if s.get("device")})
+    (said so), with the devices the runs' run.json name. Seeds carried from ``previous`` keep the
+    machine that JSON names."""
+    here = [s for r in rows.values() for s in r["seeds"] if not s.get("carried")]
+    if len(here) < sum(len(r["seeds"]) for r in rows.values()):
+        before = str((previous or {}).get("machine") or "unknown")
+        if not any(s["status"] == "done" for s in here):
+            return before
+        return f"carried results: {before}; results collected here: " + _machine(
+            {"here": {"seeds": here}}, machine_for)
+    devices = sorted({str(s.get("device")) for s in here if s.get("device")})
     if any(d.startswith("cuda") for d in devices):
         return f"GPU box (devices {', '.join(devices)}; machine not recorded by the runs)"
     return machine_for("cpu") + " (not recorded by the runs: the machine collect ran on" + (
@@ -557,16 +591,20 @@ def _machine(rows: dict[str, Any], machine_for: Any) -> str:
 
 def cmd_collect(args: argparse.Namespace, root: Path) -> int:
     from ckd.reporting import results_out_path, write_results_json
+    from research.carry import carried_entries, load_previous
 
     out = results_out_path(args.out, root, args.overwrite)
     if out is None:
         return 2
     plan = load_plan(root / args.plan, args.plan)
-    data = collect(plan, root, f"python -m research.mechanisms collect --plan {args.plan} --out {args.out}")
+    data = collect(plan, root, f"python -m research.mechanisms collect --plan {args.plan} --out {args.out}",
+                   load_previous(out))
     write_results_json(out, data)
     n = sum(len(r["seeds"]) for r in data["rows"].values())
     done = sum(s["status"] == "done" for r in data["rows"].values() for s in r["seeds"])
-    print(f"written {args.out}: {done}/{n} seeds of {len(data['rows'])} rows finished; {len(data['pending'])} pending")
+    print(f"written {args.out}: {done}/{n} seeds of {len(data['rows'])} rows finished; {len(data['pending'])} pending; "
+          f"{len(carried_entries(data))} result(s) carried from the previous {args.out} (run directories not on "
+          "this machine)")
     for mech in data["mechanisms"]:
         print(f"  {mech['label']}: " + "; ".join(f"{c['where']} {c['verdict']}" for c in mech["comparisons"]))
     return 0

@@ -96,6 +96,28 @@ def collect(sweep: dict[str, Any], defaults: dict[str, Any] | None = None, metri
     return out
 
 
+def carry_points(result: dict[str, Any], previous: dict[str, Any] | None, prev_params: dict[str, Any] | None,
+                 root: Path, configs: list[str], metric: str = "ndcg@10") -> int:
+    """Fill each pending point of ``result`` (``collect``'s output) from the same point (parameter,
+    value, run directory) of ``prev_params``, the params of the ``previous`` results JSON, marked as
+    carried (research.carry), unless ``configs`` changed since. Returns how many were carried."""
+    from research.carry import carry
+
+    n = 0
+    for param, r in result.items():
+        before = {(str(q.get("value")), q.get("run_dir")): q for q in ((prev_params or {}).get(param) or {}).get(
+            "points") or []}
+        for i, q in enumerate(r["points"]):
+            prev = before.get((str(q["value"]), q["run_dir"]))
+            if q[f"test_{metric}"] is not None or prev is None or prev.get(f"test_{metric}") is None:
+                continue
+            got = carry(prev, previous or {}, root, configs)
+            if not isinstance(got, str):
+                r["points"][i] = got
+                n += 1
+    return n
+
+
 def draw(result: dict[str, Any], metric: str, path: str | Path, title: str = "") -> None:
     import matplotlib
 
@@ -166,6 +188,16 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     result = collect(sweep, defaults, args.metric)
     from ckd.run_dir import git_sha
+    from research.carry import load_previous
+    from research.plan_schema import PlanError
+
+    try:  # points whose run directories are not on this machine keep their recorded value
+        previous = load_previous(Path(args.out))
+    except PlanError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    carried = carry_points(result, previous, (previous or {}).get("params"), REPO,
+                           [str(args.sweep), sweep["config"]], args.metric) if previous else 0
 
     doc = {"sweep": str(args.sweep), "config": sweep["config"], "args": list(map(str, sweep["args"])),
            "metric": f"test {args.metric} (mean over domains)", "seed": sweep["seed"], "png": str(args.png),
@@ -179,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         cells = ", ".join(f"{q['value']}: {q[f'test_{args.metric}']:.4f}" if q[f"test_{args.metric}"] is not None
                           else f"{q['value']}: pending" for q in r["points"])
         print(f"{p} (default {r['default']}): {cells}")
-    print(f"written {args.out}, {args.png}")
+    print(f"written {args.out}, {args.png}" + (f" ({carried} point(s) carried from the previous {args.out}: "
+                                                  "run directories not on this machine)" if carried else ""))
     return 0
 
 

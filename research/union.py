@@ -36,6 +36,7 @@ from typing import Any
 from ckd.reporting import METRICS, fmt_duration
 from ckd.union_report import FORMAT
 from research.plan_schema import PlanError, distinct_ints, entry_mapping, need
+from research.carry import carried_entries, carry, load_previous
 
 REPO = Path(__file__).resolve().parents[1]  # the checkout: the plan's paths are relative to it
 PLAN = "configs/union/plan.yaml"
@@ -593,7 +594,22 @@ def _sizing(run_dir: Path, config: Path) -> dict[str, Any]:
     return out
 
 
-def collect_teacher(t: TeacherPlan, plan: Plan, root: Path, here: str) -> dict[str, Any]:
+def collect_teacher(t: TeacherPlan, plan: Plan, root: Path, here: str,
+                    previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A teacher's entry from its run directory; when that has not finished here, its finished entry
+    of the ``previous`` results JSON (research.carry), unless its config changed since."""
+    entry = _collect_teacher_here(t, plan, root, here)
+    prev = ((previous or {}).get("teachers") or {}).get(t.name)
+    if entry["status"] == "done" or not prev or prev.get("status") != "done" \
+            or (prev.get("config"), prev.get("run_dir")) != (t.config, t.run_dir):
+        return entry
+    got = carry(prev, previous or {}, root, [t.config])
+    if isinstance(got, str):
+        return {**entry, "detail": f"{entry['detail']}; a recorded result was not carried: {got}"}
+    return got
+
+
+def _collect_teacher_here(t: TeacherPlan, plan: Plan, root: Path, here: str) -> dict[str, Any]:
     run_dir = root / t.run_dir
     step = Step("teacher", t.name, t.config, t.run_dir)
     entry: dict[str, Any] = {"label": t.label, "config": t.config, "command": step.command, "run_dir": t.run_dir,
@@ -640,13 +656,18 @@ def _pending_detail(run_dir: Path, timing: dict[str, Any]) -> str:
     return "started, not finished"
 
 
-def collect_student(s: StudentPlan, plan: Plan, root: Path) -> dict[str, Any]:
+def collect_student(s: StudentPlan, plan: Plan, root: Path,
+                    previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A student row: per seed, each run's result from its run directory or, when that has not
+    finished here, carried from the ``previous`` results JSON (research.carry)."""
     entry: dict[str, Any] = {"label": s.label, "group": s.group, "model": s.model, "variant": s.variant,
                              "teachers": "none" if s.teachers_none else "served",
                              "configs": [c for c, _ in s.runs], "run_dirs": [r for _, r in s.runs],
                              "commands": [], "seeds": []}
     if s.note:
         entry["note"] = s.note
+    prev_entry = ((previous or {}).get("students") or {}).get(s.name) or {}
+    prev_seeds = {r.get("seed"): r for r in prev_entry.get("seeds") or []}
     for seed in s.seeds:
         rec: dict[str, Any] = {"seed": seed, "runs": []}
         test: dict[str, dict[str, float]] = {}
@@ -662,24 +683,28 @@ def collect_student(s: StudentPlan, plan: Plan, root: Path) -> dict[str, Any]:
             run: dict[str, Any] = {"config": config, "run_dir": step.run_dir, "command": step.command}
             if metrics is None:
                 run.update(status="pending", detail=_pending_detail(run_dir, timing))
-                rec["runs"].append(run)
-                continue
-            got = [d for d in plan.domains if d in (metrics.get("test") or {})]
-            if not got:
-                raise PlanError(f"{mpath}: test results for none of the plan's domains {list(plan.domains)}")
-            for d in got:
-                if d in owner:
-                    raise PlanError(f"{s.name} seed {seed}: {d} is in both {owner[d]} and {step.run_dir}")
-                owner[d] = step.run_dir
-                test[d] = {m: float(metrics["test"][d][m]) for m in METRICS}
-                if d in (metrics.get("valid") or {}):
-                    valid[d] = {m: float(metrics["valid"][d][m]) for m in METRICS}
-            run.update(status="done", domains=got, wall_s=timing["seconds"], wall_s_source=timing["source"],
-                       invocations=timing["invocations"], failed_invocations=timing["failed_invocations"],
-                       machines=timing["machines"], best_epoch=metrics.get("best_epoch"),
-                       epochs_run=metrics.get("epochs_run"), num_parameters=metrics.get("num_parameters"),
-                       peak_rss_mb=(metrics.get("peak_memory_mb") or {}).get("rss"),
-                       steps_per_s=(metrics.get("timing") or {}).get("steps_per_s"))
+                run = _carried_run(run, prev_seeds.get(seed), previous, root)
+            else:
+                got = [d for d in plan.domains if d in (metrics.get("test") or {})]
+                if not got:
+                    raise PlanError(f"{mpath}: test results for none of the plan's domains {list(plan.domains)}")
+                run.update(status="done", domains=got, wall_s=timing["seconds"], wall_s_source=timing["source"],
+                           invocations=timing["invocations"], failed_invocations=timing["failed_invocations"],
+                           machines=timing["machines"], best_epoch=metrics.get("best_epoch"),
+                           epochs_run=metrics.get("epochs_run"), num_parameters=metrics.get("num_parameters"),
+                           peak_rss_mb=(metrics.get("peak_memory_mb") or {}).get("rss"),
+                           steps_per_s=(metrics.get("timing") or {}).get("steps_per_s"),
+                           test={d: {m: float(metrics["test"][d][m]) for m in METRICS} for d in got},
+                           valid={d: {m: float(metrics["valid"][d][m]) for m in METRICS}
+                                  for d in got if d in (metrics.get("valid") or {})})
+            if run["status"] == "done":
+                for d in run["domains"]:
+                    if d in owner:
+                        raise PlanError(f"{s.name} seed {seed}: {d} is in both {owner[d]} and {step.run_dir}")
+                    owner[d] = step.run_dir
+                    test[d] = run["test"][d]
+                    if d in run["valid"]:
+                        valid[d] = run["valid"][d]
             rec["runs"].append(run)
         done = [r for r in rec["runs"] if r["status"] == "done"]
         rec["status"] = "done" if len(done) == len(rec["runs"]) else ("partial" if done else "pending")
@@ -694,9 +719,42 @@ def collect_student(s: StudentPlan, plan: Plan, root: Path) -> dict[str, Any]:
     return entry
 
 
-def collect_retrain_check(plan: Plan, name: str, run_dir: str, root: Path) -> dict[str, Any]:
+def _carried_run(run: dict[str, Any], prev_rec: dict[str, Any] | None, previous: dict[str, Any] | None,
+                 root: Path) -> dict[str, Any]:
+    """``run`` (pending here) replaced by the same run's finished record in ``prev_rec`` (one seed of
+    the previous JSON), with its per-domain test/valid metrics (older JSON kept them per seed only)."""
+    prev = next((r for r in (prev_rec or {}).get("runs") or [] if r.get("run_dir") == run["run_dir"]), None)
+    if not prev or prev.get("status") != "done" or (prev.get("config"), prev.get("command")) != (
+            run["config"], run["command"]):
+        return run
+    got = carry(prev, previous or {}, root, [run["config"]])
+    if isinstance(got, str):
+        return {**run, "detail": f"{run['detail']}; a recorded result was not carried: {got}"}
+    for split in ("test", "valid"):
+        if split not in got:
+            per_seed = (prev_rec or {}).get(split) or {}
+            got[split] = {d: per_seed[d] for d in got["domains"] if d in per_seed}
+        if split == "test" and set(got[split]) != set(got["domains"]):
+            return {**run, "detail": f"{run['detail']}; the recorded result lacks test metrics of {got['domains']}"}
+    return got
+
+
+def collect_retrain_check(plan: Plan, name: str, run_dir: str, root: Path,
+                          previous: dict[str, Any] | None = None) -> dict[str, Any]:
     """A teacher of the plan trained again from its config into ``run_dir``, against the recorded
-    run (research.retrain_check); pending until both have finished."""
+    run (research.retrain_check); pending until both have finished here, unless the ``previous``
+    results JSON holds this check finished (research.carry)."""
+    got = _collect_retrain_check_here(plan, name, run_dir, root)
+    prev = next((c for c in (previous or {}).get("retrain_checks") or []
+                 if (c.get("teacher"), c.get("run_dir")) == (name, run_dir)), None)
+    if got["status"] == "done" or not prev or prev.get("status") != "done":
+        return got
+    t = next(t for t in plan.teachers if t.name == name)
+    kept = carry(prev, previous or {}, root, [t.config])
+    return got if isinstance(kept, str) else kept
+
+
+def _collect_retrain_check_here(plan: Plan, name: str, run_dir: str, root: Path) -> dict[str, Any]:
     from research.retrain_check import RetrainCheckError, compare
 
     t = next(t for t in plan.teachers if t.name == name)
@@ -716,19 +774,20 @@ def collect_retrain_check(plan: Plan, name: str, run_dir: str, root: Path) -> di
                            for d, v in r["per_domain"].items()}}
 
 
-def collect(plan: Plan, root: Path, command: str = "") -> dict[str, Any]:
-    """The union results JSON (see ckd.union_report for the format) from the run directories."""
+def collect(plan: Plan, root: Path, command: str = "", previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The union results JSON (see ckd.union_report for the format) from the run directories, with
+    the finished entries of ``previous`` (the JSON it replaces) whose run directories are not here."""
     from ckd.run_dir import git_sha
 
     here = machine_for("cpu")
-    teachers = {t.name: collect_teacher(t, plan, root, here) for t in plan.teachers}
-    students = {s.name: collect_student(s, plan, root) for s in plan.students}
+    teachers = {t.name: collect_teacher(t, plan, root, here, previous) for t in plan.teachers}
+    students = {s.name: collect_student(s, plan, root, previous) for s in plan.students}
     pending = [f"teacher {n} ({t['run_dir']}): {t['detail']}" for n, t in teachers.items() if t["status"] != "done"]
     for n, s in students.items():
         for rec in s["seeds"]:
             pending += [f"student {n} seed {rec['seed']} ({r['run_dir']}): {r['detail']}"
                         for r in rec["runs"] if r["status"] != "done"]
-    checks = [collect_retrain_check(plan, name, run_dir, root) for name, run_dir in plan.retrain_checks]
+    checks = [collect_retrain_check(plan, name, run_dir, root, previous) for name, run_dir in plan.retrain_checks]
     pending += [f"retrain check of teacher {c['teacher']} ({c['run_dir']}): not finished; train it with "
                 f"`{c['command']}`" for c in checks if c["status"] != "done"]
     done_t = [t for t in teachers.values() if t["status"] == "done"]
@@ -753,13 +812,14 @@ def cmd_collect(args: argparse.Namespace, root: Path) -> int:
         return 2
     plan = load_plan(root / args.plan, args.plan)
     shown = "python -m research.union " + (f"--plan {args.plan} " if args.plan != PLAN else "")
-    data = collect(plan, root, shown + f"collect --out {args.out}")
+    data = collect(plan, root, shown + f"collect --out {args.out}", load_previous(out))
     write_results_json(out, data)
     n_seeds = sum(len(s["seeds"]) for s in data["students"].values())
     done_seeds = sum(rec["status"] == "done" for s in data["students"].values() for rec in s["seeds"])
     done_t = sum(t["status"] == "done" for t in data["teachers"].values())
     print(f"written {args.out}: {done_t}/{len(data['teachers'])} teachers, {done_seeds}/{n_seeds} student seeds "
-          f"finished; {len(data['pending'])} run(s) pending")
+          f"finished; {len(data['pending'])} run(s) pending; {len(carried_entries(data))} result(s) carried "
+          f"from the previous {args.out} (run directories not on this machine)")
     return 0
 
 

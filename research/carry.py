@@ -1,0 +1,64 @@
+"""Results that outlive their run directories.
+
+Run directories (runs/, git-ignored) live on the machine that trained them; the committed results
+JSON is the durable record. A session may start on a fresh machine, where a collect would find no
+run directory and turn every finished row back into "pending". So a collect reads the JSON it is
+about to replace (``load_previous``) and keeps a finished entry whose run directory is not finished
+here (``carry``), marked with where it came from, as long as its config has not changed since that
+JSON was collected (``config_unchanged``). A finished run directory here always wins.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from ckd.reporting import carried_entries  # noqa: F401  (re-exported: the collects print the count)
+from research.plan_schema import PlanError
+
+
+def load_previous(path: Path) -> dict[str, Any] | None:
+    """The results JSON at ``path`` that a collect is about to replace, or None when there is none.
+    A file that is not a JSON object is an error: it would silently drop every carried result."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise PlanError(f"{path}: not valid JSON ({exc}); fix or remove it before collecting") from exc
+    if not isinstance(data, dict):
+        raise PlanError(f"{path}: not a results JSON object")
+    return data
+
+
+def config_unchanged(root: Path, commit: str | None, paths: list[str]) -> tuple[bool, str]:
+    """Whether every file of ``paths`` (relative to ``root``) is the same in the work tree as at
+    ``commit``; with the reason when not (unknown or dirty commit, changed file, no git)."""
+    if not commit or commit == "unknown" or commit.endswith("-dirty"):
+        return False, f"the recorded results came from commit {commit!r}, which is not a clean commit"
+    for rel in paths:
+        try:
+            at = subprocess.run(["git", "show", f"{commit}:{rel}"], cwd=root, capture_output=True, timeout=10)
+        except (OSError, subprocess.SubprocessError) as exc:
+            return False, f"git could not read {rel} at {commit[:12]} ({exc})"
+        if at.returncode != 0:
+            return False, f"{rel} is not in commit {commit[:12]}"
+        here = root / rel
+        if not here.is_file() or here.read_bytes() != at.stdout:
+            return False, f"{rel} changed since commit {commit[:12]}"
+    return True, ""
+
+
+def carry(entry: dict[str, Any], previous: dict[str, Any], root: Path, configs: list[str]) -> dict[str, Any] | str:
+    """A deep copy of ``entry`` (a finished entry of the ``previous`` results JSON) marked with
+    ``carried`` = {from_commit, collected}: where the result was recorded. An entry carried before
+    keeps its first origin. Returns the reason instead when ``configs`` changed since."""
+    origin = entry.get("carried") or {"from_commit": previous.get("commit"), "collected": previous.get("created")}
+    ok, why = config_unchanged(root, previous.get("commit"), configs)
+    if not ok:
+        return why
+    out = copy.deepcopy(entry)
+    out["carried"] = origin
+    return out

@@ -1,0 +1,111 @@
+"""Results outlive their run directories (research/carry.py): a collect on a machine without the run
+directories keeps the finished entries of the JSON it replaces, marked, unless their config changed
+since; a finished run directory here always wins; the page says how many results were carried."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ckd.union_report import load_union, render_union_page
+from research import param_analysis, union
+from research.carry import config_unchanged
+from tests.test_union_report import m, tiny_tree, write_json
+
+pytestmark = pytest.mark.unit
+ARGV = ["--plan", "configs/plan.yaml", "collect", "--out", "results/experiments_union.json", "--overwrite"]
+
+
+def git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=root, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def committed_tree(root: Path) -> str:
+    """tiny_tree's plan and configs committed in a git repository at ``root``; returns the commit."""
+    tiny_tree(root)
+    git(root, "init", "-q")
+    git(root, "add", "configs")
+    git(root, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "configs")
+    return git(root, "rev-parse", "HEAD")
+
+
+def collect_at(root: Path, commit: str) -> dict:
+    """Run collect, then stamp the JSON with ``commit`` as the commit the collect ran at (the code's
+    own repository is another one)."""
+    assert union.main(["--root", str(root), *ARGV]) == 0
+    out = root / "results" / "experiments_union.json"
+    data = json.loads(out.read_text())
+    data["commit"] = commit
+    out.write_text(json.dumps(data))
+    return data
+
+
+def test_a_collect_without_run_directories_keeps_the_recorded_results(tmp_path, capsys):
+    commit = committed_tree(tmp_path)
+    first = collect_at(tmp_path, commit)
+    shutil.rmtree(tmp_path / "runs")  # a fresh machine: no run directory at all
+
+    assert union.main(["--root", str(tmp_path), *ARGV]) == 0
+    assert "5 result(s) carried" in capsys.readouterr().out  # teachers pre and tid, three runs of alone
+    data = json.loads((tmp_path / "results" / "experiments_union.json").read_text())
+    for name in ("pre", "tid"):
+        t = data["teachers"][name]
+        assert t["carried"] == {"from_commit": commit, "collected": first["created"]}
+        assert {k: v for k, v in t.items() if k != "carried"} == first["teachers"][name]
+    assert data["teachers"]["late"]["status"] == "pending"  # it was not finished: nothing to carry
+    s1 = data["students"]["alone"]["seeds"][0]
+    assert s1["status"] == "done" and [r["carried"]["from_commit"] for r in s1["runs"]] == [commit, commit]
+    assert s1["test"]["mean"]["ndcg@10"] == pytest.approx(0.06)  # (.05 + .07) / 2, as before
+    assert s1["runs"][1]["test"] == {"Office14": m(0.07)}
+    s2 = data["students"]["alone"]["seeds"][1]  # seed 2: its Scientific run finished, Office14 never ran
+    assert s2["status"] == "partial" and s2["runs"][0]["carried"]["from_commit"] == commit
+    assert data["retrain_teachers"]["finished"] == first["retrain_teachers"]["finished"] == 2
+
+    text = render_union_page(load_union(tmp_path / "results" / "experiments_union.json"))
+    assert f"5 of these results were recorded by an earlier collect (commit(s) `{commit[:12]}`)" in text
+
+
+def test_a_changed_config_is_not_carried_and_a_finished_run_here_wins(tmp_path, capsys):
+    commit = committed_tree(tmp_path)
+    collect_at(tmp_path, commit)
+    # this machine has a finished run of tid with another result; pre's run directory is gone
+    write_json(tmp_path / "runs/t/tid/metrics.json", {
+        "valid": {"Scientific": m(0.3), "Office14": m(0.3)}, "test": {"Scientific": m(0.3), "Office14": m(0.3)},
+        "kind": "unisrec", "checkpoint": "runs/t/tid/best", "best_epoch": 0})
+    shutil.rmtree(tmp_path / "runs/t/pre")
+    (tmp_path / "configs" / "pre.yaml").write_text("train: {epochs: 9}\n")  # changed since the commit
+
+    assert union.main(["--root", str(tmp_path), *ARGV]) == 0
+    data = json.loads((tmp_path / "results" / "experiments_union.json").read_text())
+    pre, tid = data["teachers"]["pre"], data["teachers"]["tid"]
+    assert pre["status"] == "pending" and "carried" not in pre
+    assert f"configs/pre.yaml changed since commit {commit[:12]}" in pre["detail"]
+    assert "carried" not in tid and tid["test"]["Scientific"]["ndcg@10"] == pytest.approx(0.3)
+
+
+def test_config_unchanged_refuses_a_dirty_or_unknown_commit(tmp_path):
+    commit = committed_tree(tmp_path)
+    assert config_unchanged(tmp_path, commit, ["configs/pre.yaml"]) == (True, "")
+    for bad in (None, "unknown", commit + "-dirty"):
+        ok, why = config_unchanged(tmp_path, bad, ["configs/pre.yaml"])
+        assert not ok and "not a clean commit" in why
+    ok, why = config_unchanged(tmp_path, commit, ["configs/absent.yaml"])
+    assert not ok and "not in commit" in why
+
+
+def test_parameter_points_are_carried_only_where_pending(tmp_path):
+    commit = committed_tree(tmp_path)
+    result = {"kd.lambda_kd": {"default": 1.0, "points": [
+        {"value": 0.3, "test_ndcg@10": None, "run_dir": "runs/p/a"},
+        {"value": 1.0, "test_ndcg@10": 0.07, "run_dir": "runs/p/default"}]}}
+    prev_params = {"kd.lambda_kd": {"default": 1.0, "points": [
+        {"value": 0.3, "test_ndcg@10": 0.05, "run_dir": "runs/p/a"},
+        {"value": 1.0, "test_ndcg@10": 0.09, "run_dir": "runs/p/default"}]}}
+    previous = {"commit": commit, "created": "then", "params": prev_params}
+    assert param_analysis.carry_points(result, previous, prev_params, tmp_path, ["configs/pre.yaml"]) == 1
+    a, default = result["kd.lambda_kd"]["points"]
+    assert (a["test_ndcg@10"], a["carried"]["from_commit"]) == (0.05, commit)
+    assert default == {"value": 1.0, "test_ndcg@10": 0.07, "run_dir": "runs/p/default"}  # here wins
