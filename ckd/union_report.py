@@ -654,7 +654,9 @@ def retrain_check_lines(u: UnionResults) -> list[str]:
         out += [f"- {c['label']}: within {c['tolerance']} on every domain: "
                 f"**{'yes' if c['within_tolerance'] else 'no'}**; same checkpoint bytes: "
                 f"{'yes' if c['same_checkpoint_bytes'] else 'no'}; retrained at `{c.get('retrained_commit')}` in "
-                f"{fmt_duration(c.get('retrain_time_s'))} (`{c['command']}`)."]
+                f"{fmt_duration(c.get('retrain_time_s'))} (`{c['command']}`)"
+                + (f"; recorded on {c['recorded_machine']}, retrained on {c['retrained_machine']}"
+                   if c.get("retrained_machine") else "") + "."]
     out += [""]
     if rows:
         out += [markdown_table(["Teacher", "Domain", "Recorded NDCG@10", "Retrained NDCG@10", "|Δ|", "Within"], rows,

@@ -89,6 +89,52 @@ def compare(recorded: Path, retrained: Path, tolerance: float = 0.002) -> dict[s
     }
 
 
+def compare_to_entry(entry: dict[str, Any], retrained: Path, root: Path, tolerance: float = 0.002) -> dict[str, Any]:
+    """``compare`` for a recorded run whose directory is not on this machine: ``entry`` is its finished
+    teacher entry of a results JSON (research.union; its test metrics, checkpoint sha256, config and
+    the commit it was recorded at). The recipe check resolves the committed config file (unchanged since
+    the recording commit, which research.carry checked when it kept the entry) the way
+    ``ckd-train-teacher`` does and compares it with the retrained run's config.yaml."""
+    from ckd.config import ConfigError, load_config, to_dict
+    from teachers.config import TeacherConfig
+
+    b = _read(retrained)
+    try:
+        want = to_dict(load_config(TeacherConfig, root / entry["config"]))
+    except (ConfigError, OSError) as exc:
+        raise RetrainCheckError(f"{entry['config']}: {exc}") from exc
+    if recipe(want) != recipe(b["config.yaml"]):
+        raise RetrainCheckError(f"{retrained}/config.yaml is not the recipe of {entry['config']}: "
+                                "a retrain must use the same config")
+    ta, tb = entry["test"], b["metrics.json"]["test"]
+    domains = [d for d in ta if d != "mean"]
+    if [d for d in tb if d != "mean"] != domains:
+        raise RetrainCheckError(f"the runs were tested on different domains: {domains} vs {list(tb)}")
+    per_domain = {}
+    for d in domains:
+        per_domain[d] = {m: {"recorded": ta[d][m], "retrained": tb[d][m], "abs_diff": abs(ta[d][m] - tb[d][m])}
+                         for m in METRICS}
+        per_domain[d]["within_tolerance"] = per_domain[d][SELECT]["abs_diff"] <= tolerance
+    from research.union import machine_for, measured_time
+
+    timing = measured_time(retrained, b["metrics.json"])
+    origin = entry.get("carried") or {}
+    return {
+        "kind": "retrain_check", "recorded": f"{entry['run_dir']} (recorded entry; run directory not on this machine)",
+        "retrained": str(retrained), "config": to_dict(want), "tolerance": tolerance, "metric": f"test {SELECT}",
+        **_commit("recorded", origin.get("from_commit")), **_commit("retrained", b["run.json"].get("git_sha")),
+        "recorded_machine": entry.get("machine"),
+        "retrained_machine": "; ".join(timing.get("machines") or []) or machine_for("cpu") + " (the machine collect ran on)",
+        "retrained_command": " ".join(b["run.json"].get("argv") or []),
+        "recorded_sha256": entry.get("checkpoint_sha256"),
+        "retrained_sha256": b["metrics.json"].get("checkpoint_sha256"),
+        "same_checkpoint_bytes": entry.get("checkpoint_sha256") == b["metrics.json"].get("checkpoint_sha256"),
+        "best_epoch": {"recorded": entry.get("best_epoch"), "retrained": b["metrics.json"].get("best_epoch")},
+        "retrain_time_s": timing["seconds"], "retrain_time_source": timing["source"],
+        "per_domain": per_domain, "within_tolerance": all(v["within_tolerance"] for v in per_domain.values()),
+    }
+
+
 def print_table(r: dict[str, Any]) -> None:
     for k in ("recorded", "retrained"):
         extra = " plus uncommitted changes" if r[f"{k}_uncommitted_changes"] else ""

@@ -739,12 +739,13 @@ def _carried_run(run: dict[str, Any], prev_rec: dict[str, Any] | None, previous:
     return got
 
 
-def collect_retrain_check(plan: Plan, name: str, run_dir: str, root: Path,
-                          previous: dict[str, Any] | None = None) -> dict[str, Any]:
+def collect_retrain_check(plan: Plan, name: str, run_dir: str, root: Path, previous: dict[str, Any] | None = None,
+                          teachers: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """A teacher of the plan trained again from its config into ``run_dir``, against the recorded
     run (research.retrain_check); pending until both have finished here, unless the ``previous``
-    results JSON holds this check finished (research.carry)."""
-    got = _collect_retrain_check_here(plan, name, run_dir, root)
+    results JSON holds this check finished (research.carry). When the recorded run directory is not
+    here, the retrain is compared with the recorded entry of ``teachers`` (collect's teacher entries)."""
+    got = _collect_retrain_check_here(plan, name, run_dir, root, teachers)
     prev = next((c for c in (previous or {}).get("retrain_checks") or []
                  if (c.get("teacher"), c.get("run_dir")) == (name, run_dir)), None)
     if got["status"] == "done" or not prev or prev.get("status") != "done":
@@ -754,21 +755,25 @@ def collect_retrain_check(plan: Plan, name: str, run_dir: str, root: Path,
     return got if isinstance(kept, str) else kept
 
 
-def _collect_retrain_check_here(plan: Plan, name: str, run_dir: str, root: Path) -> dict[str, Any]:
-    from research.retrain_check import RetrainCheckError, compare
+def _collect_retrain_check_here(plan: Plan, name: str, run_dir: str, root: Path,
+                                teachers: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    from research.retrain_check import RetrainCheckError, compare, compare_to_entry
 
     t = next(t for t in plan.teachers if t.name == name)
     entry: dict[str, Any] = {"teacher": name, "label": t.label, "run_dir": run_dir,
                              "command": Step("teacher", name, t.config, run_dir).command}
-    if not ((root / t.run_dir / "metrics.json").is_file() and (root / run_dir / "metrics.json").is_file()):
+    recorded = (teachers or {}).get(name) or {}
+    here = (root / t.run_dir / "metrics.json").is_file()
+    if not ((here or recorded.get("status") == "done") and (root / run_dir / "metrics.json").is_file()):
         return {**entry, "status": "pending"}
     try:
-        r = compare(root / t.run_dir, root / run_dir)
+        r = compare(root / t.run_dir, root / run_dir) if here else compare_to_entry(recorded, root / run_dir, root)
     except RetrainCheckError as exc:
         raise PlanError(f"retrain check of {name}: {exc}") from exc
     return {**entry, "status": "done", "tolerance": r["tolerance"], "within_tolerance": r["within_tolerance"],
             "same_checkpoint_bytes": r["same_checkpoint_bytes"], "retrained_commit": r["retrained_commit"],
             "retrain_time_s": r["retrain_time_s"], "retrain_time_source": r["retrain_time_source"],
+            **{k: r[k] for k in ("recorded_machine", "retrained_machine") if k in r},
             "per_domain": {d: {"recorded": v["ndcg@10"]["recorded"], "retrained": v["ndcg@10"]["retrained"],
                                "abs_diff": v["ndcg@10"]["abs_diff"], "within_tolerance": v["within_tolerance"]}
                            for d, v in r["per_domain"].items()}}
@@ -787,7 +792,8 @@ def collect(plan: Plan, root: Path, command: str = "", previous: dict[str, Any] 
         for rec in s["seeds"]:
             pending += [f"student {n} seed {rec['seed']} ({r['run_dir']}): {r['detail']}"
                         for r in rec["runs"] if r["status"] != "done"]
-    checks = [collect_retrain_check(plan, name, run_dir, root, previous) for name, run_dir in plan.retrain_checks]
+    checks = [collect_retrain_check(plan, name, run_dir, root, previous, teachers)
+              for name, run_dir in plan.retrain_checks]
     pending += [f"retrain check of teacher {c['teacher']} ({c['run_dir']}): not finished; train it with "
                 f"`{c['command']}`" for c in checks if c["status"] != "done"]
     done_t = [t for t in teachers.values() if t["status"] == "done"]

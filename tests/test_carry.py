@@ -109,3 +109,36 @@ def test_parameter_points_are_carried_only_where_pending(tmp_path):
     a, default = result["kd.lambda_kd"]["points"]
     assert (a["test_ndcg@10"], a["carried"]["from_commit"]) == (0.05, commit)
     assert default == {"value": 1.0, "test_ndcg@10": 0.07, "run_dir": "runs/p/default"}  # here wins
+
+
+def test_a_retrain_is_checked_against_the_recorded_entry_when_its_run_directory_is_gone(tmp_path):
+    """The recorded teacher's run directory is not on this machine; its carried entry holds the
+    numbers. The retrain's resolved config must be the committed config's recipe."""
+    from ckd.config import load_config, to_dict
+    from research.retrain_check import RetrainCheckError, compare_to_entry
+    from teachers.config import TeacherConfig
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = "configs/union/unim2rec.yaml"
+    resolved = to_dict(load_config(TeacherConfig, repo / cfg))
+    resolved["data"]["data_dir"] = "/elsewhere"  # where the data lives is not the recipe
+    run = tmp_path / "retrained"
+    run.mkdir()
+    (run / "config.yaml").write_text(json.dumps(resolved))
+    (run / "run.json").write_text(json.dumps({"git_sha": "c" * 40, "argv": ["ckd-train-teacher", "--config", cfg]}))
+    got = {"Scientific": m(0.0551), "Office14": m(0.0500), "Games": m(0.0329)}
+    (run / "metrics.json").write_text(json.dumps({"test": got, "checkpoint_sha256": "b" * 64, "best_epoch": 5,
+                                                  "stages": {"train": {"history": [{"train_s": 60.0, "eval_s": 6.0}]}}}))
+    entry = {"config": cfg, "run_dir": "runs/union/teachers/unim2rec", "machine": "box A", "best_epoch": 5,
+             "checkpoint_sha256": "a" * 64, "carried": {"from_commit": "d" * 40, "collected": "then"},
+             "test": {"Scientific": m(0.0551), "Office14": m(0.0525), "Games": m(0.0329)}}
+    r = compare_to_entry(entry, run, repo)
+    assert r["per_domain"]["Office14"]["ndcg@10"]["abs_diff"] == pytest.approx(0.0025)
+    assert [r["per_domain"][d]["within_tolerance"] for d in ("Scientific", "Office14", "Games")] == [True, False, True]
+    assert (r["within_tolerance"], r["same_checkpoint_bytes"], r["recorded_commit"]) == (False, False, "d" * 40)
+    assert r["retrain_time_s"] == 66.0 and r["recorded_machine"] == "box A"
+
+    resolved["train"]["lr"] = 0.5  # another recipe
+    (run / "config.yaml").write_text(json.dumps(resolved))
+    with pytest.raises(RetrainCheckError, match="is not the recipe of configs/union/unim2rec.yaml"):
+        compare_to_entry(entry, run, repo)
