@@ -57,6 +57,20 @@ def _commit(which: str, sha: str | None) -> dict[str, Any]:
     return {f"{which}_commit": sha.removesuffix("-dirty"), f"{which}_uncommitted_changes": sha.endswith("-dirty")}
 
 
+def compare_tests(ta: dict[str, Any], tb: dict[str, Any], tolerance: float) -> dict[str, Any]:
+    """Per domain (the recorded run's, without "mean"): each metric recorded, retrained and their
+    absolute difference, and whether NDCG@10 lands within ``tolerance``."""
+    domains = [d for d in ta if d != "mean"]
+    if [d for d in tb if d != "mean"] != domains:
+        raise RetrainCheckError(f"the runs were tested on different domains: {domains} vs {list(tb)}")
+    per_domain: dict[str, Any] = {}
+    for d in domains:
+        per_domain[d] = {m: {"recorded": ta[d][m], "retrained": tb[d][m], "abs_diff": abs(ta[d][m] - tb[d][m])}
+                         for m in METRICS}
+        per_domain[d]["within_tolerance"] = per_domain[d][SELECT]["abs_diff"] <= tolerance
+    return per_domain
+
+
 def compare(recorded: Path, retrained: Path, tolerance: float = 0.002) -> dict[str, Any]:
     """The comparison (see the module docstring) as a JSON-able dict."""
     a, b = _read(recorded), _read(retrained)
@@ -64,14 +78,7 @@ def compare(recorded: Path, retrained: Path, tolerance: float = 0.002) -> dict[s
         raise RetrainCheckError(f"{retrained}/config.yaml is not the recipe of {recorded}/config.yaml: "
                                 "a retrain must use the same config")
     ta, tb = a["metrics.json"]["test"], b["metrics.json"]["test"]
-    domains = [d for d in ta if d != "mean"]
-    if [d for d in tb if d != "mean"] != domains:
-        raise RetrainCheckError(f"the runs were tested on different domains: {domains} vs {list(tb)}")
-    per_domain = {}
-    for d in domains:
-        per_domain[d] = {m: {"recorded": ta[d][m], "retrained": tb[d][m], "abs_diff": abs(ta[d][m] - tb[d][m])}
-                         for m in METRICS}
-        per_domain[d]["within_tolerance"] = per_domain[d][SELECT]["abs_diff"] <= tolerance
+    per_domain = compare_tests(ta, tb, tolerance)
     from research.union import measured_time
 
     timing = measured_time(retrained, b["metrics.json"])
@@ -107,14 +114,7 @@ def compare_to_entry(entry: dict[str, Any], retrained: Path, root: Path, toleran
         raise RetrainCheckError(f"{retrained}/config.yaml is not the recipe of {entry['config']}: "
                                 "a retrain must use the same config")
     ta, tb = entry["test"], b["metrics.json"]["test"]
-    domains = [d for d in ta if d != "mean"]
-    if [d for d in tb if d != "mean"] != domains:
-        raise RetrainCheckError(f"the runs were tested on different domains: {domains} vs {list(tb)}")
-    per_domain = {}
-    for d in domains:
-        per_domain[d] = {m: {"recorded": ta[d][m], "retrained": tb[d][m], "abs_diff": abs(ta[d][m] - tb[d][m])}
-                         for m in METRICS}
-        per_domain[d]["within_tolerance"] = per_domain[d][SELECT]["abs_diff"] <= tolerance
+    per_domain = compare_tests(ta, tb, tolerance)
     from research.union import machine_for, measured_time
 
     timing = measured_time(retrained, b["metrics.json"])
