@@ -626,6 +626,7 @@ def _collect_teacher_here(t: TeacherPlan, plan: Plan, root: Path, here: str) -> 
         entry["status"] = "pending"
         entry["detail"] = _pending_detail(run_dir, timing)
         return entry
+    check_run_config(t.config, t.run_dir, root)
     test = _split(metrics, "test", plan.domains)
     missing = [d for d in plan.domains if d not in test]
     if missing:
@@ -645,6 +646,41 @@ def _collect_teacher_here(t: TeacherPlan, plan: Plan, root: Path, here: str) -> 
         "valid": _split(metrics, "valid", plan.domains), "test": test,
     })
     return entry
+
+
+def contradictions(raw: Any, resolved: Any, at: str = "") -> list[str]:
+    """Where a run's resolved config contradicts the config file it was meant to train: every leaf
+    the file sets (lists by position) must hold the same value in the run's config.yaml."""
+    if isinstance(raw, dict):
+        if not isinstance(resolved, dict):
+            return [f"{at or '/'}: a mapping in the config, {resolved!r} in the run"]
+        return [c for k, v in raw.items() for c in contradictions(v, resolved.get(k, _ABSENT), f"{at}.{k}".lstrip("."))]
+    if isinstance(raw, list) and isinstance(resolved, list) and len(raw) == len(resolved):
+        return [c for i, (a, b) in enumerate(zip(raw, resolved)) for c in contradictions(a, b, f"{at}[{i}]")]
+    if raw == resolved and isinstance(raw, bool) == isinstance(resolved, bool):  # True is not 1 here
+        return []
+    return [f"{at}: {raw!r} in the config, " + ("absent" if resolved is _ABSENT else f"{resolved!r}") + " in the run"]
+
+
+_ABSENT = object()
+
+
+def check_run_config(config: str, run_dir: str, root: Path, seed: int | None = None) -> None:
+    """A finished run directory must hold the run its plan entry names: its config.yaml agrees with
+    every setting of the committed ``config`` (and ``train.seed`` = ``seed`` for a student); else a
+    PlanError naming the run directory and the settings, so another run's numbers never reach the page."""
+    import yaml
+
+    path = root / run_dir / "config.yaml"
+    if not path.is_file():
+        raise PlanError(f"{path} not found beside metrics.json: cannot tell which config the run trained")
+    raw = yaml.safe_load((root / config).read_text()) or {}
+    if seed is not None:
+        raw = {**raw, "train": {**(raw.get("train") or {}), "seed": seed}}
+    bad = contradictions(raw, yaml.safe_load(path.read_text()) or {})
+    if bad:
+        raise PlanError(f"{run_dir}/config.yaml is not the run of {config}" + (f" seed {seed}" if seed is not None
+                        else "") + ": " + "; ".join(bad[:5]) + (f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""))
 
 
 def _pending_detail(run_dir: Path, timing: dict[str, Any]) -> str:
@@ -685,6 +721,7 @@ def collect_student(s: StudentPlan, plan: Plan, root: Path,
                 run.update(status="pending", detail=_pending_detail(run_dir, timing))
                 run = _carried_run(run, prev_seeds.get(seed), previous, root)
             else:
+                check_run_config(config, step.run_dir, root, seed)
                 got = [d for d in plan.domains if d in (metrics.get("test") or {})]
                 if not got:
                     raise PlanError(f"{mpath}: test results for none of the plan's domains {list(plan.domains)}")

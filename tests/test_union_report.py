@@ -448,6 +448,23 @@ def tiny_tree(root: Path) -> None:
     write_json(root / "runs/a_sci/seed2/metrics.json", {
         "valid": {"Scientific": m(0.06)}, "test": {"Scientific": m(0.06), "mean": m(0.06)}, "best_epoch": 2,
         "history": [{"train_s": 10.0}, {"train_s": 12.0}], "timing": {"eval_s": 3.0}})
+    # each finished run's resolved config: its config file's settings (and seed) plus resolved defaults
+    for config, run_dir, run_seed in (("pre", "runs/t/pre", None), ("tid", "runs/t/tid", None),
+                                      ("a_sci", "runs/a_sci/seed1", 1), ("a_off", "runs/a_off/seed1", 1),
+                                      ("a_sci", "runs/a_sci/seed2", 2)):
+        write_resolved(root, f"configs/{config}.yaml", run_dir, run_seed)
+
+
+def write_resolved(root: Path, config: str, run_dir: str, run_seed: int | None = None) -> dict:
+    """``run_dir``/config.yaml as a run of ``config`` writes it: the file's settings, the seed, defaults."""
+    cfg = yaml.safe_load((root / config).read_text()) or {}
+    cfg.setdefault("train", {})["weight_decay"] = 0.0  # a default the file does not set
+    if run_seed is not None:
+        cfg["train"]["seed"] = run_seed
+    cfg["data"] = {"data_dir": "/data"}
+    (root / run_dir).mkdir(parents=True, exist_ok=True)
+    (root / run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return cfg
 
 
 def test_collect_builds_the_union_json_from_run_directories(tmp_path, capsys):
@@ -577,10 +594,8 @@ def test_retrain_check_of_a_teacher_on_the_page(tmp_path):
     raw = yaml.safe_load(plan_path.read_text())
     raw["retrain_checks"] = [{"teacher": "tid", "run_dir": "runs/repro/tid"}]
     plan_path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    cfg = {"kind": "unisrec", "data": {"data_dir": "/a", "domains": ["Scientific", "Office14"]}, "train": {"seed": 1}}
     for d in ("runs/t/tid", "runs/repro/tid"):
-        (tmp_path / d).mkdir(parents=True, exist_ok=True)
-        (tmp_path / d / "config.yaml").write_text(yaml.safe_dump(cfg))
+        write_resolved(tmp_path, "configs/tid.yaml", d)
         write_json(tmp_path / d / "run.json", {"git_sha": "abc", "argv": ["ckd-train-teacher"]})
     argv = ["--root", str(tmp_path), "--plan", "configs/plan.yaml", "collect", "--out", "u.json", "--overwrite"]
     assert union.main(argv) == 0
@@ -600,3 +615,22 @@ def test_retrain_check_of_a_teacher_on_the_page(tmp_path):
     text = render_union_page(load_union(tmp_path / "u.json"))
     assert "- Text+ID: within 0.002 on every domain: **no**; same checkpoint bytes: no" in text
     assert "| Text+ID | Office14 | 0.0600 | 0.0625 | 0.0025 | no |" in text
+
+
+def test_collect_refuses_a_run_directory_that_trained_another_config(tmp_path, capsys):
+    """A finished run whose config.yaml contradicts its plan entry's config file (or seed) is an
+    error naming the run and the setting, never a row on the page."""
+    tiny_tree(tmp_path)
+    argv = ["--root", str(tmp_path), "--plan", "configs/plan.yaml", "collect", "--out", "u.json"]
+    cfg = write_resolved(tmp_path, "configs/a_off.yaml", "runs/a_off/seed1", 7)  # seed 7's run in seed 1's place
+    assert union.main(argv) == 2
+    assert ("runs/a_off/seed1/config.yaml is not the run of configs/a_off.yaml seed 1: train.seed: 1 in the "
+            "config, 7 in the run") in capsys.readouterr().err
+    cfg["train"].update(seed=1, epochs=True)  # a bool is not the integer 1
+    (tmp_path / "runs/a_off/seed1/config.yaml").write_text(yaml.safe_dump(cfg))
+    assert union.main(argv) == 2
+    assert "train.epochs: 1 in the config, True in the run" in capsys.readouterr().err
+    (tmp_path / "runs/t/tid/config.yaml").unlink()
+    write_resolved(tmp_path, "configs/a_off.yaml", "runs/a_off/seed1", 1)
+    assert union.main(argv) == 2
+    assert "runs/t/tid/config.yaml not found beside metrics.json" in capsys.readouterr().err
