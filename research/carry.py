@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -36,11 +37,19 @@ def load_previous(path: Path) -> dict[str, Any] | None:
 def config_unchanged(root: Path, commit: str | None, paths: list[str]) -> tuple[bool, str]:
     """Whether every file of ``paths`` (relative to ``root``) is the same in the work tree as at
     ``commit``; with the reason when not (unknown or dirty commit, changed file, no git)."""
-    if not commit or commit == "unknown" or commit.endswith("-dirty"):
+    if not commit or not re.fullmatch(r"[0-9a-f]{40}", commit):
         return False, f"the recorded results came from commit {commit!r}, which is not a clean commit"
+    try:
+        known = subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=root, capture_output=True,
+                               timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError) as exc:
+        return False, f"git could not be asked about commit {commit[:12]} ({exc})"
+    if not known:
+        return False, f"commit {commit[:12]} is not in this clone (a shallow clone?): cannot compare the configs"
     for rel in paths:
         try:
-            at = subprocess.run(["git", "show", f"{commit}:{rel}"], cwd=root, capture_output=True, timeout=10)
+            at = subprocess.run(["git", "cat-file", "blob", f"{commit}:{rel}"], cwd=root, capture_output=True,
+                                timeout=10)
         except (OSError, subprocess.SubprocessError) as exc:
             return False, f"git could not read {rel} at {commit[:12]} ({exc})"
         if at.returncode != 0:
@@ -54,9 +63,12 @@ def config_unchanged(root: Path, commit: str | None, paths: list[str]) -> tuple[
 def carry(entry: dict[str, Any], previous: dict[str, Any], root: Path, configs: list[str]) -> dict[str, Any] | str:
     """A deep copy of ``entry`` (a finished entry of the ``previous`` results JSON) marked with
     ``carried`` = {from_commit, collected}: where the result was recorded. An entry carried before
-    keeps its first origin. Returns the reason instead when ``configs`` changed since."""
+    keeps its first origin. Returns the reason instead when ``configs`` (every committed file the
+    result depends on) changed since that origin."""
     origin = entry.get("carried") or {"from_commit": previous.get("commit"), "collected": previous.get("created")}
-    ok, why = config_unchanged(root, previous.get("commit"), configs)
+    # an entry carried before is checked against where it was first recorded: a later collect from a
+    # dirty tree does not make it unverifiable
+    ok, why = config_unchanged(root, origin.get("from_commit"), configs)
     if not ok:
         return why
     out = copy.deepcopy(entry)

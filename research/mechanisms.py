@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import statistics
 import sys
@@ -410,7 +411,7 @@ def collect_sweep(sw: dict[str, str], root: Path, previous: dict[str, Any] | Non
                 q["run_dir"] = str(Path(q["run_dir"]).relative_to(root))
     prev = next((p for p in (previous or {}).get("params") or [] if p.get("sweep") == sw["sweep"]), None)
     if prev:
-        pa.carry_points(result, previous, prev.get("params"), root, [sw["sweep"], sweep["config"]], SELECT)
+        pa.carry_points(result, previous, prev.get("params"), root, pa.sweep_inputs(sw["sweep"], sweep, root), SELECT)
     plot = (f"python -m research.param_analysis plot --sweep {sw['sweep']} --out "
             f"results/{Path(sw['png']).stem}.json --png {sw['png']} --overwrite")
     return {"sweep": sw["sweep"], "label": sw["label"], "png": sw["png"], "config": sweep["config"],
@@ -431,19 +432,41 @@ def steps_verdict(compare: dict[str, Any] | None, row: str, enough_seeds: bool) 
     return fewer is not None and fewer >= FEWER_STEPS_PCT
 
 
-def _carry_seed(rec: dict[str, Any], row: Row, prev_row: dict[str, Any] | None, previous: dict[str, Any] | None,
-                root: Path) -> dict[str, Any]:
-    """A seed pending here replaced by the same seed's finished record of ``previous`` (research.carry)."""
+def _without_seeds(command: str) -> str:
+    """A row's command without its seed list and parallelism: adding a seed is not another recipe."""
+    return re.sub(r" --parallel \d+", "", re.sub(r" --seeds( -?\d+)+", "", command or ""))
+
+
+def row_inputs(plan: Plan, row: Row, root: Path) -> list[str]:
+    """The committed files a row's seeds depend on: its config, its pool's deploy spec, and the
+    config (``--config``) of each teacher build of that pool."""
+    out = [row.config]
+    spec = row.settings.get("service.spec") or (plan.pools.get(row.pool or "") or {}).get("spec")
+    if spec and row.settings.get("service.enabled", True) is not False:
+        out.append(str(spec))
+        served = set(_pool_teachers(str(spec), root))
+        for t in plan.teachers:
+            if t["name"] in served:
+                out += re.findall(r"--config (\S+)", t.get("build") or "")
+    return list(dict.fromkeys(out))
+
+
+def _carry_seed(rec: dict[str, Any], plan: Plan, row: Row, prev_row: dict[str, Any] | None,
+                previous: dict[str, Any] | None, root: Path) -> dict[str, Any]:
+    """A seed pending here replaced by the same seed's finished record of ``previous`` (research.carry),
+    while the row's recipe and its input files (``row_inputs``) are unchanged."""
     from research.carry import carry
 
     prev = next((s for s in (prev_row or {}).get("seeds") or [] if (s.get("seed"), s.get("run_dir")) == (
         rec["seed"], rec["run_dir"])), None)
-    if rec["status"] == "done" or not prev or prev.get("status") != "done" or (prev_row or {}).get(
-            "command") != row.command:
+    if rec["status"] == "done" or not prev or prev.get("status") != "done" or _without_seeds(
+            (prev_row or {}).get("command", "")) != _without_seeds(row.command):
         return rec
-    got = carry(prev, previous or {}, root, [row.config])
-    return {**rec, "detail": f"{rec['detail']}; a recorded result was not carried: {got}"} if isinstance(got, str) \
-        else got
+    got = carry(prev, previous or {}, root, row_inputs(plan, row, root))
+    if isinstance(got, str):
+        return {**rec, "detail": f"{rec['detail']}; a recorded result was not carried: {got}"}
+    got.setdefault("machine", str((previous or {}).get("machine") or "unknown"))  # older JSON: one machine for all
+    return got
 
 
 def collect(plan: Plan, root: Path, command: str = "", previous: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -459,9 +482,12 @@ def collect(plan: Plan, root: Path, command: str = "", previous: dict[str, Any] 
     for t in plan.teachers:
         got = read_teacher(t, plan.domain, root)
         prev = ((previous or {}).get("teachers") or {}).get(t["name"])
-        if got["status"] == "pending" and prev and prev.get("status") == "done" and prev.get("metrics") == t["metrics"]:
-            kept = carry(prev, previous or {}, root, [])
-            got = got if isinstance(kept, str) else {k: v for k, v in kept.items() if k != "pools"}
+        if got["status"] == "pending" and prev and prev.get("status") == "done" and (
+                prev.get("metrics"), prev.get("build")) == (t["metrics"], t["build"]):
+            kept = carry(prev, previous or {}, root, re.findall(r"--config (\S+)", t.get("build") or ""))
+            # the plan's label and corrupted flag are today's
+            got = got if isinstance(kept, str) else {**{k: v for k, v in kept.items() if k != "pools"},
+                                                      **{k: t[k] for k in ("label", "corrupted")}}
         teachers[t["name"]] = {**got, "pools": [p for p, v in pools.items() if t["name"] in v["teachers"]]}
     clean = {n: t for n, t in teachers.items() if t["status"] == "done" and not t["corrupted"]}
     best_teacher = max(clean, key=lambda n: clean[n]["test"][SELECT]) if clean else None
@@ -470,7 +496,10 @@ def collect(plan: Plan, root: Path, command: str = "", previous: dict[str, Any] 
     pending: list[str] = []
     for row in plan.rows:
         prev_row = ((previous or {}).get("rows") or {}).get(row.name)
-        seeds = [_carry_seed(read_seed(plan, row, s, root), row, prev_row, previous, root) for s in plan.seeds]
+        seeds = [_carry_seed(read_seed(plan, row, s, root), plan, row, prev_row, previous, root) for s in plan.seeds]
+        for rec in seeds:  # the seeds trained here: the machine collect runs on (research.seeds records none)
+            if rec["status"] == "done" and not rec.get("carried"):
+                rec["machine"] = machine_for(rec.get("device") or "cpu")
         done = [s for s in seeds if s["status"] == "done"]
         rows[row.name] = {
             "label": row.label, "group": row.group, "pool": row.pool, "mode": row.mode, "command": row.command,
@@ -559,7 +588,7 @@ def collect(plan: Plan, root: Path, command: str = "", previous: dict[str, Any] 
                                    for c in m["comparisons"]]} for m in plan.mechanisms]
     return {"kind": FORMAT, "schema": SCHEMA, "plan": plan.source, "title": plan.title,
             "description": plan.description, "domain": plan.domain, "seeds": list(plan.seeds), "confidence": LEVEL,
-            "commit": git_sha(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": _machine(rows, machine_for, previous),
+            "commit": git_sha(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": _machine(rows, machine_for),
             "command": command, "configs": list(dict.fromkeys(r.config for r in plan.rows)),
             "epochs": sorted({s["epochs"] for r in rows.values() for s in r["seeds"] if s.get("epochs") is not None}),
             "pools": pools, "teachers": teachers, "best_teacher": best_teacher, "rows": rows,
@@ -571,18 +600,16 @@ def collect(plan: Plan, root: Path, command: str = "", previous: dict[str, Any] 
             "pending": pending}
 
 
-def _machine(rows: dict[str, Any], machine_for: Any, previous: dict[str, Any] | None = None) -> str:
-    """The machine the runs trained on: research.seeds records none, so the box collect runs on
-    (said so), with the devices the runs' run.json name. Seeds carried from ``previous`` keep the
-    machine that JSON names."""
-    here = [s for r in rows.values() for s in r["seeds"] if not s.get("carried")]
-    if len(here) < sum(len(r["seeds"]) for r in rows.values()):
-        before = str((previous or {}).get("machine") or "unknown")
-        if not any(s["status"] == "done" for s in here):
-            return before
-        return f"carried results: {before}; results collected here: " + _machine(
-            {"here": {"seeds": here}}, machine_for)
-    devices = sorted({str(s.get("device")) for s in here if s.get("device")})
+def _machine(rows: dict[str, Any], machine_for: Any) -> str:
+    """The machine(s) the runs trained on: research.seeds records none, so each seed carries the box
+    its collect ran on (said so), with the devices the runs' run.json name."""
+    seeds = [s for r in rows.values() for s in r["seeds"] if s["status"] == "done"]
+    machines = list(dict.fromkeys(str(s["machine"]) for s in seeds if s.get("machine")))
+    if len(machines) > 1:
+        return "; ".join(machines)
+    if machines and any(s.get("carried") for s in seeds):
+        return machines[0]
+    devices = sorted({str(s.get("device")) for s in seeds if s.get("device")})
     if any(d.startswith("cuda") for d in devices):
         return f"GPU box (devices {', '.join(devices)}; machine not recorded by the runs)"
     return machine_for("cpu") + " (not recorded by the runs: the machine collect ran on" + (

@@ -27,6 +27,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,16 @@ def collect(sweep: dict[str, Any], defaults: dict[str, Any] | None = None, metri
             pts.append({"value": v, "test_" + metric: y, "run_dir": str(d)})
         out[param] = {"points": pts, "default": (defaults or {}).get(param)}
     return out
+
+
+def sweep_inputs(sweep_path: str, sweep: dict[str, Any], root: Path) -> list[str]:
+    """The committed files a sweep's points depend on: the sweep, its base config and the deploy spec
+    the runs are served from (``--set service.spec=`` in its args, else the config's)."""
+    spec = next((str(a).split("=", 1)[1] for a in sweep.get("args") or [] if str(a).startswith("service.spec=")), None)
+    if spec is None:
+        cfg = yaml.safe_load((root / sweep["config"]).read_text()) or {} if (root / sweep["config"]).is_file() else {}
+        spec = (cfg.get("service") or {}).get("spec")
+    return [str(sweep_path), str(sweep["config"])] + ([str(spec)] if spec else [])
 
 
 def carry_points(result: dict[str, Any], previous: dict[str, Any] | None, prev_params: dict[str, Any] | None,
@@ -197,11 +208,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     carried = carry_points(result, previous, (previous or {}).get("params"), REPO,
-                           [str(args.sweep), sweep["config"]], args.metric) if previous else 0
+                           sweep_inputs(args.sweep, sweep, REPO), args.metric) if previous else 0
 
     doc = {"sweep": str(args.sweep), "config": sweep["config"], "args": list(map(str, sweep["args"])),
            "metric": f"test {args.metric} (mean over domains)", "seed": sweep["seed"], "png": str(args.png),
-           "commit": git_sha(), "command": " ".join(["python -m research.param_analysis", *(argv or sys.argv[1:])]),
+           "commit": git_sha(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+           "command": " ".join(["python -m research.param_analysis", *(argv or sys.argv[1:])]),
            "params": result, "commands": {p: [" ".join(["ckd-distill", *command(sweep, p, v, defaults)])
                                               for v in vals] for p, vals in sweep["params"].items()}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -266,6 +266,23 @@ def prerequisites(plan: Plan, step: Step, root: Path) -> list[TeacherPlan]:
     return [t for t in plan.teachers if t.name != step.name and any(under(s, t.run_dir) for s in sources if s)]
 
 
+def input_files(plan: Plan, step: Step, root: Path) -> list[str]:
+    """The committed files a step's result depends on: its config, its deploy spec (a distilled
+    student), and, recursively, the input files of the teachers it starts from or is served
+    (``prerequisites``). A result is carried to a fresh machine only while all of them are unchanged."""
+    from ckd.config import load_yaml
+
+    out = [step.config]
+    if step.kind == "student" and not step.teachers_none:
+        cfg_path = root / step.config
+        spec = ((load_yaml(cfg_path) if cfg_path.is_file() else {}).get("service") or {}).get("spec")
+        if spec:
+            out.append(str(spec))
+    for t in prerequisites(plan, step, root):
+        out += input_files(plan, Step("teacher", t.name, t.config, t.run_dir), root)
+    return list(dict.fromkeys(out))
+
+
 def is_done(root: Path, run_dir: str) -> bool:
     return (root / run_dir / "metrics.json").is_file()
 
@@ -603,10 +620,22 @@ def collect_teacher(t: TeacherPlan, plan: Plan, root: Path, here: str,
     if entry["status"] == "done" or not prev or prev.get("status") != "done" \
             or (prev.get("config"), prev.get("run_dir")) != (t.config, t.run_dir):
         return entry
-    got = carry(prev, previous or {}, root, [t.config])
+    got = _same_plan(previous, plan) or carry(prev, previous or {}, root, input_files(
+        plan, Step("teacher", t.name, t.config, t.run_dir), root))
     if isinstance(got, str):
         return {**entry, "detail": f"{entry['detail']}; a recorded result was not carried: {got}"}
-    return got
+    # what the plan says about the teacher is today's plan, not the recorded one's
+    got.update({k: entry[k] for k in ("label", "row", "served", "command")})
+    got.pop("note", None)
+    return {**got, **({"note": t.note} if t.note else {})}
+
+
+def _same_plan(previous: dict[str, Any] | None, plan: Plan) -> str:
+    """Why nothing of ``previous`` may be carried into a collect of ``plan`` (other domains), or ''."""
+    if list((previous or {}).get("domains") or []) != list(plan.domains):
+        return (f"the recorded results cover domains {(previous or {}).get('domains')}, the plan "
+                f"{list(plan.domains)}")
+    return ""
 
 
 def _collect_teacher_here(t: TeacherPlan, plan: Plan, root: Path, here: str) -> dict[str, Any]:
@@ -648,9 +677,17 @@ def _collect_teacher_here(t: TeacherPlan, plan: Plan, root: Path, here: str) -> 
     return entry
 
 
+# Settings that say where or how a run executes, not what it trains: `research.union run --set
+# train.device=cuda` (a lent GPU) or more threads must not make its result another recipe's.
+EXECUTION_KEYS = {"data.data_dir", "train.progress", "train.threads", "train.device", "train.eval_batch_size"}
+
+
 def contradictions(raw: Any, resolved: Any, at: str = "") -> list[str]:
     """Where a run's resolved config contradicts the config file it was meant to train: every leaf
-    the file sets (lists by position) must hold the same value in the run's config.yaml."""
+    the file sets (lists by position) must hold the same value in the run's config.yaml, except the
+    EXECUTION_KEYS."""
+    if at in EXECUTION_KEYS:
+        return []
     if isinstance(raw, dict):
         if not isinstance(resolved, dict):
             return [f"{at or '/'}: a mapping in the config, {resolved!r} in the run"]
@@ -719,7 +756,7 @@ def collect_student(s: StudentPlan, plan: Plan, root: Path,
             run: dict[str, Any] = {"config": config, "run_dir": step.run_dir, "command": step.command}
             if metrics is None:
                 run.update(status="pending", detail=_pending_detail(run_dir, timing))
-                run = _carried_run(run, prev_seeds.get(seed), previous, root)
+                run = _carried_run(run, prev_seeds.get(seed), previous, root, plan, step)
             else:
                 check_run_config(config, step.run_dir, root, seed)
                 got = [d for d in plan.domains if d in (metrics.get("test") or {})]
@@ -757,14 +794,14 @@ def collect_student(s: StudentPlan, plan: Plan, root: Path,
 
 
 def _carried_run(run: dict[str, Any], prev_rec: dict[str, Any] | None, previous: dict[str, Any] | None,
-                 root: Path) -> dict[str, Any]:
+                 root: Path, plan: Plan, step: Step) -> dict[str, Any]:
     """``run`` (pending here) replaced by the same run's finished record in ``prev_rec`` (one seed of
     the previous JSON), with its per-domain test/valid metrics (older JSON kept them per seed only)."""
     prev = next((r for r in (prev_rec or {}).get("runs") or [] if r.get("run_dir") == run["run_dir"]), None)
     if not prev or prev.get("status") != "done" or (prev.get("config"), prev.get("command")) != (
             run["config"], run["command"]):
         return run
-    got = carry(prev, previous or {}, root, [run["config"]])
+    got = _same_plan(previous, plan) or carry(prev, previous or {}, root, input_files(plan, step, root))
     if isinstance(got, str):
         return {**run, "detail": f"{run['detail']}; a recorded result was not carried: {got}"}
     for split in ("test", "valid"):
@@ -784,12 +821,14 @@ def collect_retrain_check(plan: Plan, name: str, run_dir: str, root: Path, previ
     here, the retrain is compared with the recorded entry of ``teachers`` (collect's teacher entries)."""
     got = _collect_retrain_check_here(plan, name, run_dir, root, teachers)
     prev = next((c for c in (previous or {}).get("retrain_checks") or []
-                 if (c.get("teacher"), c.get("run_dir")) == (name, run_dir)), None)
-    if got["status"] == "done" or not prev or prev.get("status") != "done":
+                 if (c.get("teacher"), c.get("run_dir"), c.get("command")) == (name, run_dir, got["command"])), None)
+    # only beside the recorded teacher it was checked against: a teacher trained here is another one
+    if got["status"] == "done" or not prev or prev.get("status") != "done" \
+            or not ((teachers or {}).get(name) or {}).get("carried"):
         return got
     t = next(t for t in plan.teachers if t.name == name)
-    kept = carry(prev, previous or {}, root, [t.config])
-    return got if isinstance(kept, str) else kept
+    kept = carry(prev, previous or {}, root, input_files(plan, Step("teacher", name, t.config, t.run_dir), root))
+    return got if isinstance(kept, str) else {**kept, "label": t.label}
 
 
 def _collect_retrain_check_here(plan: Plan, name: str, run_dir: str, root: Path,

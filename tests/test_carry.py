@@ -142,3 +142,75 @@ def test_a_retrain_is_checked_against_the_recorded_entry_when_its_run_directory_
     (run / "config.yaml").write_text(json.dumps(resolved))
     with pytest.raises(RetrainCheckError, match="is not the recipe of configs/union/unim2rec.yaml"):
         compare_to_entry(entry, run, repo)
+
+
+def test_a_result_is_not_carried_once_a_file_it_depends_on_changed(tmp_path):
+    """The distilled student depends on its deploy spec and on the configs of the teachers served
+    (and of the pre-training they start from): change one and the carried result is refused."""
+    from tests.test_union_report import write_resolved
+
+    commit = committed_tree(tmp_path)
+    write_json(tmp_path / "runs/dist/seed1/metrics.json", {"valid": {"Scientific": m(0.2), "Office14": m(0.2)},
+                                                          "test": {"Scientific": m(0.2), "Office14": m(0.2)}})
+    write_resolved(tmp_path, "configs/dist.yaml", "runs/dist/seed1", 1)
+    collect_at(tmp_path, commit)
+    shutil.rmtree(tmp_path / "runs")
+    (tmp_path / "configs" / "pre.yaml").write_text("train: {epochs: 9}\n")  # tid starts from pre; tid is served
+
+    assert union.main(["--root", str(tmp_path), *ARGV]) == 0
+    data = json.loads((tmp_path / "results" / "experiments_union.json").read_text())
+    why = f"configs/pre.yaml changed since commit {commit[:12]}"
+    assert why in data["teachers"]["tid"]["detail"] and why in data["students"]["dist"]["seeds"][0]["runs"][0]["detail"]
+    assert data["students"]["alone"]["seeds"][0]["status"] == "done"  # the alone runs depend on none of it
+
+
+def test_an_older_json_without_per_run_metrics_is_carried_with_the_plan_of_today(tmp_path):
+    """The committed union JSON of session 13 kept test metrics per seed only; a teacher carried
+    from it shows today's plan note; an entry carried before is checked against its first origin,
+    so a later collect from a dirty tree keeps it."""
+    import yaml
+
+    commit = committed_tree(tmp_path)
+    first = collect_at(tmp_path, commit)
+    for s in first["students"].values():
+        for rec in s["seeds"]:
+            for r in rec["runs"]:
+                r.pop("test", None), r.pop("valid", None)
+    first["commit"] = commit + "-dirty"  # collected later from a dirty tree ...
+    first["teachers"]["tid"]["carried"] = {"from_commit": commit, "collected": "earlier"}  # ... tid carried before
+    out = tmp_path / "results" / "experiments_union.json"
+    out.write_text(json.dumps(first))
+    shutil.rmtree(tmp_path / "runs")
+    plan = yaml.safe_load((tmp_path / "configs" / "plan.yaml").read_text())
+    plan["teachers"][1]["note"] = "a note written today"
+    (tmp_path / "configs" / "plan.yaml").write_text(yaml.safe_dump(plan, sort_keys=False))
+
+    assert union.main(["--root", str(tmp_path), *ARGV]) == 0
+    data = json.loads(out.read_text())
+    tid = data["teachers"]["tid"]
+    assert tid["carried"] == {"from_commit": commit, "collected": "earlier"} and tid["note"] == "a note written today"
+    assert data["teachers"]["pre"]["status"] == "pending"  # recorded only by the dirty collect: not verifiable
+    assert "not a clean commit" in data["teachers"]["pre"]["detail"]
+
+
+def test_execution_settings_are_not_the_recipe():
+    from research.union import contradictions
+
+    raw = {"train": {"threads": 1, "device": "cpu", "lr": 0.001, "stages": [{"max_train_rows": {"Games": 60000}}]}}
+    run = {"train": {"threads": 8, "device": "cuda", "lr": 0.001, "stages": [
+        {"name": "train", "max_train_rows": {"Games": 60000}}]}, "data": {"data_dir": "/x"}}
+    assert contradictions(raw, run) == []
+    run["train"]["stages"][0]["max_train_rows"]["Games"] = 50000
+    assert contradictions(raw, run) == ["train.stages[0].max_train_rows.Games: 60000 in the config, 50000 in the run"]
+
+
+def test_mechanisms_rows_depend_on_their_pool_and_not_on_their_seed_list():
+    from research.mechanisms import _without_seeds, load_plan, row_inputs
+
+    repo = Path(__file__).resolve().parents[1]
+    plan = load_plan(repo / "configs/mechanisms/scientific.yaml")
+    row = next(r for r in plan.rows if r.name == "corrupted_both")
+    assert row_inputs(plan, row, repo) == ["configs/demo/student.yaml", "configs/mechanisms/serve_corrupted.yaml",
+                                           "configs/demo/unisrec.yaml", "configs/demo/unim2rec.yaml"]
+    assert _without_seeds("x --seeds 2024 7 11 --parallel 1 --runs-root r") == _without_seeds(
+        "x --seeds 2024 7 --parallel 2 --runs-root r") == "x --runs-root r"
