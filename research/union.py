@@ -16,8 +16,12 @@ student is served) have not finished waits for the next ``run``. Each invocation
 ``{"start", "end", "rc", "command", "machine"}`` to ``<run dir>/invocations.jsonl`` (epoch
 seconds: the measured training time) and logs to ``runs/union/logs/<run>[_seed<N>].log``.
 
-``collect`` reads whatever has finished; the rest is listed as pending. Retrain every teacher on a
-fresh clone with ``python -m research.union run --only <the plan's teachers>`` (the page prints it).
+``collect`` reads whatever has finished; the rest is listed as pending. Run directories are
+git-ignored and stay on the machine that trained them; on another machine ``collect`` keeps each
+finished entry of the JSON it replaces whose run directory is not here, marked ``carried``, while
+every committed file it depends on (config, deploy spec, the served teachers' configs) is unchanged
+since it was recorded (research/carry.py). Retrain every teacher on a fresh clone with
+``python -m research.union run --only <the plan's teachers>`` (the page prints it).
 """
 from __future__ import annotations
 
