@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import os
 import time
 import uuid
@@ -95,13 +96,23 @@ class TLSSpec:
     client_ca: str | None = None
 
 
+def default_gpu_share(cluster_gpus: float, replicas: int) -> float:
+    """GPUs per replica when a teacher does not set ``num_gpus``: one each where the cluster has a GPU
+    for every replica of the spec (the design: one device per teacher); with fewer, the GPUs shared
+    evenly, rounded down to 1/100 so that Ray packs the replicas onto the devices (three teachers on
+    one lent GPU get 0.33 each); none without GPUs."""
+    if cluster_gpus <= 0 or replicas <= 0:
+        return 0.0
+    return min(1.0, math.floor(100 * cluster_gpus / replicas) / 100)
+
+
 @dataclass
 class TeacherSpec:
     name: str = ""
     checkpoint: str = ""
     replicas: int = 1
     num_cpus: float = 1.0
-    num_gpus: float = -1.0  # -1: 1 GPU per replica when the cluster has GPUs, else 0
+    num_gpus: float = -1.0  # -1: default_gpu_share (one GPU per replica where there are enough)
     resources: dict[str, float] = field(default_factory=dict)  # custom resources, e.g. {teacher: 1}
     torch_threads: int = 1
     expected_vocab_hash: str | None = None
@@ -291,6 +302,7 @@ class TeacherDeployment:
         self.counters: dict[str, int] = {"directory_retries": 0, "reconcile_failures": 0}
         gpus = ray.cluster_resources().get("GPU", 0)
         self._has_gpus = gpus > 0
+        self._gpu_share = default_gpu_share(gpus, sum(t.replicas for t in self.spec.teachers))
 
     # -- the directory -------------------------------------------------------------------------
     def _connect_directory(self) -> Any:
@@ -332,7 +344,7 @@ class TeacherDeployment:
             slot = min(range(t.cpu_slots), key=lambda s: (live.count(s), s))
             self._cpu_slot[rid] = slot
             cpus = t.replica_cpus(slot)
-        num_gpus = (1.0 if self._has_gpus else 0.0) if t.num_gpus < 0 else t.num_gpus
+        num_gpus = self._gpu_share if t.num_gpus < 0 else t.num_gpus
         opts: dict[str, Any] = dict(num_cpus=t.num_cpus, num_gpus=num_gpus, resources=dict(t.resources),
                                     max_restarts=self.spec.max_restarts, max_task_retries=0,
                                     name=f"ckd-replica/{rid}", namespace=self.namespace)

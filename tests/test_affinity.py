@@ -159,3 +159,13 @@ def test_student_pins_every_thread_and_refuses_bad_lists(tmp_path):
                               "--run-dir", str(tmp_path / "r")], capture_output=True, text=True, env=env,
                              cwd=REPO_ROOT, timeout=120)
         assert run.returncode == 2 and why in run.stderr, run.stderr
+
+
+@pytest.mark.unit
+def test_default_gpu_share_is_one_device_per_replica_where_there_are_enough():
+    from cluster.deploy import default_gpu_share
+
+    assert default_gpu_share(0, 3) == 0.0  # a CPU cluster
+    assert default_gpu_share(4, 3) == default_gpu_share(3, 3) == 1.0  # one GPU per teacher
+    assert default_gpu_share(1, 3) == 0.33 and 3 * default_gpu_share(1, 3) <= 1.0  # packed onto one lent GPU
+    assert default_gpu_share(2, 3) == 0.66 and default_gpu_share(8, 0) == 0.0
