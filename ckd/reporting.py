@@ -737,7 +737,8 @@ def carried_note(data: Any) -> str:
     commits = sorted({str(c.get("from_commit", "unknown"))[:12] for _, c in found})
     return (f"{len(found)} of these results were recorded by an earlier collect (commit(s) "
             + ", ".join(f"`{c}`" for c in commits) + ") and carried over unchanged: their run directories "
-            "are not on the machine this collect ran on, and their configs have not changed since.")
+            "are not on the machine this collect ran on, and every committed file they depend on (configs, "
+            "deploy specs, the served teachers' configs) is unchanged since.")
 
 
 def _source_block(commit: str, machine: str, created: str, commands: Iterable[str], source: str,
