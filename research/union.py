@@ -8,7 +8,9 @@ collect what has finished into one JSON that docs/results_union.md is rendered f
 ``run`` trains the plan in order: the teachers, then each student entry x seed x run, with the
 commands a user types (teacher: ``ckd-train-teacher --config C --run-dir R``; student:
 ``ckd-distill --config C --run-dir R/seed<N> [--teachers none] --set train.seed=<N>``). A step
-whose run directory holds metrics.json is skipped; an unfinished one is started again and the entry
+whose run directory holds metrics.json is skipped, and so, without ``--only``, is a step that the
+committed results JSON records from another machine (``--results``), unless a step still to run
+needs it as a teacher (its checkpoint must be here); an unfinished one is started again and the entry
 point resumes it from its run directory, so an interrupted ``run`` is continued by running it
 again. A step being trained by another process (found by its ``--run-dir`` in /proc) is left to
 it, and a step whose prerequisites (the pre-training a teacher starts from, the teachers a distilled
@@ -508,18 +510,54 @@ def _result_line(root: Path, step: Step) -> str:
         return "no metrics.json"
 
 
+def recorded_elsewhere(plan: Plan, root: Path, results: Path) -> set[str]:
+    """Run directories of the plan not finished here whose results ``results`` (the committed JSON)
+    holds and a collect would carry (research.carry): finished work from another machine."""
+    previous = load_previous(results)
+    if previous is None:
+        return set()
+    data = collect(plan, root, previous=previous)
+    out = {t["run_dir"] for t in data["teachers"].values() if t.get("carried")}
+    out |= {r["run_dir"] for s in data["students"].values() for rec in s["seeds"] for r in rec["runs"]
+            if r.get("carried")}
+    return out
+
+
+def needed_teachers(plan: Plan, steps: list[Step], root: Path) -> set[str]:
+    """Run directories of the teachers ``steps`` need (prerequisites, recursively) that are not
+    finished here: their checkpoints must exist on this machine, whatever a results JSON records."""
+    need: set[str] = set()
+    todo = [s for s in steps]
+    while todo:
+        for t in prerequisites(plan, todo.pop(), root):
+            if t.run_dir not in need and not is_done(root, t.run_dir):
+                need.add(t.run_dir)
+                todo.append(Step("teacher", t.name, t.config, t.run_dir))
+    return need
+
+
 def cmd_run(args: argparse.Namespace, root: Path) -> int:
     plan = load_plan(root / args.plan, args.plan)
     only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
     steps = plan_steps(plan, only, args.seeds, args.overrides)
+    # Without --only, work recorded on another machine (the committed results JSON) is not repeated,
+    # except the teachers that a step still to run is served or starts from: their checkpoints are
+    # needed here. --only trains what it names.
+    recorded: set[str] = set()
+    if not only:
+        recorded = recorded_elsewhere(plan, root, root / args.results)
+        pending_here = [s for s in steps if not is_done(root, s.run_dir) and s.run_dir not in recorded]
+        recorded -= needed_teachers(plan, pending_here, root)
     logs = root / (args.logs or plan.logs_dir)
     est = Estimator()
     for s in plan_steps(plan):  # what has finished already informs the estimates
         if is_done(root, s.run_dir):
             m = json.loads((root / s.run_dir / "metrics.json").read_text())
             est.record(s, measured_time(root / s.run_dir, m)["seconds"])
-    todo = [s for s in steps if not is_done(root, s.run_dir)]
-    print(f"{plan.source}: {len(steps)} step(s) selected, {len(steps) - len(todo)} finished, {len(todo)} to run "
+    todo = [s for s in steps if not is_done(root, s.run_dir) and s.run_dir not in recorded]
+    n_rec = sum(s.run_dir in recorded for s in steps)
+    print(f"{plan.source}: {len(steps)} step(s) selected, {len(steps) - len(todo) - n_rec} finished here, {n_rec} "
+          f"recorded from another machine, {len(todo)} to run "
           f"({est.eta(todo)}); logs in {logs.relative_to(root) if logs.is_relative_to(root) else logs}", flush=True)
     failed, waiting, elsewhere = [], [], []
     would_run: set[str] = set()  # --dry-run: steps that would have finished before the later ones start
@@ -527,6 +565,10 @@ def cmd_run(args: argparse.Namespace, root: Path) -> int:
         tag = f"[{i:>{len(str(len(steps)))}}/{len(steps)}] {step.describe()}"
         if is_done(root, step.run_dir):
             print(f"{tag}: finished, skipped", flush=True)
+            continue
+        if step.run_dir in recorded:
+            print(f"{tag}: recorded in {args.results} (trained on another machine), skipped; "
+                  f"`--only {step.name}` trains it again", flush=True)
             continue
         pid = running_elsewhere(root, step.run_dir)
         if pid is not None:
@@ -536,7 +578,8 @@ def cmd_run(args: argparse.Namespace, root: Path) -> int:
         missing = [t.name for t in prerequisites(plan, step, root)
                    if not is_done(root, t.run_dir) and t.run_dir not in would_run]
         if missing:
-            print(f"{tag}: waits for {', '.join(missing)} (not finished); run again once it is", flush=True)
+            print(f"{tag}: waits for {', '.join(missing)} (not finished on this machine: the checkpoint is needed "
+                  f"here; add it to --only, or run without --only); run again once it is", flush=True)
             waiting.append(step)
             continue
         rest = [s for s in steps[i:] if not is_done(root, s.run_dir)]
@@ -933,6 +976,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--heartbeat", type=float, default=10.0, metavar="MINUTES",
                    help="while a step runs, print its elapsed time and last train.log line this often (0: never)")
     r.add_argument("--logs", default=None, help="log folder (default <runs>/logs, runs/union/logs for the plan)")
+    r.add_argument("--results", default=DEFAULT_OUT,
+                   help=f"the committed results JSON whose recorded runs a run without --only skips (default {DEFAULT_OUT})")
     c = sub.add_parser("collect", help="write the results JSON from the finished run directories")
     c.add_argument("--out", default=DEFAULT_OUT, help=f"results JSON (default {DEFAULT_OUT})")
     c.add_argument("--overwrite", action="store_true", help="replace an existing --out")

@@ -214,3 +214,22 @@ def test_mechanisms_rows_depend_on_their_pool_and_not_on_their_seed_list():
                                            "configs/demo/unisrec.yaml", "configs/demo/unim2rec.yaml"]
     assert _without_seeds("x --seeds 2024 7 11 --parallel 1 --runs-root r") == _without_seeds(
         "x --seeds 2024 7 --parallel 2 --runs-root r") == "x --runs-root r"
+
+
+def test_run_on_a_fresh_machine_skips_recorded_work_but_trains_the_teachers_still_needed(tmp_path, capsys):
+    """Without --only, `run` repeats nothing the committed JSON records, except the teachers a step
+    still to run is served or starts from (their checkpoints are needed here); --only trains what it names."""
+    commit = committed_tree(tmp_path)
+    collect_at(tmp_path, commit)
+    shutil.rmtree(tmp_path / "runs")
+    base = ["--root", str(tmp_path), "--plan", "configs/plan.yaml", "run", "--dry-run"]
+    assert union.main(base) == 0
+    out = capsys.readouterr().out
+    assert "8 step(s) selected, 0 finished here, 3 recorded from another machine, 5 to run" in out
+    # dist (not finished anywhere) is served tid, which starts from pre: both recorded, both needed here
+    assert "teacher pre: would run" in out and "teacher tid: would run" in out
+    assert "student alone seed 1 (a_sci): recorded in results/experiments_union.json" in out
+    assert "student alone seed 2 (a_sci): recorded" in out and "student alone seed 2 (a_off): would run" in out
+    assert "student dist seed 1 (dist): would run" in out
+    assert union.main(base + ["--only", "alone"]) == 0
+    assert "student alone seed 1 (a_sci): would run" in capsys.readouterr().out

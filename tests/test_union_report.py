@@ -558,7 +558,7 @@ def test_run_issues_the_queue_commands_and_records_invocations(tmp_path, capsys)
     out = capsys.readouterr().out
     assert "teacher late: start" in out and "teacher late: FAILED (exit" in out
     assert "teacher late: running for" in out  # the heartbeat while the entry point starts up
-    assert "student dist seed 1 (dist): waits for late (not finished)" in out
+    assert "student dist seed 1 (dist): waits for late (not finished on this machine" in out
     recs = union.read_invocations(tmp_path / "runs/t/late")
     assert len(recs) == 1 and recs[0]["rc"] != 0 and recs[0]["end"] >= recs[0]["start"]
     assert recs[0]["command"] == "ckd-train-teacher --config configs/late.yaml --run-dir runs/t/late"
