@@ -734,6 +734,11 @@ def render_union_page(u: UnionResults, eff: Efficiency | None = None, generated_
             teacher_table(u), "",
             "Retrain every teacher on a fresh clone (each resumes from its run directory if interrupted):", "",
             "```bash", rt.get("command") or "python -m research.union run --only " + ",".join(u.teachers), "```", "",
+            "On a lent CUDA machine the same steps run as one prepared command, `bash gpu/union.sh` (its header "
+            "says what to carry and how to unpack what comes back). Run directories stay on the machine that "
+            "trained them; results recorded elsewhere are carried into a new collect while their inputs are "
+            "unchanged (§1), but a distilled student needs its teachers' checkpoints on its own machine, so "
+            "`python -m research.union run` trains those again there.", "",
             f"Measured: {'at least ' if rt.get('train_s_lower_bound') else ''}{fmt_duration(rt.get('train_s'))} "
             f"of training wall time{so_far}"
             + (f", on {'; '.join(rt.get('machines') or [])}" if rt.get("machines") else "")
