@@ -4,19 +4,19 @@ Run directories (runs/, git-ignored) live on the machine that trained them; the 
 JSON is the durable record. A session may start on a fresh machine, where a collect would find no
 run directory and turn every finished row back into "pending". So a collect reads the JSON it is
 about to replace (``load_previous``) and keeps a finished entry whose run directory is not finished
-here (``carry``), marked with where it came from, as long as its config has not changed since that
-JSON was collected (``config_unchanged``). A finished run directory here always wins.
+here (``carry``), marked with where it came from, as long as every committed file it depends on is
+unchanged since it was first recorded (``config_unchanged``). A finished run directory here always wins.
 """
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import re
 import subprocess
 from pathlib import Path
 from typing import Any
 
-from ckd.reporting import carried_entries  # noqa: F401  (re-exported: the collects print the count)
 from research.plan_schema import PlanError
 
 
@@ -39,25 +39,27 @@ def config_unchanged(root: Path, commit: str | None, paths: list[str]) -> tuple[
     ``commit``; with the reason when not (unknown or dirty commit, changed file, no git)."""
     if not commit or not re.fullmatch(r"[0-9a-f]{40}", commit):
         return False, f"the recorded results came from commit {commit!r}, which is not a clean commit"
-    try:
-        known = subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=root, capture_output=True,
-                               timeout=10).returncode == 0
-    except (OSError, subprocess.SubprocessError) as exc:
-        return False, f"git could not be asked about commit {commit[:12]} ({exc})"
-    if not known:
+    if _git(str(root), "cat-file", "-e", f"{commit}^{{commit}}") is None:
         return False, f"commit {commit[:12]} is not in this clone (a shallow clone?): cannot compare the configs"
     for rel in paths:
-        try:
-            at = subprocess.run(["git", "cat-file", "blob", f"{commit}:{rel}"], cwd=root, capture_output=True,
-                                timeout=10)
-        except (OSError, subprocess.SubprocessError) as exc:
-            return False, f"git could not read {rel} at {commit[:12]} ({exc})"
-        if at.returncode != 0:
+        at = _git(str(root), "cat-file", "blob", f"{commit}:{rel}")
+        if at is None:
             return False, f"{rel} is not in commit {commit[:12]}"
         here = root / rel
-        if not here.is_file() or here.read_bytes() != at.stdout:
+        if not here.is_file() or here.read_bytes() != at:
             return False, f"{rel} changed since commit {commit[:12]}"
     return True, ""
+
+
+@functools.lru_cache(maxsize=1024)
+def _git(root: str, *args: str) -> bytes | None:
+    """A git command's stdout, None when it fails; cached, since a collect asks for the same blobs of
+    the same commit once per entry (commits are immutable)."""
+    try:
+        got = subprocess.run(["git", *args], cwd=root, capture_output=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return got.stdout if got.returncode == 0 else None
 
 
 def carry(entry: dict[str, Any], previous: dict[str, Any], root: Path, configs: list[str]) -> dict[str, Any] | str:

@@ -617,8 +617,8 @@ def _machine(rows: dict[str, Any], machine_for: Any) -> str:
 
 
 def cmd_collect(args: argparse.Namespace, root: Path) -> int:
-    from ckd.reporting import results_out_path, write_results_json
-    from research.carry import carried_entries, load_previous
+    from ckd.reporting import carried_entries, results_out_path, write_results_json
+    from research.carry import load_previous
 
     out = results_out_path(args.out, root, args.overwrite)
     if out is None:

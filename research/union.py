@@ -39,10 +39,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckd.reporting import METRICS, fmt_duration
+from ckd.reporting import METRICS, carried_entries, fmt_duration
 from ckd.union_report import FORMAT
+from research.carry import carry, load_previous
 from research.plan_schema import PlanError, distinct_ints, entry_mapping, need
-from research.carry import carried_entries, carry, load_previous
 
 REPO = Path(__file__).resolve().parents[1]  # the checkout: the plan's paths are relative to it
 PLAN = "configs/union/plan.yaml"
