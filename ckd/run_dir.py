@@ -103,6 +103,13 @@ def write_run_header(run_dir: Path, config: Any, extra: dict[str, Any] | None = 
                **(extra or {})}, run_dir / "run.json")
 
 
+def read_run_header(run_dir: Path) -> dict[str, Any]:
+    """What :func:`write_run_header` wrote to run.json (git_sha, argv, started, extra), or {} when
+    the run directory has none."""
+    path = Path(run_dir) / "run.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
     """<run_dir>/metrics.json: a run's results (both loops' final evaluation)."""
     json_dump(metrics, run_dir / "metrics.json")

@@ -318,7 +318,9 @@ def read_seed(plan: Plan, row: Row, seed: int, root: Path) -> dict[str, Any]:
     test = (metrics.get("test") or {}).get(plan.domain)
     if not test or any(k not in test for k in METRICS):
         raise PlanError(f"{mpath}: no test {', '.join(METRICS)} for {plan.domain}")
-    header = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+    from ckd.run_dir import read_run_header
+
+    header = read_run_header(run_dir)
     timing = measured_time(run_dir, metrics)
     client = metrics.get("teacher_client") or {}
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}

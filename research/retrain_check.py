@@ -78,13 +78,42 @@ def compare(recorded: Path, retrained: Path, tolerance: float = 0.002) -> dict[s
     if recipe(a["config.yaml"]) != recipe(b["config.yaml"]):
         raise RetrainCheckError(f"{retrained}/config.yaml is not the recipe of {recorded}/config.yaml: "
                                 "a retrain must use the same config")
-    ta, tb = a["metrics.json"]["test"], b["metrics.json"]["test"]
-    per_domain = compare_tests(ta, tb, tolerance)
+    return _comparison(a, str(recorded), b, retrained, tolerance)
+
+
+def compare_to_entry(entry: dict[str, Any], retrained: Path, root: Path, tolerance: float = 0.002) -> dict[str, Any]:
+    """``compare`` for a recorded run whose directory is not on this machine: ``entry`` is its finished
+    teacher entry of a results JSON (research.union: its config, test metrics, checkpoint sha256, the
+    commit it trained at, its machine). The recipe check is the union collect's own: the retrained
+    run's config.yaml must hold every setting of the committed config file, which research.carry found
+    unchanged since the entry was recorded (research.union.check_run_config)."""
+    from research.plan_schema import PlanError
+    from research.union import check_run_config, machine_for
+
+    b = _read(retrained)
+    try:
+        check_run_config(entry["config"], str(retrained), root)  # root / an absolute path is that path
+    except PlanError as exc:
+        raise RetrainCheckError(f"{exc}: a retrain must use the same config") from exc
+    # the recorded run, as far as its entry keeps it (older JSON: the collect's commit, not the training's)
+    a = {"config.yaml": b["config.yaml"],
+         "metrics.json": {k: entry.get(k) for k in ("test", "checkpoint_sha256", "best_epoch")},
+         "run.json": {"git_sha": entry.get("trained_commit") or (entry.get("carried") or {}).get("from_commit")}}
+    r = _comparison(a, f"{entry['run_dir']} (recorded entry; run directory not on this machine)", b, retrained,
+                    tolerance)
+    return {**r, "recorded_machine": entry.get("machine"),
+            "retrained_machine": "; ".join(r["retrained_machines"]) or machine_for("cpu") + " (the machine collect ran on)"}
+
+
+def _comparison(a: dict[str, Any], recorded: str, b: dict[str, Any], retrained: Path, tolerance: float) -> dict[str, Any]:
+    """The JSON of a comparison from the recorded (``a``) and retrained (``b``) run's files, as ``_read``
+    returns them."""
     from research.union import measured_time
 
+    per_domain = compare_tests(a["metrics.json"]["test"], b["metrics.json"]["test"], tolerance)
     timing = measured_time(retrained, b["metrics.json"])
     return {
-        "kind": "retrain_check", "recorded": str(recorded), "retrained": str(retrained),
+        "kind": "retrain_check", "recorded": recorded, "retrained": str(retrained),
         "config": a["config.yaml"], "tolerance": tolerance, "metric": f"test {SELECT}",
         **_commit("recorded", a["run.json"].get("git_sha")), **_commit("retrained", b["run.json"].get("git_sha")),
         "retrained_command": " ".join(b["run.json"].get("argv") or []),
@@ -93,47 +122,7 @@ def compare(recorded: Path, retrained: Path, tolerance: float = 0.002) -> dict[s
         "same_checkpoint_bytes": a["metrics.json"].get("checkpoint_sha256") == b["metrics.json"].get("checkpoint_sha256"),
         "best_epoch": {"recorded": a["metrics.json"].get("best_epoch"), "retrained": b["metrics.json"].get("best_epoch")},
         "retrain_time_s": timing["seconds"], "retrain_time_source": timing["source"],
-        "per_domain": per_domain, "within_tolerance": all(v["within_tolerance"] for v in per_domain.values()),
-    }
-
-
-def compare_to_entry(entry: dict[str, Any], retrained: Path, root: Path, tolerance: float = 0.002) -> dict[str, Any]:
-    """``compare`` for a recorded run whose directory is not on this machine: ``entry`` is its finished
-    teacher entry of a results JSON (research.union; its test metrics, checkpoint sha256, config and
-    the commit it was recorded at). The recipe check resolves the committed config file (unchanged since
-    the recording commit, which research.carry checked when it kept the entry) the way
-    ``ckd-train-teacher`` does and compares it with the retrained run's config.yaml."""
-    from ckd.config import ConfigError, load_config, to_dict
-    from teachers.config import TeacherConfig
-
-    b = _read(retrained)
-    try:
-        want = to_dict(load_config(TeacherConfig, root / entry["config"]))
-    except (ConfigError, OSError) as exc:
-        raise RetrainCheckError(f"{entry['config']}: {exc}") from exc
-    if recipe(want) != recipe(b["config.yaml"]):
-        raise RetrainCheckError(f"{retrained}/config.yaml is not the recipe of {entry['config']}: "
-                                "a retrain must use the same config")
-    ta, tb = entry["test"], b["metrics.json"]["test"]
-    per_domain = compare_tests(ta, tb, tolerance)
-    from research.union import machine_for, measured_time
-
-    timing = measured_time(retrained, b["metrics.json"])
-    origin = entry.get("carried") or {}
-    return {
-        "kind": "retrain_check", "recorded": f"{entry['run_dir']} (recorded entry; run directory not on this machine)",
-        "retrained": str(retrained), "config": to_dict(want), "tolerance": tolerance, "metric": f"test {SELECT}",
-        # the commit the recorded teacher trained at where its entry kept it (older JSON: the collect's)
-        **_commit("recorded", entry.get("trained_commit") or origin.get("from_commit")),
-        **_commit("retrained", b["run.json"].get("git_sha")),
-        "recorded_machine": entry.get("machine"),
-        "retrained_machine": "; ".join(timing.get("machines") or []) or machine_for("cpu") + " (the machine collect ran on)",
-        "retrained_command": " ".join(b["run.json"].get("argv") or []),
-        "recorded_sha256": entry.get("checkpoint_sha256"),
-        "retrained_sha256": b["metrics.json"].get("checkpoint_sha256"),
-        "same_checkpoint_bytes": entry.get("checkpoint_sha256") == b["metrics.json"].get("checkpoint_sha256"),
-        "best_epoch": {"recorded": entry.get("best_epoch"), "retrained": b["metrics.json"].get("best_epoch")},
-        "retrain_time_s": timing["seconds"], "retrain_time_source": timing["source"],
+        "retrained_machines": timing["machines"],  # as its invocations.jsonl recorded them (none without one)
         "per_domain": per_domain, "within_tolerance": all(v["within_tolerance"] for v in per_domain.values()),
     }
 

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from ckd.reporting import METRICS, carried_entries, fmt_duration
+from ckd.run_dir import read_run_header
 from ckd.union_report import FORMAT
 from research.carry import carry, load_previous
 from research.plan_schema import PlanError, distinct_ints, entry_mapping, need
@@ -527,7 +528,7 @@ def needed_teachers(plan: Plan, steps: list[Step], root: Path) -> set[str]:
     """Run directories of the teachers ``steps`` need (prerequisites, recursively) that are not
     finished here: their checkpoints must exist on this machine, whatever a results JSON records."""
     need: set[str] = set()
-    todo = [s for s in steps]
+    todo = list(steps)
     while todo:
         for t in prerequisites(plan, todo.pop(), root):
             if t.run_dir not in need and not is_done(root, t.run_dir):
@@ -710,7 +711,7 @@ def _collect_teacher_here(t: TeacherPlan, plan: Plan, root: Path, here: str) -> 
     machine, machine_source = _machine(timing, device, here)
     entry.update({
         "status": "done", "kind": metrics.get("kind"), "checkpoint": _rel(str(metrics.get("checkpoint", "")), root),
-        "trained_commit": _run_header(run_dir).get("git_sha"),
+        "trained_commit": read_run_header(run_dir).get("git_sha"),
         "checkpoint_sha256": metrics.get("checkpoint_sha256"), "vocab_hash": metrics.get("vocab_hash"),
         "params": metrics.get("params"), "best_epoch": metrics.get("best_epoch"), "device": device,
         "train_s": timing["seconds"], "train_s_source": timing["source"],
@@ -766,12 +767,6 @@ def check_run_config(config: str, run_dir: str, root: Path, seed: int | None = N
     if bad:
         raise PlanError(f"{run_dir}/config.yaml is not the run of {config}" + (f" seed {seed}" if seed is not None
                         else "") + ": " + "; ".join(bad[:5]) + (f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""))
-
-
-def _run_header(run_dir: Path) -> dict[str, Any]:
-    """The run's run.json (git_sha, argv, started), or {} when it has none."""
-    path = run_dir / "run.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _pending_detail(run_dir: Path, timing: dict[str, Any]) -> str:

@@ -140,7 +140,8 @@ def test_a_retrain_is_checked_against_the_recorded_entry_when_its_run_directory_
 
     resolved["train"]["lr"] = 0.5  # another recipe
     (run / "config.yaml").write_text(json.dumps(resolved))
-    with pytest.raises(RetrainCheckError, match="is not the recipe of configs/union/unim2rec.yaml"):
+    with pytest.raises(RetrainCheckError, match="is not the run of configs/union/unim2rec.yaml: train.lr: 0.001 in "
+                                                "the config, 0.5 in the run"):
         compare_to_entry(entry, run, repo)
 
 
