@@ -31,6 +31,12 @@ and decode_ms per teacher call (the TeacherPool's own timings). The KD precision
 (float32 against float64 maths at each run's candidate width) runs last, on the student's cores.
 The curriculum is off unless --curriculum (its first epoch holds only the shortest rows).
 
+Steady state (--warm-epochs K): every run first trains K whole epochs untimed, then times its steps
+in epoch K, where each training row comes back with new candidates. With --teacher-memo-mib M the
+replicas keep a history memo of M MiB (ServiceLimits.history_memo_bytes, teachers/history_memo.py),
+so from the second epoch on a teacher answers a row it has seen without encoding its history again:
+--warm-epochs 1 --teacher-memo-mib M measures that, --warm-epochs 0 the first epoch (every history new).
+
 Teachers: --spec DOMAIN=SPEC (or one SPEC for every domain). Defaults: Scientific serves the demo
 teachers of configs/demo/serve.yaml (build them with `make demo`); any other domain serves the demo
 teacher configs retrained on it under runs/bench/teachers_<domain>/ (a generated spec whose missing
@@ -150,6 +156,14 @@ class _Timer:
         self.snapshots: list[dict[str, float]] = []
         self.marks: list[tuple[float, float]] = []  # (start, end) of every training step
         self.widths: list[int] = []  # candidate columns of every prepared batch
+
+    def reset(self) -> None:
+        """Forget every timing so far (after untimed warm epochs)."""
+        self.parts.clear()
+        self.per_request.clear()
+        self.snapshots.clear()
+        self.marks.clear()
+        self.widths.clear()
 
     def sync(self) -> None:
         if self.cuda:
@@ -293,7 +307,7 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
 
     run_dir = Path(job["run_dir"])
     domain = job["domain"]
-    sets = [f"data.domains=[{domain}]", f"train.batch_size={job['batch_size']}", f"train.threads={job['threads']}",
+    sets = [f"data.domains=[{','.join(entry_domains(domain))}]", f"train.batch_size={job['batch_size']}", f"train.threads={job['threads']}",
             "train.progress=false", "train.epochs=1000", f"train.seed={job['seed']}",
             f"curriculum.enabled={str(job['curriculum']).lower()}", f"kd.precision={job['kd_precision']}",
             f"service.prefetch={job['prefetch']}"]
@@ -314,6 +328,9 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
         if job["teachers"] == "fixture":
             _write_yaml(spec_path, fixture_spec(dataset, job["fixture_teachers"], run_dir.parent / "fixtures"))
         if job["candidates"] == "whole_catalogue":
+            if len(cfg.data.domains) > 1:
+                raise BenchError(f"{domain}: whole_catalogue candidates are defined for one domain; "
+                                 "a multi-domain student is measured with in_batch")
             start, stop = dataset.domain_range(0)
             cfg.kd.num_sampled = stop - start  # every item that is not a target of the batch
     embedded = embedded_spec(cfg)
@@ -327,6 +344,10 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
     try:
         if embedded is not None:
             spec, names = embedded
+            if job.get("teacher_memo_mib"):
+                from dataclasses import replace
+
+                spec.service = replace(spec.service, history_memo_bytes=int(job["teacher_memo_mib"]) << 20)
             gpus = _gpus()
             for t, cores in zip(spec.teachers, job["teacher_cpus"] or [None] * len(spec.teachers)):
                 if cores:
@@ -383,8 +404,17 @@ def _train(cfg, acc, job, address, names, dataset, build_sampler, checkpoint_con
         trainer = Trainer(cfg, dataset, model, acc, Path(cfg.run_dir), sampler, model_config, distiller=session)
         timer = _Timer(acc.device)
         readers = instrument(trainer, session, timer)
+        warm_epochs = int(job.get("warm_epochs", 0))
+        for epoch in range(warm_epochs):  # untimed whole epochs (fill the teachers' history memos)
+            cfg.train.max_steps_per_epoch = 0
+            trainer.train_epoch(epoch)
+        if warm_epochs:
+            timer.reset()
+            readers.clear()
+            if session is not None:
+                session.pool.reset_timings()
         want = job["warmup"] + job["steps"]
-        epoch = 0
+        epoch = warm_epochs
         while len(timer.marks) < want:
             cfg.train.max_steps_per_epoch = want - len(timer.marks)
             ran = trainer.train_epoch(epoch)["steps"]
@@ -395,8 +425,10 @@ def _train(cfg, acc, job, address, names, dataset, build_sampler, checkpoint_con
         out = summarise(timer, readers, job["warmup"], job["steps"], stats, len(names))
         out["_first_step_end"] = timer.marks[0][1]
         out["epochs_touched"] = epoch
+        out["warm_epochs"] = warm_epochs
         out["candidates_per_step"] = _mean(timer.widths)
-        out["catalogue"] = int(dataset.domain_range(0)[1] - dataset.domain_range(0)[0])
+        out["catalogue"] = int(sum(dataset.domain_range(i)[1] - dataset.domain_range(i)[0]
+                                   for i in range(len(cfg.data.domains))))
         out["train_rows"] = len(dataset.splits["train"])
         out["torch_threads"] = torch.get_num_threads()
         return out
@@ -461,12 +493,21 @@ def parse_specs(values: list[str], domains: list[str]) -> dict[str, str]:
     return out
 
 
+def entry_domains(entry: str) -> list[str]:
+    """The data.domains of a --domains entry: one domain, or several joined by '+' (one student on
+    all of them, e.g. Scientific+Office14+Games with the union teachers)."""
+    return [d for d in entry.split("+") if d]
+
+
 def domain_specs(values: list[str], domains: list[str], tmp: Path) -> dict[str, str]:
     """The teacher spec for each domain: --spec where given, else the demo teachers (Scientific's
     committed spec, or a spec written under ``tmp`` for the demo teachers retrained on that domain)."""
     specs = parse_specs(values, domains)
     for d in domains:
         if d not in specs:
+            if len(entry_domains(d)) > 1:
+                raise BenchError(f"--domains {d!r} trains one student on several domains: its teachers must "
+                                 f"cover them all, name their spec (--spec {d}=configs/union/serve.yaml)")
             if d == "Scientific":
                 specs[d] = DEMO_SPEC
             else:
@@ -492,9 +533,13 @@ def plan_jobs(args: argparse.Namespace, specs: dict[str, str], tmp: Path) -> lis
                   seed=args.seed, curriculum=args.curriculum, kd_precision=args.kd_precision,
                   prefetch=args.prefetch, warmup=args.warmup, steps=args.steps,
                   fixture_teachers=args.fixture_teachers, teacher_gpus=args.teacher_gpus,
-                  teacher_precision=args.teacher_precision, extra_sets=list(args.overrides))
+                  teacher_precision=args.teacher_precision, extra_sets=list(args.overrides),
+                  warm_epochs=args.warm_epochs, teacher_memo_mib=args.teacher_memo_mib)
     jobs = []
     for domain in args.domains:
+        if len(entry_domains(domain)) > 1 and "whole_catalogue" in args.candidates:
+            raise BenchError(f"--domains {domain!r}: whole_catalogue candidates are defined for one domain; "
+                             "measure a multi-domain student with --candidates in_batch")
         n_teachers = args.fixture_teachers or _count_teachers(specs[domain])
         baselines: dict[str, str] = {}
         for layout in args.layouts:
@@ -634,7 +679,8 @@ def machine() -> dict[str, Any]:
 
 def parse_cli(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--domains", default="Scientific,Games", help="comma list (default Scientific,Games)")
+    ap.add_argument("--domains", default="Scientific,Games",
+                    help="comma list (default Scientific,Games); A+B+C is one student on those domains")
     ap.add_argument("--candidates", default=",".join(CANDIDATE_KINDS), help="in_batch,whole_catalogue")
     ap.add_argument("--layouts", default="own,shared", help="comma list of own, shared, colocated")
     ap.add_argument("--config", default=DEFAULT_CONFIG, help="student config (data.domains is set per domain)")
@@ -658,6 +704,10 @@ def parse_cli(argv: list[str] | None) -> argparse.Namespace:
                     help="keep the config's curriculum (default off: epoch 0 of a curriculum is its easiest, "
                          "shortest rows, so its steps are not representative)")
     ap.add_argument("--seed", type=int, default=2024)
+    ap.add_argument("--warm-epochs", type=int, default=0, metavar="K",
+                    help="train K whole epochs untimed before the timed steps (steady state; module docstring)")
+    ap.add_argument("--teacher-memo-mib", type=int, default=0, metavar="M",
+                    help="the replicas keep a history memo of M MiB (service.history_memo_bytes; 0: off)")
     ap.add_argument("--data-dir", default="", help="data root (default $CKD_DATA_DIR or ../shared/data/amazon)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="extra student config override for every run (repeatable)")
@@ -720,7 +770,7 @@ def main(argv: list[str] | None = None) -> int:
             "settings": {k: getattr(args, k) for k in ("domains", "candidates", "layouts", "steps", "warmup",
                                                        "batch_size", "threads", "prefetch", "kd_precision",
                                                        "teacher_precision", "curriculum", "seed", "student_cpus",
-                                                       "teacher_cpus")},
+                                                       "teacher_cpus", "warm_epochs", "teacher_memo_mib")},
             "runs": []}
         res["settings"]["teachers"] = (f"{args.fixture_teachers} fixture teacher(s)" if args.fixture_teachers
                                        else {d: specs[d] for d in args.domains})

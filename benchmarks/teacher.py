@@ -3,7 +3,7 @@ candidate) pairs, parameters and peak memory, in each inference precision.
 
     python -m benchmarks.teacher runs/teachers/unisrec_textid/best [more checkpoint dirs ...] \
         [--data-dir D] [--domain Scientific] [--batch 1000] [--candidates 256] [--repeats 5] \
-        [--threads 2] [--precisions float32,bfloat16] [--ndcg] [--out runs/bench/teachers.json]
+        [--threads 2] [--precisions float32,bfloat16] [--ndcg] [--memo-mib 256] [--out runs/bench/teachers.json]
 
 Each precision (teachers.base.INFERENCE_PRECISIONS; TeacherSpec.precision serves it) is timed on
 the same rows and candidates, one after the other in one process, so their ratio is measured side
@@ -15,6 +15,13 @@ Each checkpoint scores B real test histories (of --domain, which must be a domai
 was trained on, in its order) against C candidate ids; the time is the median of --repeats calls
 after one warm-up, divided by B*C/1000. Peak memory is the process's peak resident set (ru_maxrss)
 growth over the loaded-model baseline during scoring, and CUDA's peak allocation on a GPU.
+
+With --memo-mib M the same rows also go through the server's batcher (teachers.servicer.Batcher,
+what a replica runs) with a history memo of M MiB (ServiceLimits.history_memo_bytes): the first
+call encodes and keeps every history (cold), the next --repeats calls find them all in the memo
+(warm: what a student's second and later epochs cost the teacher, since its rows come back with
+other candidates). Both are reported per 1,000 rows with the largest score difference from the
+teacher's own ``score``.
 """
 from __future__ import annotations
 
@@ -42,8 +49,39 @@ def top_k_overlap(a, b, k: int) -> float:
     return float(hits.mean() / k)
 
 
+def bench_memo(model, hist, lens, cands, reference, repeats: int, memo_bytes: int) -> dict:
+    """The served path with a history memo: one cold call (encodes, fills the memo), then the
+    median of ``repeats`` warm calls (every history read back), in ms per 1,000 rows."""
+    import numpy as np
+
+    from protos.contract import ServiceLimits
+    from teachers.servicer import Batcher, ParsedRequest
+
+    batcher = Batcher(model, ServiceLimits(history_memo_bytes=memo_bytes))
+    req = ParsedRequest(hist.cpu().numpy(), lens.cpu().numpy(), cands.cpu().numpy())
+    try:
+        t0 = time.perf_counter()
+        cold = batcher.submit(req).result()
+        cold_s = time.perf_counter() - t0
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            warm = batcher.submit(req).result()
+            times.append(time.perf_counter() - t0)
+        stats = batcher.memo.stats() if batcher.memo is not None else {}
+    finally:
+        batcher.stop()
+    per_1k = 1e3 / (len(req.lengths) / 1000)
+    ref = reference.cpu().numpy()
+    return {"memo_bytes": memo_bytes, "ms_per_1k_rows_cold": round(cold_s * per_1k, 2),
+            "ms_per_1k_rows_warm": round(float(np.median(times)) * per_1k, 2),
+            "max_abs_diff_cold": float(np.abs(cold - ref).max()),
+            "max_abs_diff_warm": float(np.abs(warm - ref).max()), "memo": stats}
+
+
 def bench_checkpoint(ckpt: str, data_dir: str, domains: list[str], batch: int, n_cand: int, repeats: int,
-                     device: str, precisions: tuple[str, ...] = ("float32",), ndcg: bool = False) -> dict:
+                     device: str, precisions: tuple[str, ...] = ("float32",), ndcg: bool = False,
+                     memo_bytes: int = 0) -> dict:
     import numpy as np
     import torch
 
@@ -86,6 +124,8 @@ def bench_checkpoint(ckpt: str, data_dir: str, domains: list[str], batch: int, n
         else:
             entry["max_abs_diff_vs_first"] = float((out - reference).abs().max())
             entry["top10_overlap_vs_first"] = top_k_overlap(reference, out, 10)
+        if memo_bytes:
+            entry["served_with_memo"] = bench_memo(model, hist, lens, cands, out, repeats, memo_bytes)
         if ndcg:
             from ckd.metrics import evaluate_model
 
@@ -121,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precisions", default="float32",
                    help="comma list of inference precisions, timed in this order (the first is the reference)")
     p.add_argument("--ndcg", action="store_true", help="also the test NDCG@10 of the domain in each precision")
+    p.add_argument("--memo-mib", type=int, default=0,
+                   help="also time the served path with a history memo of this many MiB, cold and warm")
     p.add_argument("--out", default="runs/bench/teachers.json")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -137,21 +179,25 @@ def main(argv: list[str] | None = None) -> int:
 
     precisions = tuple(x.strip() for x in args.precisions.split(",") if x.strip())
     results = [bench_checkpoint(c, data_dir, args.domain or ["Scientific"], args.batch, args.candidates,
-                                args.repeats, args.device, precisions, args.ndcg) for c in args.checkpoints]
+                                args.repeats, args.device, precisions, args.ndcg, args.memo_mib << 20)
+               for c in args.checkpoints]
     where = {"git_sha": git_sha(), "machine": f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
                                               f"{platform.system()}", "command": " ".join(["python -m benchmarks.teacher",
                                                                                           *(argv or sys.argv[1:])])}
     results = [{**r, **where} for r in results]
     hdr = (f"{'checkpoint':<40} {'kind':<9} {'precision':<9} {'ms/1k rows':>10} {'ms/1k pairs':>11} "
-           f"{'top10 same':>10} {'test N@10':>9} {'params':>10} {'peak MiB':>8}")
+           f"{'top10 same':>10} {'test N@10':>9} {'params':>10} {'peak MiB':>8} {'memo cold':>9} {'memo warm':>9}")
     print(hdr + "\n" + "-" * len(hdr))
     for r in results:
         for precision, e in r["precisions"].items():
             overlap = e.get("top10_overlap_vs_first")
             n10 = e.get("test", {}).get("ndcg@10")
+            memo = e.get("served_with_memo", {})
+            cold, warm = (f"{memo[k]:.1f}" if k in memo else "-" for k in ("ms_per_1k_rows_cold", "ms_per_1k_rows_warm"))
             print(f"{r['checkpoint'][-40:]:<40} {r['kind']:<9} {precision:<9} {e['ms_per_1k_rows']:>10.1f} "
                   f"{e['ms_per_1k_pairs']:>11.3f} {'-' if overlap is None else f'{overlap:.3f}':>10} "
-                  f"{'-' if n10 is None else f'{n10:.4f}':>9} {r['params']:>10,} {r['peak_rss_total_mib']:>8.0f}")
+                  f"{'-' if n10 is None else f'{n10:.4f}':>9} {r['params']:>10,} {r['peak_rss_total_mib']:>8.0f} "
+                  f"{cold:>9} {warm:>9}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")

@@ -67,7 +67,7 @@ class ServiceLimits:
     R = max_message_bytes, S = 4 * max_score_cells (one float32 [B, C] reply),
     G = max(max_gather_bytes, E) and E = D * itemsize (one item embedding)::
 
-        replica  <=  resident + max_workers * (3R + 3S) + (2G + S) + encoder
+        replica  <=  resident + max_workers * (3R + 3S) + (2G + S) + encoder + M
 
     - resident: interpreter, torch, the weights and the item tables (num_items * E each; UniSRec
       keeps two, its adapted text and its item representation);
@@ -80,7 +80,8 @@ class ServiceLimits:
       + G/2 for a teacher served in bfloat16/float16, whose autocast product takes a 16-bit copy of
       the block;
     - encoder: the teacher's own activations for one coalesced batch of histories (model-specific;
-      the text teachers encode 128 rows at a time).
+      the text teachers encode 128 rows at a time);
+    - M = history_memo_bytes, the memo of history representations (0 when off).
     """
 
     max_batch_rows: int = 4096
@@ -92,14 +93,19 @@ class ServiceLimits:
     coalesce_wait_ms: float = 0.0  # ... or once the first has waited this long (0: take what is queued)
     max_queue_rows: int = 65536  # beyond this many waiting rows: RESOURCE_EXHAUSTED
     max_workers: int = 16  # gRPC handler threads (they mostly wait on the batcher)
+    # Bytes of history representations a replica may keep (teachers/history_memo.py): a history
+    # seen before (the same training row, next epoch) is not encoded again. 0: off.
+    history_memo_bytes: int = 0
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting that cannot work."""
         for f in fields(self):
-            if f.name != "coalesce_wait_ms" and getattr(self, f.name) < 1:
+            if f.name not in ("coalesce_wait_ms", "history_memo_bytes") and getattr(self, f.name) < 1:
                 raise ValueError(f"service.{f.name} must be >= 1, got {getattr(self, f.name)}")
         if self.coalesce_wait_ms < 0:
             raise ValueError(f"service.coalesce_wait_ms must be >= 0, got {self.coalesce_wait_ms}")
+        if self.history_memo_bytes < 0:
+            raise ValueError(f"service.history_memo_bytes must be >= 0 (0: off), got {self.history_memo_bytes}")
         if self.max_score_cells * 4 + 4096 > self.max_message_bytes:
             raise ValueError(f"service.max_score_cells={self.max_score_cells} float32 scores do not fit "
                              f"in service.max_message_bytes={self.max_message_bytes}")
@@ -126,7 +132,7 @@ class ServiceLimits:
                       precision: str = "float32") -> int:
         """The memory budget of one replica (formula in the class docstring)."""
         return resident_bytes + self.max_workers * self.call_bytes() \
-            + self.scoring_bytes(embedding_bytes, precision) + encoder_bytes
+            + self.scoring_bytes(embedding_bytes, precision) + encoder_bytes + self.history_memo_bytes
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any] | None) -> "ServiceLimits":

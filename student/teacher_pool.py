@@ -533,6 +533,10 @@ class TeacherPool:
         out.update(self._timings.summary())
         return out
 
+    def reset_timings(self) -> None:
+        """Forget the per-stage timings so far (a benchmark's untimed warm-up); counters stay."""
+        self._timings = _Timings()
+
     def add_timing(self, stage: str, ms: float) -> None:
         """Record a stage timing measured outside the pool (e.g. the reader's queue wait)."""
         self._timings.add(stage, ms)

@@ -102,6 +102,7 @@ class Teacher(torch.nn.Module):
         self._eval_tables: dict[str, torch.Tensor] = {}  # other per-item tables (eval_table)
         self._tables_version: tuple | None = None  # _state_version() the tables were built at
         self.inference_precision = "float32"
+        self._invalidations = 0  # invalidate_tables() calls, part of inference_version()
 
     def set_inference_precision(self, precision: str) -> "Teacher":
         """Run inference (``score``, the service's batches) in ``precision``: float32 (exact),
@@ -224,6 +225,13 @@ class Teacher(torch.nn.Module):
         """Drop every eval-mode table now (they are rebuilt on next use); for weight changes the
         automatic check cannot see (see ``_state_version``)."""
         self._item_cache, self._eval_tables, self._tables_version = None, {}, None
+        self._invalidations += 1
+
+    def inference_version(self) -> tuple:
+        """What an eval-mode result of this teacher depends on besides its input: the weight state
+        (``_state_version``), the inference precision and the ``invalidate_tables()`` calls. A
+        cache of its outputs (the service's history memo) is valid while this stays equal."""
+        return (self._state_version(), self.inference_precision, self._invalidations)
 
     def _drop_stale_tables(self) -> None:
         version = self._state_version()

@@ -8,7 +8,8 @@
   their histories are encoded in one forward pass, then each request is scored against its own
   candidates, gathering at most ``max_gather_bytes`` of candidate embeddings at once
   (``Teacher.score_candidates``). (A teacher that overrides ``score`` is scored request by request
-  instead, and its own ``score`` decides its memory.)
+  instead, and its own ``score`` decides its memory.) With ``history_memo_bytes`` set, a history
+  already encoded is read back from the memo instead (``teachers.history_memo``).
 * A failure inside the teacher is answered INTERNAL with a generic message and an error id; the
   exception and its traceback go to the server log under that id, never to the caller.
 * ``grpc.health.v1`` reports NOT_SERVING until ``warm_up`` has pushed a batch through the same
@@ -37,6 +38,7 @@ from protos import teacher_pb2, teacher_pb2_grpc
 from protos.contract import AUTH_METADATA_KEY, SERVICE_NAME, ServiceLimits
 from protos.tensor_codec import TensorCodecError, decode, encode
 from teachers.base import Teacher
+from teachers.history_memo import HistoryMemo
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +144,8 @@ class Batcher:
         self.device = next(iter(teacher.parameters()), torch.empty(0)).device
         # Joint history encoding is only valid when score == similarity(encode, item_embeddings).
         self.coalescable = type(teacher).score is Teacher.score
+        # The memo needs the same split (a history's representation reused across requests).
+        self.memo = HistoryMemo(cfg.history_memo_bytes) if cfg.history_memo_bytes and self.coalescable else None
         self._q: queue.Queue[_Job | None] = queue.Queue()
         self._rows = 0
         self._lock = threading.Lock()
@@ -215,7 +219,7 @@ class Batcher:
             hist[r:r + h.shape[0], : h.shape[1]] = h
             r += h.shape[0]
         lengths = np.concatenate([j.req.lengths for j in jobs])
-        seq = self.teacher.encode_histories(self._t(hist), self._t(lengths))
+        seq = self._encode(hist, lengths)
         r = 0
         for j in jobs:
             b = j.req.lengths.shape[0]
@@ -233,8 +237,18 @@ class Batcher:
     def _score_one(self, req: ParsedRequest) -> torch.Tensor:
         if not self.coalescable:  # the teacher's own score (and its own memory)
             return self.teacher.score(self._t(req.histories), self._t(req.lengths), self._t(req.candidates))
-        seq = self.teacher.encode_histories(self._t(req.histories), self._t(req.lengths))
+        seq = self._encode(req.histories, req.lengths)
         return self.teacher.score_candidates(seq, self._t(req.candidates), self.cfg.max_gather_bytes)
+
+    def _encode(self, histories: np.ndarray, lengths: np.ndarray) -> torch.Tensor:
+        """[B, D] history representations, through the memo when the server keeps one."""
+        def encode(h: np.ndarray, n: np.ndarray) -> torch.Tensor:
+            return self.teacher.encode_histories(self._t(h), self._t(n))
+
+        if self.memo is None:
+            return encode(histories, lengths)
+        # A new weight state or precision empties the memo (the teacher's own table check).
+        return self.memo.encode(histories, lengths, encode, self.teacher.inference_version())
 
     @staticmethod
     def _finish(job: _Job, scores: torch.Tensor) -> None:

@@ -1,0 +1,44 @@
+"""The distillation throughput benchmark's run plan (benchmarks/distill_throughput.py): a
+multi-domain entry (one student on several domains, as the union student) and the steady-state
+settings reach every run; what cannot be measured is refused before anything starts."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from benchmarks.distill_throughput import BenchError, domain_specs, entry_domains, plan_jobs
+
+
+def _args(**kw) -> argparse.Namespace:
+    base = dict(student_cpus="0", teacher_cpus="0", layouts=["shared"], config="configs/union/sasrec_joint_distilled.yaml",
+                data_dir="", batch_size=1024, threads=1, seed=2024, curriculum=False, kd_precision="float32",
+                prefetch=4, warmup=2, steps=10, fixture_teachers=0, teacher_gpus=None, teacher_precision="float32",
+                overrides=[], warm_epochs=1, teacher_memo_mib=512, domains=["Scientific+Office14+Games"],
+                candidates=["in_batch"])
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+@pytest.mark.unit
+def test_a_plus_joined_entry_is_one_student_on_those_domains():
+    assert entry_domains("Scientific+Office14+Games") == ["Scientific", "Office14", "Games"]
+    assert entry_domains("Games") == ["Games"]
+
+
+@pytest.mark.unit
+def test_union_plan_carries_the_steady_state_settings(tmp_path: Path):
+    spec = "configs/union/serve.yaml"
+    jobs = plan_jobs(_args(), {"Scientific+Office14+Games": spec}, tmp_path)
+    assert [j["teachers"] for j in jobs] == ["none", "spec"]  # the no-teacher baseline, then the distilled run
+    assert all(j["warm_epochs"] == 1 and j["teacher_memo_mib"] == 512 for j in jobs)
+    assert jobs[1]["spec"] == spec and jobs[1]["baseline"] == jobs[0]["tag"]
+
+
+@pytest.mark.unit
+def test_what_a_multi_domain_entry_cannot_measure_is_refused(tmp_path: Path):
+    with pytest.raises(BenchError, match="whole_catalogue.*in_batch"):
+        plan_jobs(_args(candidates=["in_batch", "whole_catalogue"]), {"Scientific+Office14+Games": "x"}, tmp_path)
+    with pytest.raises(BenchError, match="--spec Scientific\\+Office14\\+Games="):
+        domain_specs([], ["Scientific+Office14+Games"], tmp_path)
