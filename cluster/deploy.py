@@ -316,20 +316,23 @@ class TeacherDeployment:
         self.directory = self._connect_directory()
         return self.directory
 
-    def _dir_call(self, method: str, *args: Any, timeout: float = 10.0) -> Any:
+    def _dir_call(self, method: str, *args: Any, timeout: float = 10.0, budget_s: float | None = None) -> Any:
         """A directory call that rides out a restart (``call_directory``; DirectoryUnavailable after
-        ``directory_retry_s``)."""
+        ``budget_s``, default ``directory_retry_s``)."""
         def count(_: BaseException) -> None:
             self.counters["directory_retries"] += 1
 
-        return call_directory(self.directory, method, *args, budget_s=self.directory_retry_s, timeout=timeout,
-                              reconnect=self._reconnect_directory, on_retry=count)
+        return call_directory(self.directory, method, *args, budget_s=budget_s or self.directory_retry_s,
+                              timeout=timeout, reconnect=self._reconnect_directory, on_retry=count)
 
     # -- lifecycle -----------------------------------------------------------------------------
     def deploy(self, timeout: float = 300.0) -> dict[str, list[str]]:
         """Start every teacher's replicas; returns {teacher: [address]} once all are SERVING."""
         for t in self.spec.teachers:
-            self._dir_call("set_target", t.name, t.replicas)
+            # The directory actor may have just been created: on a loaded machine its worker process
+            # can take longer than a restart's budget to start (seen: over 30 s with two trainings on
+            # 2 cores), so the first calls get the deploy's own timeout.
+            self._dir_call("set_target", t.name, t.replicas, budget_s=max(self.directory_retry_s, timeout))
         self.reconcile(timeout=timeout)
         return self.endpoints()
 
