@@ -2,6 +2,11 @@
 
     python -m research.retrain_check --recorded runs/demo/teachers/unisrec \
         --retrained runs/repro/demo_unisrec --out results/repro/demo_unisrec_retrain.json
+    python -m research.retrain_check --recorded-entry results/experiments_union.json#unisrec_text \
+        --retrained runs/union/teachers/unisrec_text --out results/repro/union_unisrec_text_retrain.json
+
+(--recorded-entry: the recorded run is a finished teacher entry of a research.union results JSON,
+for when its run directory is on another machine; ``compare_to_entry``.)
 
 Reads the two teacher run directories (``ckd-train-teacher`` writes config.yaml, run.json and
 metrics.json into each): the resolved configs must be the same recipe (only ``data.data_dir`` and
@@ -127,6 +132,22 @@ def _comparison(a: dict[str, Any], recorded: str, b: dict[str, Any], retrained: 
     }
 
 
+def recorded_entry(ref: str) -> dict[str, Any]:
+    """The finished teacher entry ``JSON#TEACHER`` of a research.union results JSON."""
+    path, sep, name = ref.partition("#")
+    if not sep or not name:
+        raise RetrainCheckError(f"--recorded-entry {ref!r}: expected JSON#TEACHER")
+    try:
+        teachers = json.loads(Path(path).read_text()).get("teachers") or {}
+    except (OSError, ValueError) as exc:
+        raise RetrainCheckError(f"--recorded-entry {ref!r}: cannot read {path}: {exc}") from exc
+    entry = teachers.get(name)
+    if not entry or entry.get("status") != "done":
+        raise RetrainCheckError(f"--recorded-entry {ref!r}: no finished teacher {name!r} in {path} "
+                                f"(teachers: {sorted(teachers)})")
+    return entry
+
+
 def print_table(r: dict[str, Any]) -> None:
     for k in ("recorded", "retrained"):
         extra = " plus uncommitted changes" if r[f"{k}_uncommitted_changes"] else ""
@@ -141,7 +162,10 @@ def print_table(r: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recorded", required=True, help="the run directory whose numbers are on a page")
+    which = ap.add_mutually_exclusive_group(required=True)
+    which.add_argument("--recorded", help="the run directory whose numbers are on a page")
+    which.add_argument("--recorded-entry", metavar="JSON#TEACHER",
+                       help="a teacher entry of a research.union results JSON (its run directory is elsewhere)")
     ap.add_argument("--retrained", required=True, help="the same config trained again")
     ap.add_argument("--tolerance", type=float, default=0.002)
     ap.add_argument("--out", default=None, help="JSON to write (optional)")
@@ -151,7 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.out and out is None:
         return 2
     try:
-        r = compare(Path(args.recorded), Path(args.retrained), args.tolerance)
+        if args.recorded_entry:
+            r = compare_to_entry(recorded_entry(args.recorded_entry), Path(args.retrained), REPO, args.tolerance)
+        else:
+            r = compare(Path(args.recorded), Path(args.retrained), args.tolerance)
     except RetrainCheckError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
