@@ -18,7 +18,11 @@ Pure functions (no torch, no training, no git) over ``results/experiments_union.
                          "kind", "checkpoint", "checkpoint_sha256", "vocab_hash", "params", "best_epoch",
                          "device", "train_s", "train_s_source", "train_s_lower_bound"?, "invocations",
                          "failed_invocations",
-                         "machine", "machine_source", "stages", "valid", "test"}},
+                         "machine", "machine_source", "stages", "valid", "test",
+                         # a recorded run of the same config this one replaced (e.g. on another machine):
+                         "supersedes"?: {"machine", "trained_commit", "checkpoint_sha256", "train_s",
+                                         "comparable", "why"? | ("tolerance", "within_tolerance",
+                                         "same_checkpoint_bytes", "best_epoch", "per_domain")}}},
      "students": {name: {"label", "group", "model", "variant", "teachers": "none" | "served",
                          "configs", "run_dirs", "commands", "note"?,
                          "seeds": [{"seed", "status": "done" | "partial" | "pending",
@@ -634,15 +638,17 @@ def efficiency_section(u: UnionResults, eff: Efficiency | None = None, effs: dic
 
 
 def retrain_check_lines(u: UnionResults) -> list[str]:
-    """§3's seeded-training check: each teacher the plan trains again from its config, its test
-    NDCG@10 per domain against the recorded run's, within the tolerance or not."""
+    """§3's seeded-training check: each teacher the plan trains again from its config, and each teacher
+    trained here over a recorded run of the same config (its ``supersedes``), its test NDCG@10 per
+    domain against the recorded run's, within the tolerance or not."""
     checks = u.retrain_checks
-    if not checks:
+    superseded = {n: t["supersedes"] for n, t in u.teachers.items() if t.get("supersedes")}
+    if not checks and not superseded:
         return []
     out = ["### Retrain check", "",
-           "A teacher trained again from its committed config into another run directory (`python -m "
-           "research.retrain_check` compares the two); seeded training should land within the tolerance of the "
-           "recorded test NDCG@10 on every domain.", ""]
+           "A teacher trained again from its committed config (`python -m research.retrain_check` compares the "
+           "two); seeded training should land within the tolerance of the recorded test NDCG@10 on every "
+           "domain.", ""]
     rows = []
     for c in checks:
         if c.get("status") != "done":
@@ -657,6 +663,21 @@ def retrain_check_lines(u: UnionResults) -> list[str]:
                 f"{fmt_duration(c.get('retrain_time_s'))} (`{c['command']}`)"
                 + (f"; recorded on {c['recorded_machine']}, retrained on {c['retrained_machine']}"
                    if c.get("retrained_machine") else "") + "."]
+    for name, sup in superseded.items():
+        t = u.teachers[name]
+        label = f"{t.get('label', name)} (retrained in place)"
+        was = (f"recorded on {sup.get('machine')} at `{sup.get('trained_commit')}` (checkpoint "
+               f"`{str(sup.get('checkpoint_sha256') or '')[:16]}`), retrained in its run directory on "
+               f"{t.get('machine')} at `{t.get('trained_commit')}` in {fmt_duration(t.get('train_s'))}")
+        if not sup.get("comparable"):
+            out += [f"- {label}: {was}; not comparable: {sup.get('why')}."]
+            continue
+        for d, v in sup["per_domain"].items():
+            rows.append([label, d, fmt_metric(v["recorded"]), fmt_metric(v["retrained"]),
+                         f"{v['abs_diff']:.4f}", "yes" if v["within_tolerance"] else "no"])
+        out += [f"- {label}: within {sup['tolerance']} on every domain: "
+                f"**{'yes' if sup['within_tolerance'] else 'no'}**; same checkpoint bytes: "
+                f"{'yes' if sup['same_checkpoint_bytes'] else 'no'}; {was}. The page's rows are this run's."]
     out += [""]
     if rows:
         out += [markdown_table(["Teacher", "Domain", "Recorded NDCG@10", "Retrained NDCG@10", "|Δ|", "Within"], rows,

@@ -41,7 +41,7 @@ from typing import Any
 
 from ckd.reporting import METRICS, carried_entries, fmt_duration
 from ckd.run_dir import read_run_header
-from ckd.union_report import FORMAT
+from ckd.union_report import FORMAT, SELECT
 from research.carry import carry, load_previous
 from research.plan_schema import PlanError, distinct_ints, entry_mapping, need
 
@@ -665,7 +665,9 @@ def collect_teacher(t: TeacherPlan, plan: Plan, root: Path, here: str,
     of the ``previous`` results JSON (research.carry), unless its config changed since."""
     entry = _collect_teacher_here(t, plan, root, here)
     prev = ((previous or {}).get("teachers") or {}).get(t.name)
-    if entry["status"] == "done" or not prev or prev.get("status") != "done" \
+    if entry["status"] == "done":
+        return _with_superseded(entry, prev, t, root)
+    if not prev or prev.get("status") != "done" \
             or (prev.get("config"), prev.get("run_dir")) != (t.config, t.run_dir):
         return entry
     got = _same_plan(previous, plan) or carry(prev, previous or {}, root, input_files(
@@ -676,6 +678,35 @@ def collect_teacher(t: TeacherPlan, plan: Plan, root: Path, here: str,
     got.update({k: entry[k] for k in ("label", "row", "served", "command")})
     got.pop("note", None)
     return {**got, **({"note": t.note} if t.note else {})}
+
+
+def _with_superseded(entry: dict[str, Any], prev: dict[str, Any] | None, t: TeacherPlan,
+                     root: Path) -> dict[str, Any]:
+    """A teacher finished here that replaces another recorded run of the same step (e.g. one trained on
+    another machine, whose students' results the page still shows) keeps that run's facts under
+    ``supersedes``, with the retrain check of the two (research.retrain_check.compare_to_entry). The
+    same run collected again keeps what it superseded."""
+    if not prev or prev.get("status") != "done" or (prev.get("config"), prev.get("run_dir")) != (t.config, t.run_dir):
+        return entry
+    if prev.get("checkpoint_sha256") == entry.get("checkpoint_sha256"):
+        return {**entry, **({"supersedes": prev["supersedes"]} if prev.get("supersedes") else {})}
+    from research.retrain_check import RetrainCheckError, compare_to_entry
+
+    facts = {"machine": prev.get("machine"),
+             "trained_commit": prev.get("trained_commit") or (prev.get("carried") or {}).get("from_commit"),
+             "checkpoint_sha256": prev.get("checkpoint_sha256"), "train_s": prev.get("train_s"),
+             "best_epoch": prev.get("best_epoch")}
+    try:
+        r = compare_to_entry(prev, root / t.run_dir, root)
+    except RetrainCheckError as exc:
+        return {**entry, "supersedes": {**facts, "comparable": False, "why": str(exc)}}
+    return {**entry, "supersedes": {
+        **facts, "comparable": True, "tolerance": r["tolerance"], "within_tolerance": r["within_tolerance"],
+        "same_checkpoint_bytes": r["same_checkpoint_bytes"],
+        "best_epoch": {"recorded": r["best_epoch"]["recorded"], "retrained": r["best_epoch"]["retrained"]},
+        "per_domain": {d: {"recorded": v[SELECT]["recorded"], "retrained": v[SELECT]["retrained"],
+                           "abs_diff": v[SELECT]["abs_diff"], "within_tolerance": v["within_tolerance"]}
+                       for d, v in r["per_domain"].items()}}}
 
 
 def _same_plan(previous: dict[str, Any] | None, plan: Plan) -> str:

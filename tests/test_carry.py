@@ -234,3 +234,33 @@ def test_run_on_a_fresh_machine_skips_recorded_work_but_trains_the_teachers_stil
     assert "student dist seed 1 (dist): would run" in out
     assert union.main(base + ["--only", "alone"]) == 0
     assert "student alone seed 1 (a_sci): would run" in capsys.readouterr().out
+
+
+def test_a_teacher_retrained_here_keeps_the_recorded_run_it_replaces(tmp_path):
+    """A teacher retrained in its own run directory (e.g. on a new machine, whose students still need
+    it served) replaces the recorded entry on the page, which keeps the recorded run's facts and the
+    retrain check of the two; collecting again keeps them."""
+    commit = committed_tree(tmp_path)
+    first = collect_at(tmp_path, commit)
+    two = {"Scientific": m(0.12), "Office14": m(0.061)}  # Office14 0.001 off the recorded 0.06
+    write_json(tmp_path / "runs/t/tid/metrics.json", {
+        "valid": two, "test": two, "kind": "unisrec", "checkpoint": "runs/t/tid/best", "checkpoint_sha256": "c" * 64,
+        "vocab_hash": "h" * 64, "params": 2000, "best_epoch": 0,
+        "stages": {"finetune": {"best_epoch": 0, "history": [{"epoch": 0, "train_s": 30.0, "eval_s": 5.0}]}}})
+    (tmp_path / "runs/t/tid/run.json").write_text(json.dumps({"git_sha": "e" * 40}))
+
+    data = collect_at(tmp_path, commit)
+    tid = data["teachers"]["tid"]
+    sup = tid["supersedes"]
+    assert tid["checkpoint_sha256"] == "c" * 64 and tid["trained_commit"] == "e" * 40  # the page's row: this run
+    assert (sup["checkpoint_sha256"], sup["machine"]) == ("b" * 64, first["teachers"]["tid"]["machine"])
+    assert sup["comparable"] and sup["within_tolerance"] and not sup["same_checkpoint_bytes"]
+    assert sup["per_domain"]["Office14"]["abs_diff"] == pytest.approx(0.001)
+    assert sup["per_domain"]["Scientific"]["abs_diff"] == 0.0
+    assert "supersedes" not in data["teachers"]["pre"]  # the same run collected again replaces nothing
+
+    again = collect_at(tmp_path, commit)
+    assert again["teachers"]["tid"]["supersedes"] == sup
+    text = render_union_page(load_union(tmp_path / "results" / "experiments_union.json"))
+    assert "- Text+ID (retrained in place): within 0.002 on every domain: **yes**" in text
+    assert "| Text+ID (retrained in place) | Office14 | 0.0600 | 0.0610 | 0.0010 | yes |" in text
