@@ -33,7 +33,7 @@ The curriculum is off unless --curriculum (its first epoch holds only the shorte
 
 Steady state (--warm-epochs K): every run first trains K whole epochs untimed, then times its steps
 in epoch K, where each training row comes back with new candidates. With --teacher-memo-mib M the
-replicas keep a history memo of M MiB (ServiceLimits.history_memo_bytes, teachers/history_memo.py),
+replicas keep a history memo of M MiB (service.embedded_history_memo_bytes, teachers/history_memo.py),
 so from the second epoch on a teacher answers a row it has seen without encoding its history again:
 --warm-epochs 1 --teacher-memo-mib M measures that, --warm-epochs 0 the first epoch (every history new).
 
@@ -318,6 +318,8 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
     spec_path = Path(job["spec"] or run_dir.parent / f"fixture_spec_{domain}.yaml")
     if teachers:
         sets.append(f"service.spec={spec_path}")
+        if job.get("teacher_memo_mib"):
+            sets.append(f"service.embedded_history_memo_bytes={int(job['teacher_memo_mib']) << 20}")
     else:
         argv += ["--teachers", "none"]
     for s in sets + list(job.get("extra_sets", [])):
@@ -344,10 +346,6 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
     try:
         if embedded is not None:
             spec, names = embedded
-            if job.get("teacher_memo_mib"):
-                from dataclasses import replace
-
-                spec.service = replace(spec.service, history_memo_bytes=int(job["teacher_memo_mib"]) << 20)
             gpus = _gpus()
             for t, cores in zip(spec.teachers, job["teacher_cpus"] or [None] * len(spec.teachers)):
                 if cores:

@@ -88,6 +88,10 @@ def embedded_spec(cfg) -> tuple[DeploySpec, list[str]] | None:
     if unknown:
         raise ConfigError(f"service.teachers names {unknown}, not in the deploy spec {svc.spec}")
     spec.teachers = [t for t in spec.teachers if t.name in names]
+    if svc.embedded_history_memo_bytes:
+        from dataclasses import replace
+
+        spec.service = replace(spec.service, history_memo_bytes=svc.embedded_history_memo_bytes)
     svc.namespace = spec.namespace
     return spec, names
 

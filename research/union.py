@@ -759,7 +759,8 @@ def _collect_teacher_here(t: TeacherPlan, plan: Plan, root: Path, here: str) -> 
 
 # Settings that say where or how a run executes, not what it trains: `research.union run --set
 # train.device=cuda` (a lent GPU) or more threads must not make its result another recipe's.
-EXECUTION_KEYS = {"data.data_dir", "train.progress", "train.threads", "train.device", "train.eval_batch_size"}
+EXECUTION_KEYS = {"data.data_dir", "train.progress", "train.threads", "train.device", "train.eval_batch_size",
+                  "service.embedded_history_memo_bytes"}
 
 
 def contradictions(raw: Any, resolved: Any, at: str = "") -> list[str]:

@@ -170,8 +170,14 @@ class ServiceClientConfig:
     token_env: str = ""  # environment variable holding the shared service token
     temperatures: dict[str, float] = field(default_factory=dict)  # override a teacher's own tau
     ready_timeout_s: float = 300.0
+    # The embedded service's replicas (the ones this run starts from ``spec``) keep a history memo of
+    # this many bytes (ServiceLimits.history_memo_bytes; 0: the spec's own setting). An execution
+    # setting: it changes how fast the teachers answer, not what they answer.
+    embedded_history_memo_bytes: int = 0
 
     def validate(self) -> None:
+        if self.embedded_history_memo_bytes < 0:
+            raise ConfigError("service.embedded_history_memo_bytes must be >= 0 (0: the deploy spec's setting)")
         if self.failure_policy not in ("fail", "skip", "wait"):
             raise ConfigError(f"service.failure_policy: {self.failure_policy!r} is not fail|skip|wait")
         if self.prefetch < 1:

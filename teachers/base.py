@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -23,6 +24,8 @@ from safetensors.torch import load_file, save_file
 
 from protos.contract import ServiceLimits, TeacherContractError, TeacherInfo
 
+log = logging.getLogger(__name__)
+
 # Default bound on the candidate embeddings gathered at once (the service's own default).
 DEFAULT_GATHER_BYTES = ServiceLimits.max_gather_bytes
 
@@ -30,6 +33,23 @@ DEFAULT_GATHER_BYTES = ServiceLimits.max_gather_bytes
 # model's matrix products under torch.autocast; scores always leave as float32.
 INFERENCE_PRECISIONS: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16,
                                                        "float16": torch.float16}
+
+
+def native_precision(precision: str, device: torch.device | str) -> bool:
+    """Whether ``device`` runs ``precision``'s matrix products in hardware. On a CPU without it
+    autocast emulates them: bfloat16 teacher inference measured 8x slower than float32 on an AVX2-only
+    AMD EPYC, against 2.25x faster on an Intel Xeon with AMX (docs/benchmarks.md §8)."""
+    dev = torch.device(device)
+    if precision == "float32":
+        return True
+    if dev.type == "cuda":
+        return precision == "float16" or torch.cuda.is_bf16_supported()
+    if dev.type != "cpu":
+        return True  # no check known: assume the device's own kernels
+    cpu = torch.cpu
+    if precision == "bfloat16":
+        return cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported()
+    return cpu._is_amx_fp16_supported()
 
 
 @dataclass(frozen=True)
@@ -112,6 +132,11 @@ class Teacher(torch.nn.Module):
             raise ValueError(f"teacher inference precision must be one of {sorted(INFERENCE_PRECISIONS)}, "
                              f"got {precision!r}")
         self.inference_precision = precision
+        device = next(iter(self.parameters()), torch.empty(0)).device
+        if not native_precision(precision, device):
+            log.warning("teacher %s serves in %s on %s without hardware support for it (CPU: no AVX512-BF16/AMX): "
+                        "autocast emulates it, which can be several times slower than float32", self.kind,
+                        precision, device)
         return self
 
     def precision_context(self) -> contextlib.AbstractContextManager:

@@ -140,3 +140,16 @@ def test_served_teacher_with_memo_answers_the_scores_it_answers_without(scientif
     distinct = {key(hist[i, : lens[i]]) for i in range(200)} - {key(warm_ids), key(warm_ids[::-1])}
     assert stats["misses"] == len(distinct)  # each distinct history encoded once, in pass 1
     assert stats["hits"] == 400 - len(distinct)  # everything else, all of pass 2 included, from the memo
+
+
+@pytest.mark.unit
+def test_a_student_turns_the_memo_on_for_the_teachers_it_starts(tmp_path):
+    """service.embedded_history_memo_bytes reaches the deploy spec the run starts, without editing it."""
+    from launch.distill import embedded_spec, parse_args, resolve_config
+
+    argv = ["--config", "configs/union/sasrec_joint_distilled.yaml", "--run-dir", str(tmp_path / "run")]
+    plain = embedded_spec(resolve_config(parse_args(argv)))
+    memo = embedded_spec(resolve_config(parse_args(argv + ["--set", "service.embedded_history_memo_bytes=1048576"])))
+    assert plain is not None and memo is not None
+    assert plain[0].service.history_memo_bytes == 0  # the committed spec leaves it off
+    assert memo[0].service.history_memo_bytes == 1 << 20 and memo[1] == plain[1]
