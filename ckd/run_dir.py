@@ -18,6 +18,11 @@ from typing import IO, Any
 
 from ckd.config import dump_config, json_dump
 
+# Resolved-config keys (dotted) that say where or how a run ran, not what it trained: two runs that
+# differ only here are the same recipe (the union collect's config check, research.retrain_check).
+EXECUTION_KEYS = frozenset({"data.data_dir", "train.progress", "train.threads", "train.device",
+                            "train.eval_batch_size", "service.embedded_history_memo_bytes"})
+
 
 def git_sha() -> str:
     """The commit the code runs at (with '-dirty' when the tree has changes), or 'unknown'."""

@@ -27,11 +27,10 @@ from typing import Any
 import yaml
 
 from ckd.reporting import METRICS, results_out_path, write_results_json
+from ckd.run_dir import EXECUTION_KEYS  # where or how a run ran, not its recipe
 from ckd.union_report import SELECT  # the "every domain" page's metric, which the 0.002 rule is on
 
 REPO = Path(__file__).resolve().parents[1]
-# Resolved-config keys that say where or how visibly a run ran, not what it trained.
-NOT_RECIPE = {("data", "data_dir"), ("train", "progress")}
 
 
 class RetrainCheckError(ValueError):
@@ -49,9 +48,9 @@ def _read(run_dir: Path) -> dict[str, Any]:
 
 
 def recipe(config: dict[str, Any]) -> dict[str, Any]:
-    """The resolved config without the keys of NOT_RECIPE."""
+    """The resolved config without the EXECUTION_KEYS."""
     out = json.loads(json.dumps(config))
-    for section, key in NOT_RECIPE:
+    for section, key in (k.split(".", 1) for k in EXECUTION_KEYS):
         (out.get(section) or {}).pop(key, None)
     return out
 

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from ckd.reporting import METRICS, carried_entries, fmt_duration
-from ckd.run_dir import read_run_header
+from ckd.run_dir import EXECUTION_KEYS, read_run_header
 from ckd.union_report import FORMAT, SELECT
 from research.carry import carry, load_previous
 from research.plan_schema import PlanError, distinct_ints, entry_mapping, need
@@ -757,16 +757,11 @@ def _collect_teacher_here(t: TeacherPlan, plan: Plan, root: Path, here: str) -> 
     return entry
 
 
-# Settings that say where or how a run executes, not what it trains: `research.union run --set
-# train.device=cuda` (a lent GPU) or more threads must not make its result another recipe's.
-EXECUTION_KEYS = {"data.data_dir", "train.progress", "train.threads", "train.device", "train.eval_batch_size",
-                  "service.embedded_history_memo_bytes"}
-
-
 def contradictions(raw: Any, resolved: Any, at: str = "") -> list[str]:
     """Where a run's resolved config contradicts the config file it was meant to train: every leaf
     the file sets (lists by position) must hold the same value in the run's config.yaml, except the
-    EXECUTION_KEYS."""
+    EXECUTION_KEYS: `research.union run --set train.device=cuda` (a lent GPU) or more threads must not
+    make its result another recipe's."""
     if at in EXECUTION_KEYS:
         return []
     if isinstance(raw, dict):

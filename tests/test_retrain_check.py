@@ -56,3 +56,11 @@ def test_a_different_recipe_is_refused(tmp_path, capsys):
         compare(rec, bad)
     assert main(["--recorded", str(rec), "--retrained", str(tmp_path / "missing")]) == 2
     assert "no config.yaml" in capsys.readouterr().err
+
+
+def test_execution_settings_are_not_the_recipe(tmp_path):
+    """A retrain with other threads or on another device (ckd.run_dir.EXECUTION_KEYS) is compared."""
+    rec = _run(tmp_path / "rec", {"Sci": 0.06, "Off": 0.05}, "s1")
+    other = {**CONFIG, "train": {**CONFIG["train"], "threads": 1, "device": "cuda", "progress": False}}
+    again = _run(tmp_path / "again", {"Sci": 0.06, "Off": 0.05}, "s2", config=other, data_dir="/b")
+    assert compare(rec, again)["within_tolerance"]
