@@ -554,7 +554,34 @@ def plan_jobs(args: argparse.Namespace, specs: dict[str, str], tmp: Path) -> lis
                              "teachers": "fixture" if args.fixture_teachers else "spec", "candidates": kind,
                              "student_cpus": s_cpus, "teacher_cpus": t_cpus, "spec": specs.get(domain),
                              "run_dir": str(tmp / tag), "baseline": baselines[key]})
-    return jobs
+    return in_rounds(jobs, getattr(args, "rounds", 1), tmp)
+
+
+def in_rounds(jobs: list[dict[str, Any]], rounds: int, tmp: Path) -> list[dict[str, Any]]:
+    """``jobs`` run ``rounds`` times one after another (baseline, distilled, baseline, distilled, ...):
+    each round's ratios are measured against that round's own baseline, so a box whose speed drifts
+    over minutes gives a spread of ratios instead of one lucky or unlucky pair."""
+    if rounds <= 1:
+        return [{**j, "round": 0} for j in jobs]
+    out = []
+    for k in range(rounds):
+        for j in jobs:
+            tag = f"{j['tag']}-r{k}"
+            out.append({**j, "tag": tag, "round": k, "run_dir": str(tmp / tag),
+                        **({"baseline": f"{j['baseline']}-r{k}"} if j.get("baseline") else {})})
+    return out
+
+
+def ratios_over_rounds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (domain, candidates, layout): every round's ratio, their median, min and max."""
+    import statistics
+
+    groups: dict[tuple, list[float]] = {}
+    for r in rows:
+        if r.get("ratio") is not None:
+            groups.setdefault((r["domain"], r["candidates"], r["layout"]), []).append(r["ratio"])
+    return [{"domain": d, "candidates": c, "layout": lay, "rounds": len(v), "ratios": v,
+             "median": statistics.median(v), "min": min(v), "max": max(v)} for (d, c, lay), v in groups.items()]
 
 
 def _count_teachers(spec_path: str) -> int:
@@ -619,6 +646,7 @@ def build_table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         base = by_tag.get(r["baseline"])
         ratio = r["steps_per_s"] / base["steps_per_s"] if base else None
         rows.append({"domain": r["domain"], "candidates": r["candidates"], "layout": r["layout"],
+                     "round": r.get("round", 0),
                      "student_cpus": r["student_cpus"], "teacher_cpus": _teacher_cores(r),
                      "C": r.get("candidates_per_step"), "steps_per_s": r["steps_per_s"],
                      "no_teacher_steps_per_s": base["steps_per_s"] if base else None, "ratio": ratio,
@@ -702,6 +730,8 @@ def parse_cli(argv: list[str] | None) -> argparse.Namespace:
                     help="keep the config's curriculum (default off: epoch 0 of a curriculum is its easiest, "
                          "shortest rows, so its steps are not representative)")
     ap.add_argument("--seed", type=int, default=2024)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every (baseline, distilled) pair this many times, alternating; report the median ratio")
     ap.add_argument("--warm-epochs", type=int, default=0, metavar="K",
                     help="train K whole epochs untimed before the timed steps (steady state; module docstring)")
     ap.add_argument("--teacher-memo-mib", type=int, default=0, metavar="M",
@@ -768,7 +798,7 @@ def main(argv: list[str] | None = None) -> int:
             "settings": {k: getattr(args, k) for k in ("domains", "candidates", "layouts", "steps", "warmup",
                                                        "batch_size", "threads", "prefetch", "kd_precision",
                                                        "teacher_precision", "curriculum", "seed", "student_cpus",
-                                                       "teacher_cpus", "warm_epochs", "teacher_memo_mib")},
+                                                       "teacher_cpus", "warm_epochs", "teacher_memo_mib", "rounds")},
             "runs": []}
         res["settings"]["teachers"] = (f"{args.fixture_teachers} fixture teacher(s)" if args.fixture_teachers
                                        else {d: specs[d] for d in args.domains})
@@ -776,6 +806,7 @@ def main(argv: list[str] | None = None) -> int:
         for i, job in enumerate(jobs):
             print(f"[{i + 1}/{len(jobs)}] {job['tag']} ...", flush=True)
             r = run_job(job, args.timeout, tmp / "logs")
+            r["round"] = job.get("round", 0)
             if job["teachers"] == "none":
                 r["teachers_source"] = "none"
             else:
@@ -785,6 +816,7 @@ def main(argv: list[str] | None = None) -> int:
                   + (f", C {r['candidates_per_step']:.0f}" if r.get("candidates_per_step") else ""), flush=True)
         res["wall_s"] = time.perf_counter() - t0
         res["table"] = build_table(res["runs"])
+        res["ratio_over_rounds"] = ratios_over_rounds(res["table"])
         widths = {}
         for r in res["runs"]:
             if r.get("candidates_per_step"):
@@ -800,6 +832,10 @@ def main(argv: list[str] | None = None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(res, indent=2) + "\n")
         print_table(res["table"], res)
+        if args.rounds > 1:
+            for g in res["ratio_over_rounds"]:
+                print(f"{g['domain']} {g['candidates']} {g['layout']}: ratio median {g['median']:.2f} over "
+                      f"{g['rounds']} rounds (min {g['min']:.2f}, max {g['max']:.2f})")
         print(f"wrote {out}")
         if args.keep:
             print(f"runs and logs kept in {tmp}")

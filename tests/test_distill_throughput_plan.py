@@ -42,3 +42,16 @@ def test_what_a_multi_domain_entry_cannot_measure_is_refused(tmp_path: Path):
         plan_jobs(_args(candidates=["in_batch", "whole_catalogue"]), {"Scientific+Office14+Games": "x"}, tmp_path)
     with pytest.raises(BenchError, match="--spec Scientific\\+Office14\\+Games="):
         domain_specs([], ["Scientific+Office14+Games"], tmp_path)
+
+
+@pytest.mark.unit
+def test_rounds_alternate_baseline_and_distilled_and_report_the_median(tmp_path: Path):
+    from benchmarks.distill_throughput import ratios_over_rounds
+
+    jobs = plan_jobs(_args(rounds=3), {"Scientific+Office14+Games": "configs/union/serve.yaml"}, tmp_path)
+    assert [(j["teachers"], j["round"]) for j in jobs] == [("none", 0), ("spec", 0), ("none", 1), ("spec", 1),
+                                                          ("none", 2), ("spec", 2)]
+    assert all(j["baseline"] == jobs[i - 1]["tag"] for i, j in enumerate(jobs) if j["teachers"] == "spec")
+    rows = [{"domain": "d", "candidates": "in_batch", "layout": "own", "ratio": x} for x in (0.8, 1.1, 0.9)]
+    (g,) = ratios_over_rounds(rows)
+    assert (g["median"], g["min"], g["max"], g["rounds"]) == (0.9, 0.8, 1.1, 3)
