@@ -37,6 +37,9 @@ replicas keep a history memo of M MiB (service.embedded_history_memo_bytes, teac
 so from the second epoch on a teacher answers a row it has seen without encoding its history again:
 --warm-epochs 1 --teacher-memo-mib M measures that, --warm-epochs 0 the first epoch (every history new).
 
+Noisy machines (--rounds N): every (no-teacher, distilled) pair runs N times in turn, each ratio
+against its own round's baseline; the JSON's ratio_over_rounds gives the median and the range.
+
 Teachers: --spec DOMAIN=SPEC (or one SPEC for every domain). Defaults: Scientific serves the demo
 teachers of configs/demo/serve.yaml (build them with `make demo`); any other domain serves the demo
 teacher configs retrained on it under runs/bench/teachers_<domain>/ (a generated spec whose missing

@@ -637,6 +637,18 @@ def efficiency_section(u: UnionResults, eff: Efficiency | None = None, effs: dic
 # ----------------------------------------------------------------------------- page
 
 
+def _verdict(c: dict[str, Any]) -> str:
+    """A retrain check's verdict line: the rule on every domain, and whether the bytes are the same."""
+    return (f"within {c['tolerance']} on every domain: **{'yes' if c['within_tolerance'] else 'no'}**; "
+            f"same checkpoint bytes: {'yes' if c['same_checkpoint_bytes'] else 'no'}")
+
+
+def _check_rows(label: str, c: dict[str, Any]) -> list[list[str]]:
+    """A retrain check's table rows, one per domain."""
+    return [[label, d, fmt_metric(v["recorded"]), fmt_metric(v["retrained"]), f"{v['abs_diff']:.4f}",
+             "yes" if v["within_tolerance"] else "no"] for d, v in c["per_domain"].items()]
+
+
 def retrain_check_lines(u: UnionResults) -> list[str]:
     """§3's seeded-training check: each teacher the plan trains again from its config, and each teacher
     trained here over a recorded run of the same config (its ``supersedes``), its test NDCG@10 per
@@ -654,12 +666,8 @@ def retrain_check_lines(u: UnionResults) -> list[str]:
         if c.get("status") != "done":
             out += [f"- {c['label']}: *pending*; train it with `{c['command']}`."]
             continue
-        for d, v in c["per_domain"].items():
-            rows.append([c["label"], d, fmt_metric(v["recorded"]), fmt_metric(v["retrained"]),
-                         f"{v['abs_diff']:.4f}", "yes" if v["within_tolerance"] else "no"])
-        out += [f"- {c['label']}: within {c['tolerance']} on every domain: "
-                f"**{'yes' if c['within_tolerance'] else 'no'}**; same checkpoint bytes: "
-                f"{'yes' if c['same_checkpoint_bytes'] else 'no'}; retrained at `{c.get('retrained_commit')}` in "
+        rows += _check_rows(c["label"], c)
+        out += [f"- {c['label']}: {_verdict(c)}; retrained at `{c.get('retrained_commit')}` in "
                 f"{fmt_duration(c.get('retrain_time_s'))} (`{c['command']}`)"
                 + (f"; recorded on {c['recorded_machine']}, retrained on {c['retrained_machine']}"
                    if c.get("retrained_machine") else "") + "."]
@@ -672,12 +680,8 @@ def retrain_check_lines(u: UnionResults) -> list[str]:
         if not sup.get("comparable"):
             out += [f"- {label}: {was}; not comparable: {sup.get('why')}."]
             continue
-        for d, v in sup["per_domain"].items():
-            rows.append([label, d, fmt_metric(v["recorded"]), fmt_metric(v["retrained"]),
-                         f"{v['abs_diff']:.4f}", "yes" if v["within_tolerance"] else "no"])
-        out += [f"- {label}: within {sup['tolerance']} on every domain: "
-                f"**{'yes' if sup['within_tolerance'] else 'no'}**; same checkpoint bytes: "
-                f"{'yes' if sup['same_checkpoint_bytes'] else 'no'}; {was}. The page's rows are this run's."]
+        rows += _check_rows(label, sup)
+        out += [f"- {label}: {_verdict(sup)}; {was}. The page's rows are this run's."]
     out += [""]
     if rows:
         out += [markdown_table(["Teacher", "Domain", "Recorded NDCG@10", "Retrained NDCG@10", "|Δ|", "Within"], rows,

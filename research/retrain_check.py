@@ -9,8 +9,8 @@
 for when its run directory is on another machine; ``compare_to_entry``.)
 
 Reads the two teacher run directories (``ckd-train-teacher`` writes config.yaml, run.json and
-metrics.json into each): the resolved configs must be the same recipe (only ``data.data_dir`` and
-``train.progress`` may differ), then per domain of the run the recorded and retrained test metrics,
+metrics.json into each): the resolved configs must be the same recipe (only the execution settings
+of ``ckd.run_dir.EXECUTION_KEYS`` may differ: data location, threads, device, ...), then per domain of the run the recorded and retrained test metrics,
 their absolute differences, and whether NDCG@10 lands within ``--tolerance`` (default 0.002, the
 "every domain" issue's rule) on every domain; also whether the two checkpoints are the same bytes
 (sha256), the commits both ran at and the retrain's wall time. Prints a table and writes the JSON

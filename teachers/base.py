@@ -37,8 +37,8 @@ INFERENCE_PRECISIONS: dict[str, torch.dtype | None] = {"float32": None, "bfloat1
 
 def native_precision(precision: str, device: torch.device | str) -> bool:
     """Whether ``device`` runs ``precision``'s matrix products in hardware. On a CPU without it
-    autocast emulates them: bfloat16 teacher inference measured 8x slower than float32 on an AVX2-only
-    AMD EPYC, against 2.25x faster on an Intel Xeon with AMX (docs/benchmarks.md §8)."""
+    autocast emulates them: bfloat16 teacher inference measured 7-8x slower than float32 on an AVX2-only
+    AMD EPYC, against 2.25x faster on an Intel Xeon with AMX (docs/benchmarks.md §8.1, §8.4)."""
     dev = torch.device(device)
     if precision == "float32":
         return True
