@@ -55,3 +55,18 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(prev)
+
+
+@pytest.fixture
+def two_teacher_spec(tmp_path) -> Path:
+    """A deploy spec with two fixture teachers (a: 2 replicas, b: 1) whose checkpoints exist, for
+    tests of how a run builds the spec it starts; a clean checkout has no trained teachers."""
+    from benchmarks.fixture_teacher import make_fixture_checkpoint
+
+    for name in ("a", "b"):
+        make_fixture_checkpoint(tmp_path / name, num_items=10, dim=4)
+    spec = tmp_path / "serve.yaml"
+    spec.write_text("teacher_modules: [benchmarks.fixture_teacher]\nteachers:\n"
+                    f"  - {{name: a, checkpoint: {tmp_path / 'a'}, replicas: 2}}\n"
+                    f"  - {{name: b, checkpoint: {tmp_path / 'b'}, replicas: 1}}\n")
+    return spec

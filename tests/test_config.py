@@ -72,24 +72,12 @@ def test_yaml_tags_do_not_execute(tmp_path):
         load_config(DistillConfig, f)
 
 
-def _spec_with_two_teachers(tmp_path):
-    from benchmarks.fixture_teacher import make_fixture_checkpoint
-
-    for name in ("a", "b"):
-        make_fixture_checkpoint(tmp_path / name, num_items=10, dim=4)
-    spec = tmp_path / "serve.yaml"
-    spec.write_text("teacher_modules: [benchmarks.fixture_teacher]\nteachers:\n"
-                    f"  - {{name: a, checkpoint: {tmp_path / 'a'}, replicas: 2}}\n"
-                    f"  - {{name: b, checkpoint: {tmp_path / 'b'}, replicas: 1}}\n")
-    return spec
-
-
-def test_entry_point_decides_which_teachers_it_starts(tmp_path):
+def test_entry_point_decides_which_teachers_it_starts(two_teacher_spec):
     """launch/distill.py starts the embedded service of service.spec itself, cut to --teachers; a run
     that joins a service (or has none) starts nothing."""
     from launch.distill import embedded_spec, parse_args, resolve_config
 
-    spec = _spec_with_two_teachers(tmp_path)
+    spec = two_teacher_spec
     every, names = embedded_spec(resolve_config(parse_args(["--set", f"service.spec={spec}"])))
     assert names == ["a", "b"] and [t.name for t in every.teachers] == ["a", "b"]
     cut, names = embedded_spec(resolve_config(parse_args(["--set", f"service.spec={spec}", "--teachers", "b"])))
@@ -99,12 +87,12 @@ def test_entry_point_decides_which_teachers_it_starts(tmp_path):
         assert embedded_spec(resolve_config(parse_args(["--set", f"service.spec={spec}", *joins]))) is None
 
 
-def test_run_joins_the_namespace_of_the_spec_it_starts(tmp_path):
+def test_run_joins_the_namespace_of_the_spec_it_starts(two_teacher_spec):
     """A spec with its own namespace (configs/union/serve.yaml: ckd-union) deploys there, so the
     student must look its teachers up there too, not under service.namespace's default."""
     from launch.distill import embedded_spec, parse_args, resolve_config
 
-    spec = _spec_with_two_teachers(tmp_path)
+    spec = two_teacher_spec
     spec.write_text("namespace: ckd-elsewhere\n" + spec.read_text())
     cfg = resolve_config(parse_args(["--set", f"service.spec={spec}"]))
     assert cfg.service.namespace != "ckd-elsewhere"
@@ -112,10 +100,10 @@ def test_run_joins_the_namespace_of_the_spec_it_starts(tmp_path):
     assert deploy.namespace == cfg.service.namespace == "ckd-elsewhere"
 
 
-def test_teacher_names_outside_the_spec_are_refused_before_anything_starts(tmp_path, capsys):
+def test_teacher_names_outside_the_spec_are_refused_before_anything_starts(tmp_path, two_teacher_spec, capsys):
     from launch.distill import main
 
-    spec = _spec_with_two_teachers(tmp_path)
+    spec = two_teacher_spec
     code = main(["--set", f"service.spec={spec}", "--teachers", "a,zeta", "--run-dir", str(tmp_path / "run")])
     assert code == 2
     assert f"config error: service.teachers names ['zeta'], not in the deploy spec {spec}" in capsys.readouterr().err

@@ -143,20 +143,13 @@ def test_served_teacher_with_memo_answers_the_scores_it_answers_without(scientif
 
 
 @pytest.mark.unit
-def test_a_student_turns_the_memo_on_for_the_teachers_it_starts(tmp_path):
+def test_a_student_turns_the_memo_on_for_the_teachers_it_starts(tmp_path, two_teacher_spec):
     """service.embedded_history_memo_bytes reaches the deploy spec the run starts, without editing it.
-    A fixture-teacher spec stands in for configs/union/serve.yaml: a clean checkout (CI) has no
-    union checkpoints, and the spec's checkpoints are checked when it is loaded."""
-    from benchmarks.fixture_teacher import make_fixture_checkpoint
+    Fixture teachers stand in for configs/union/serve.yaml: a clean checkout (CI) has no union
+    checkpoints, and a spec's checkpoints are checked when it is loaded."""
     from launch.distill import embedded_spec, parse_args, resolve_config
 
-    for name in ("a", "b"):
-        make_fixture_checkpoint(tmp_path / name, num_items=10, dim=4)
-    spec = tmp_path / "serve.yaml"
-    spec.write_text("teacher_modules: [benchmarks.fixture_teacher]\nteachers:\n"
-                    f"  - {{name: a, checkpoint: {tmp_path / 'a'}, replicas: 1}}\n"
-                    f"  - {{name: b, checkpoint: {tmp_path / 'b'}, replicas: 1}}\n")
-    argv = ["--set", f"service.spec={spec}", "--run-dir", str(tmp_path / "run")]
+    argv = ["--set", f"service.spec={two_teacher_spec}", "--run-dir", str(tmp_path / "run")]
     plain = embedded_spec(resolve_config(parse_args(argv)))
     memo = embedded_spec(resolve_config(parse_args(argv + ["--set", "service.embedded_history_memo_bytes=1048576"])))
     assert plain is not None and memo is not None
