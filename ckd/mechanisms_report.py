@@ -20,6 +20,9 @@ by ``python -m research.mechanisms collect`` from the run directories of a plan
                     "anytime": {"curves": {row: MeanCurve}, "compare": research.anytime.compare(...)}},
      "student_vs_teacher": {row: {"ndcg@10": OneSample, "recall@10": OneSample}},
      "mechanisms": [{"name", "label", "comparisons": [{"where", **Comparison}]}],
+     "modality": null | {"plan", "title", "description", "domain", "seeds", "reference", "command",
+                         "rows": {name: {"label", "config", "set", "command", "seeds", "stats"}},
+                         "comparisons": {name: Comparison against the reference}, "pending"},
      "targets": {"integration": {...}, "curriculum": {...}, "best_teacher": {...}},
      "pending": ["row X seed N (run dir): why", ...]}
 
@@ -403,6 +406,49 @@ def mechanism_lines(m: dict[str, Any]) -> list[str]:
     return out
 
 
+def modality_lines(m: dict[str, Any]) -> list[str]:
+    """The verdict line of UniM2Rec's image modality: each teacher variant against the reference row."""
+    mod = m.get("modality")
+    if not mod:
+        return []
+    ref = mod["rows"][mod["reference"]]["label"]
+    parts = [f"{mod['rows'][name]['label']}: {verdict_text(c)}" for name, c in mod["comparisons"].items()]
+    return [f"- **UniM2Rec's image modality (teacher variants on {mod['domain']}, against {ref})**: "
+            + "; ".join(parts) + "."]
+
+
+def modality_table(mod: dict[str, Any]) -> str:
+    """One row per teacher variant: seeds, test NDCG@10 and Recall@10 (mean ± sd [95% CI]), NDCG@10 per
+    seed, and the Welch comparison with the reference row."""
+    rows = []
+    for name, r in mod["rows"].items():
+        done = [s for s in r["seeds"] if s["status"] == "done"]
+        c = mod["comparisons"].get(name)
+        rows.append([r["label"], f"`{name}`", f"{len(done)} of {len(r['seeds'])}",
+                     fmt_seed_stat(r["stats"].get(SELECT)), fmt_seed_stat(r["stats"].get("recall@10"), interval=False),
+                     ", ".join(f"{s['seed']}: {s['test'][SELECT]:.4f}" for s in done) or PENDING,
+                     "reference" if c is None else fmt_rel(c),
+                     "—" if c is None else {HELPS: "higher", HURTS: "lower", NONE: "no measurable difference",
+                                            OPEN: "open"}[c["verdict"]]])
+    return markdown_table(["Variant", "Name", "Seeds", "NDCG@10", "Recall@10", "NDCG@10 per seed",
+                           f"vs {mod['reference']} (NDCG@10)", "Verdict"], rows,
+                          align=["l", "l", "l", "r", "r", "r", "r", "l"])
+
+
+def modality_section(mod: dict[str, Any], n: int) -> list[str]:
+    """Section ``n``: the teacher variants of the image-modality study, with their commands."""
+    out = [f"## {n}. {mod.get('title') or 'UniM2Rec image modality'}", ""]
+    if mod.get("description"):
+        out += [mod["description"].strip(), ""]
+    out += [f"Teachers, not students: test split of {mod['domain']}, full ranking, selection on valid NDCG@10; seeds "
+            f"{', '.join(map(str, mod['seeds']))}; each variant against `{mod['reference']}` by the rule of section 1. "
+            "Items without an image are scored from their text (the gated fusion renormalised over the modalities "
+            "they have, plus a learned missing-image vector; tests/test_teacher_unim2rec.py checks it over gRPC).", "",
+            modality_table(mod), "", "```bash", mod.get("command", ""),
+            *[f"# {name}: {r['command']}" for name, r in mod["rows"].items()], "```", ""]
+    return out
+
+
 def target_lines(m: dict[str, Any]) -> list[str]:
     t = m["targets"]
     out = []
@@ -474,7 +520,7 @@ def render_mechanisms_page(m: dict[str, Any], generated_by: str = "ckd-report", 
             "Rows not finished yet read *pending*.", ""]
 
     out += ["## 1. Verdicts", "", VERDICT_RULE, ""]
-    out += mechanism_lines(m) + [""]
+    out += mechanism_lines(m) + modality_lines(m) + [""]
     out += ["Targets of the issue, each computed from the tables below:", ""] + target_lines(m) + [""]
 
     out += ["## 2. Integration with a clean and a corrupted teacher pool", "",
@@ -512,7 +558,10 @@ def render_mechanisms_page(m: dict[str, Any], generated_by: str = "ckd-report", 
             mechanisms_teacher_table(m), "",
             student_vs_teacher_table(m), ""]
 
-    n = 5  # the sections below are numbered as they come (the parameter analysis is optional)
+    n = 5  # the sections below are numbered as they come (image modality, parameter analysis: optional)
+    if m.get("modality"):
+        out += modality_section(m["modality"], n)
+        n += 1
     if m.get("params"):
         out += [f"## {n}. Parameter analysis", "", *params_lines(m)]
         n += 1

@@ -19,7 +19,8 @@ Computed: for each integration mode, corrupted vs clean pool (Welch interval of 
 means, in % of the clean mean); the mechanisms' comparisons with their verdicts
 (ckd.mechanisms_report.VERDICT_RULE); the curriculum rows' anytime curves (mean over seeds of test
 NDCG@10 per step, research/anytime.py) with the steps to 95% of their final and to the
-no-curriculum final; each row against the best clean teacher; and the issue's targets.
+no-curriculum final; each row against the best clean teacher; and the issue's targets. With
+``modality:`` (a research.modality plan), the teacher variants of UniM2Rec's image modality too.
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ DEFAULT_OUT = "results/mechanisms_scientific.json"
 GROUPS = ("integration", "curriculum", "precision", "baseline")
 MODES = ("mean", "confidence", "consistency", "both", "reliability")
 TOP_KEYS = {"title", "description", "domain", "seeds", "runs_root", "pools", "teachers", "rows", "curriculum",
-            "mechanisms", "params"}
+            "mechanisms", "params", "modality"}
 PARAMS_KEYS = {"sweep", "label", "png"}
 ROW_KEYS = {"name", "label", "group", "pool", "mode", "command", "note"}
 TEACHER_KEYS = {"name", "label", "metrics", "build", "corrupted"}
@@ -109,6 +110,7 @@ class Plan:
     curriculum: dict[str, Any]  # {"reference": row, "rows": [{"row", "label"}]}
     mechanisms: tuple[dict[str, Any], ...]
     params: tuple[dict[str, str], ...] = ()  # parameter sweeps (research.param_analysis): sweep, label, png
+    modality: str = ""  # a research.modality plan (UniM2Rec's image modality), or none
     title: str = ""
     description: str = ""
     source: str = PLAN
@@ -257,10 +259,13 @@ def parse_plan(raw: Any, source: str = PLAN) -> Plan:
         entry_mapping(sw, PARAMS_KEYS, where)
         params.append({"sweep": need(sw, "sweep", where), "label": need(sw, "label", where),
                        "png": need(sw, "png", where)})
+    modality = raw.get("modality") or ""
+    if not isinstance(modality, str):
+        raise PlanError(f"{source}: 'modality' must be the path of a research.modality plan, got {modality!r}")
     return Plan(domain=domain, seeds=tuple(seeds), runs_root=runs_root, pools=pools, teachers=tuple(teachers),
                 rows=tuple(rows), curriculum={"reference": reference, "rows": cur_rows}, mechanisms=tuple(mechanisms),
-                params=tuple(params), title=str(raw.get("title", "")), description=str(raw.get("description", "")),
-                source=source)
+                params=tuple(params), modality=modality, title=str(raw.get("title", "")),
+                description=str(raw.get("description", "")), source=source)
 
 
 def load_plan(path: str | Path, label: str | None = None) -> Plan:
@@ -296,35 +301,51 @@ def check_run_config(row: Row, seed: int, run_dir: Path) -> None:
                             + f", but row {row.name} trains {key}={want!r}: another setting's run is in its directory")
 
 
+def finished_metrics(root: Path, rel: str) -> tuple[dict[str, Any] | None, str]:
+    """(metrics.json of the run directory ``rel``, "") when it has finished, else (None, why not: not
+    started, being trained by a pid, or started and stopped)."""
+    from research.union import running_elsewhere
+
+    run_dir = root / rel
+    mpath = run_dir / "metrics.json"
+    if not mpath.is_file():
+        pid = running_elsewhere(root, rel) if run_dir.is_dir() else None
+        return None, ("not started" if not run_dir.is_dir() else
+                      f"being trained (pid {pid})" if pid else "started, not finished (no metrics.json yet)")
+    try:
+        return json.loads(mpath.read_text()), ""
+    except json.JSONDecodeError as exc:
+        raise PlanError(f"{mpath}: not valid JSON ({exc})") from exc
+
+
+def domain_test(metrics: dict[str, Any], path: Path, domain: str) -> dict[str, float]:
+    """The test metrics of ``domain`` in a run's metrics.json (``path``, for the error)."""
+    test = (metrics.get("test") or {}).get(domain)
+    if not test or any(k not in test for k in METRICS):
+        raise PlanError(f"{path}: no test {', '.join(METRICS)} for {domain}")
+    return {k: float(test[k]) for k in METRICS}
+
+
 def read_seed(plan: Plan, row: Row, seed: int, root: Path) -> dict[str, Any]:
     """One seed of a row: its test metrics and run facts when finished, else why it is pending."""
     from research.anytime import CurveError, read_curve
-    from research.union import measured_time, running_elsewhere
+    from research.union import measured_time
 
     rel = f"{row.runs_root}/seed{seed}"
     run_dir = root / rel
     rec: dict[str, Any] = {"seed": seed, "run_dir": rel}
-    mpath = run_dir / "metrics.json"
-    if not mpath.is_file():
-        pid = running_elsewhere(root, rel) if run_dir.is_dir() else None
-        detail = ("not started" if not run_dir.is_dir() else
-                  f"being trained (pid {pid})" if pid else "started, not finished (no metrics.json yet)")
+    metrics, detail = finished_metrics(root, rel)
+    if metrics is None:
         return {**rec, "status": "pending", "detail": detail}
-    try:
-        metrics = json.loads(mpath.read_text())
-    except json.JSONDecodeError as exc:
-        raise PlanError(f"{mpath}: not valid JSON ({exc})") from exc
     check_run_config(row, seed, run_dir)
-    test = (metrics.get("test") or {}).get(plan.domain)
-    if not test or any(k not in test for k in METRICS):
-        raise PlanError(f"{mpath}: no test {', '.join(METRICS)} for {plan.domain}")
+    test = domain_test(metrics, run_dir / "metrics.json", plan.domain)
     from ckd.run_dir import read_run_header
 
     header = read_run_header(run_dir)
     timing = measured_time(run_dir, metrics)
     client = metrics.get("teacher_client") or {}
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    rec.update(status="done", test={k: float(test[k]) for k in METRICS},
+    rec.update(status="done", test=test,
                valid={k: float(v) for k, v in ((metrics.get("valid") or {}).get(plan.domain) or {}).items()},
                best_epoch=metrics.get("best_epoch"), epochs_run=metrics.get("epochs_run"),
                epochs=(cfg.get("train") or {}).get("epochs"), global_step=metrics.get("global_step"),
@@ -588,6 +609,13 @@ def collect(plan: Plan, root: Path, command: str = "", previous: dict[str, Any] 
     mechanisms = [{"name": m["name"], "label": m["label"],
                    "comparisons": [{"where": c["where"], **_compare(rows, c["row"], c["against"])}
                                    for c in m["comparisons"]]} for m in plan.mechanisms]
+    modality = None
+    if plan.modality:
+        from research import modality as mod
+
+        modality = mod.collect(mod.load_plan(root / plan.modality, plan.modality), root,
+                               (previous or {}).get("modality"), previous)
+        pending += modality["pending"]
     return {"kind": FORMAT, "schema": SCHEMA, "plan": plan.source, "title": plan.title,
             "description": plan.description, "domain": plan.domain, "seeds": list(plan.seeds), "confidence": LEVEL,
             "commit": git_sha(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": _machine(rows, machine_for),
@@ -597,7 +625,7 @@ def collect(plan: Plan, root: Path, command: str = "", previous: dict[str, Any] 
             "integration": {"modes": modes, "pools": pool_names, "cells": cells, "change": change},
             "curriculum": {"reference": ref, "rows": plan.curriculum["rows"], "comparisons": cur_comps,
                            "anytime": {"curves": curves, "compare": steps}},
-            "student_vs_teacher": vs_teacher, "mechanisms": mechanisms, "params": params,
+            "student_vs_teacher": vs_teacher, "mechanisms": mechanisms, "params": params, "modality": modality,
             "targets": {"integration": integ_target, "curriculum": cur_target, "best_teacher": teacher_target},
             "pending": pending}
 

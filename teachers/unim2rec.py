@@ -9,7 +9,9 @@ Each modality is projected to the hidden size (learned whitening shift, linear, 
 present ones are fused by a per-item gated sum (softmax over a learned score of each projection,
 missing modalities masked out), a learned "missing" embedding per absent modality is added so the
 user encoder knows what the item lacks, and an optional ID embedding is added. An item with no
-image is thus scored from its text alone. Training drops each present modality of an item with
+image is thus scored from its text alone. With ``shared_clip_projection`` the image goes through the
+CLIP text's projection instead of one of its own: the two are CLIP vectors of one joint space, so
+one map keeps them aligned (the image cannot drift to a private subspace that only fits noise). Training drops each present modality of an item with
 probability ``modality_dropout`` (never all of them), so the model stays robust when one is missing.
 
 Users. A SASRec-style causal Transformer over the fused history (+ position and + domain
@@ -56,11 +58,18 @@ class UniM2RecTeacher(Teacher):
     def __init__(self, vocab_hash: str, num_items: int, temperature: float = 0.07, max_history: int = 50,
                  modalities: dict[str, int] | None = None, num_domains: int = 1, hidden: int = 300,
                  num_layers: int = 2, num_heads: int = 2, dropout: float = 0.2,
-                 modality_dropout: float = 0.2, use_id: bool = True, id_dropout: float = 0.0):
+                 modality_dropout: float = 0.2, use_id: bool = True, id_dropout: float = 0.0,
+                 shared_clip_projection: bool = False):
         super().__init__(vocab_hash, num_items, temperature, max_history)
         if not modalities:
             raise TeacherContractError("UniM2RecTeacher needs at least one modality: build it with from_dataset")
         self.modalities = {str(k): int(v) for k, v in modalities.items()}
+        self.shared_clip_projection = bool(shared_clip_projection)
+        if self.shared_clip_projection and (
+                not {"clip_text", "image"} <= set(self.modalities)
+                or self.modalities["clip_text"] != self.modalities["image"]):
+            raise TeacherContractError("shared_clip_projection needs the clip_text and image modalities, of one "
+                                       f"dimension; this teacher has {self.modalities}")
         self.num_domains, self.hidden = int(num_domains), int(hidden)
         self.num_layers, self.num_heads, self.dropout_p = int(num_layers), int(num_heads), float(dropout)
         self.modality_dropout, self.use_id, self.id_dropout = float(modality_dropout), bool(use_id), float(id_dropout)
@@ -69,7 +78,7 @@ class UniM2RecTeacher(Teacher):
             self.register_buffer(f"has_{name}", torch.zeros(num_items, dtype=torch.bool))
         self.register_buffer("item_domain", torch.full((num_items,), -1, dtype=torch.long))
         self.proj = nn.ModuleDict({n: ModalityProjection(d, self.hidden, self.dropout_p)
-                                   for n, d in self.modalities.items()})
+                                   for n, d in self.modalities.items() if self.projection_of(n) == n})
         self.gate = nn.Sequential(nn.Linear(self.hidden, self.hidden), nn.Tanh(), nn.Linear(self.hidden, 1))
         self.missing = nn.Parameter(torch.zeros(len(self.modalities), self.hidden))
         nn.init.normal_(self.missing, std=0.02)
@@ -124,15 +133,22 @@ class UniM2RecTeacher(Teacher):
                 mask[0] = False
                 getattr(model, f"feat_{name}").copy_(torch.as_tensor(feats[name]))
                 getattr(model, f"has_{name}").copy_(mask)
-                # Start the whitening shift at the modality's mean over present items.
-                model.proj[name].shift.copy_(torch.as_tensor(feats[name][masks[name]].mean(0)))
+                # Start the whitening shift at the mean over present items of every modality it projects.
+                shared = [n for n in feats if model.projection_of(n) == model.projection_of(name)]
+                rows = np.concatenate([feats[n][masks[n]] for n in shared])
+                model.proj[model.projection_of(name)].shift.copy_(torch.as_tensor(rows.mean(0)))
             model.item_domain.copy_(torch.as_tensor(dataset.item_domain))
         return model
 
     def config_dict(self) -> dict[str, Any]:
         return {"modalities": self.modalities, "num_domains": self.num_domains, "hidden": self.hidden,
                 "num_layers": self.num_layers, "num_heads": self.num_heads, "dropout": self.dropout_p,
-                "modality_dropout": self.modality_dropout, "use_id": self.use_id, "id_dropout": self.id_dropout}
+                "modality_dropout": self.modality_dropout, "use_id": self.use_id, "id_dropout": self.id_dropout,
+                "shared_clip_projection": self.shared_clip_projection}
+
+    def projection_of(self, modality: str) -> str:
+        """The name of the projection ``modality`` goes through (its own, or clip_text's when shared)."""
+        return "clip_text" if self.shared_clip_projection and modality == "image" else modality
 
     # -- items ----------------------------------------------------------------------------------------
     def presence(self, item_ids: torch.Tensor) -> torch.Tensor:
@@ -156,7 +172,8 @@ class UniM2RecTeacher(Teacher):
         which modalities are used; by default the item's own availability)."""
         if present is None:
             present = self._drop_modalities(self.presence(item_ids))
-        z = torch.stack([self.proj[n](getattr(self, f"feat_{n}")[item_ids]) for n in self.modalities], dim=-2)
+        z = torch.stack([self.proj[self.projection_of(n)](getattr(self, f"feat_{n}")[item_ids])
+                         for n in self.modalities], dim=-2)
         logits = self.gate(z).squeeze(-1).masked_fill(~present, float("-inf"))
         # An item with no modality at all (PAD) gets zero weights instead of NaN.
         weights = torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0)

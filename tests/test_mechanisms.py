@@ -105,6 +105,10 @@ def _metrics(v: float) -> dict:
 
 @pytest.fixture()
 def repo(tmp_path: Path) -> Path:
+    return build_repo(tmp_path)
+
+
+def build_repo(tmp_path: Path) -> Path:
     """A repository root with the plan, the pools' serve specs, the teachers' metrics and the runs."""
     raw = _plan()
     (tmp_path / "configs").mkdir()

@@ -84,6 +84,30 @@ def test_modality_dropout_never_drops_everything(scientific_mm):
     assert (kept.sum(-1)[present.any(-1)] == 1).all()  # p=1: exactly one survives where any exists
 
 
+def test_shared_clip_projection_maps_image_and_clip_text_alike(scientific_mm, tmp_path):
+    """shared_clip_projection: the image goes through clip_text's projection (no image projection of
+    its own; its whitening shift starts at the mean of both), it survives a checkpoint round trip, and
+    a teacher without both CLIP modalities refuses it."""
+    m = _model(scientific_mm, shared_clip_projection=True).eval()
+    assert set(m.proj) == {"clip_text"} and m.projection_of("image") == "clip_text"
+    both = np.concatenate([scientific_mm.features[k][scientific_mm.feature_mask[k]
+                                                     & (np.abs(scientific_mm.features[k]).sum(1) > 0)]
+                           for k in ("feat1CLS", "feat3CLS")])
+    assert torch.allclose(m.proj["clip_text"].shift, torch.as_tensor(both.mean(0)), atol=1e-6)
+    ids = torch.tensor([3, 40, 77])
+    z = m.proj["clip_text"](m.feat_image[ids])  # the image through the shared map, by hand
+    present = torch.tensor([[False, True]] * 3)  # image only
+    want = m.item_norm(z + m.missing[0] + m.item_id(ids))
+    assert torch.allclose(m.fuse(ids, present=present), want, atol=1e-5)
+    h, l, _, _ = _batch(scientific_mm, 8, "test")
+    cands = torch.arange(1, 101)
+    save_teacher(m, tmp_path / "ck")
+    loaded = load_teacher(tmp_path / "ck", expected_vocab_hash=scientific_mm.vocab_hash())
+    assert loaded.shared_clip_projection and torch.equal(loaded.score(h, l, cands), m.score(h, l, cands))
+    with pytest.raises(TeacherContractError, match="shared_clip_projection needs the clip_text and image"):
+        _model(scientific_mm, modalities=["clip_text"], shared_clip_projection=True)
+
+
 @pytest.mark.unit
 def test_unknown_modality_is_a_clear_error(scientific):
     with pytest.raises(TeacherContractError, match="feat3CLS"):
