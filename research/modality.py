@@ -126,7 +126,7 @@ def steps(plan: ModalityPlan, only: list[str] | None = None, seeds: list[int] | 
 
 def row_command(plan: ModalityPlan, row: ModalityRow) -> str:
     """The teacher command of a row, with ``<N>`` for the seed."""
-    argv = ["ckd-train-teacher", "--config", row.config, "--run-dir", plan.run_dir(row.name, 0)[:-1] + "<N>",
+    argv = ["ckd-train-teacher", "--config", row.config, "--run-dir", f"{plan.runs_root}/{row.name}/seed<N>",
             "--set", "train.seed=<N>"]
     for s in row.settings:
         argv += ["--set", s]
@@ -244,14 +244,19 @@ def _table(plan: ModalityPlan, root: Path) -> str:
     return markdown_table(["row", *[f"seed {s}" for s in plan.seeds], "mean", "sd"], out)
 
 
+def _names(only: str | None) -> list[str] | None:
+    """``--only a,b`` as a list of row names (None: every row)."""
+    return [n.strip() for n in only.split(",") if n.strip()] if only else None
+
+
 def cmd_run(args: argparse.Namespace, root: Path) -> int:
     from research.union import is_done, run_step, running_elsewhere
 
     plan = load_plan(root / args.plan, args.plan)
-    only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
-    todo = steps(plan, only, args.seeds, args.overrides)
+    todo = steps(plan, _names(args.only), args.seeds, args.overrides)
     left = [s for s in todo if not is_done(root, s.run_dir)]
-    print(f"{plan.source}: {len(todo)} run(s) selected, {len(todo) - len(left)} finished, {len(left)} to run", flush=True)
+    print(f"{plan.source}: {len(todo)} run(s) selected, {len(todo) - len(left)} finished, {len(left)} to run",
+          flush=True)
     took: list[float] = []
     failed = []
     for i, step in enumerate(left, 1):
@@ -298,8 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.dry_run:
             plan = load_plan(root / args.plan, args.plan)
-            only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
-            for s in steps(plan, only, args.seeds, args.overrides):
+            for s in steps(plan, _names(args.only), args.seeds, args.overrides):
                 print(shlex.join(s.argv))
             return 0
         return cmd_run(args, root)

@@ -9,10 +9,11 @@ Each modality is projected to the hidden size (learned whitening shift, linear, 
 present ones are fused by a per-item gated sum (softmax over a learned score of each projection,
 missing modalities masked out), a learned "missing" embedding per absent modality is added so the
 user encoder knows what the item lacks, and an optional ID embedding is added. An item with no
-image is thus scored from its text alone. With ``shared_clip_projection`` the image goes through the
-CLIP text's projection instead of one of its own: the two are CLIP vectors of one joint space, so
-one map keeps them aligned (the image cannot drift to a private subspace that only fits noise). Training drops each present modality of an item with
+image is thus scored from its text alone. Training drops each present modality of an item with
 probability ``modality_dropout`` (never all of them), so the model stays robust when one is missing.
+With ``shared_clip_projection`` the image goes through the CLIP text's projection instead of one of
+its own: the two are vectors of one CLIP space, so one map keeps them aligned instead of giving the
+image a private subspace in which it can fit noise.
 
 Users. A SASRec-style causal Transformer over the fused history (+ position and + domain
 embedding); the state at the last position is the sequence representation. Scores are cosine

@@ -178,6 +178,7 @@ def test_committed_plan_parses_and_its_configs_exist():
         assert cfg["train"]["seed"] == 7 and cfg["data"]["domains"] == ["ScientificMM"]
     by = {r.name: expected_config(r, 7, ROOT)["model"] for r in plan.rows}
     assert by["text"]["modalities"] == ["plm_text", "clip_text"] and "image" in by["text_image"]["modalities"]
-    assert by["text_image_shared"]["shared_clip_projection"] is True and by["text_image_dropout"]["modality_dropout"] == 0.5
+    assert by["text_image_shared"]["shared_clip_projection"] is True
+    assert by["text_image_dropout"]["modality_dropout"] == 0.5
     mech = load_mechanisms_plan(ROOT / "configs/mechanisms/scientific.yaml", "configs/mechanisms/scientific.yaml")
     assert mech.modality == modality.PLAN
