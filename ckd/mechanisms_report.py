@@ -444,7 +444,15 @@ def modality_section(mod: dict[str, Any], n: int) -> list[str]:
             f"{', '.join(map(str, mod['seeds']))}; each variant against `{mod['reference']}` by the rule of section 1. "
             "Items without an image are scored from their text (the gated fusion renormalised over the modalities "
             "they have, plus a learned missing-image vector; tests/test_teacher_unim2rec.py checks it over gRPC).", "",
-            modality_table(mod), "", "```bash", mod.get("command", ""),
+            modality_table(mod), ""]
+    done = [s for r in mod["rows"].values() for s in r["seeds"] if s["status"] == "done"]
+    walls = sorted(s["wall_s"] for s in done if s.get("wall_s"))
+    if done:
+        machines = sorted({str(s.get("machine") or "unknown") for s in done})
+        out += [f"Trained on {'; '.join(machines)}"
+                + (f"; wall time per run {fmt_duration(walls[0])} to {fmt_duration(walls[-1])} (median "
+                   f"{fmt_duration(statistics.median(walls))}, {len(walls)} run(s))" if walls else "") + ".", ""]
+    out += ["```bash", mod.get("command", ""),
             *[f"# {name}: {r['command']}" for name, r in mod["rows"].items()], "```", ""]
     return out
 

@@ -151,6 +151,8 @@ def test_the_mechanisms_page_shows_the_variants(tmp_path, repo):
         (root / c).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(repo / c, root / c)
     shutil.copytree(repo / "runs/mod", root / "runs/mod")
+    (root / "runs/mod/text/seed7/invocations.jsonl").write_text(  # as research.union.run_step records one
+        json.dumps({"start": 100.0, "end": 700.0, "rc": 0, "command": "c", "machine": "box A"}) + "\n")
     raw = yaml.safe_load((root / "configs/plan.yaml").read_text())
     raw["modality"] = "configs/modality.yaml"
     (root / "configs/plan.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -163,6 +165,8 @@ def test_the_mechanisms_page_shows_the_variants(tmp_path, repo):
     line = next(x for x in page.splitlines() if x.startswith("- **UniM2Rec's image modality"))
     assert "(teacher variants on ScientificMM, against text)" in line and "text + image: hurts by -6.1%" in line
     assert "## 5. Image modality" in page
+    line = next(x for x in page.splitlines() if x.startswith("Trained on "))
+    assert "box A" in line and "wall time per run 10.0 min to 10.0 min (median 10.0 min, 1 run(s))" in line
     table = next(t for t in parse_markdown_tables(page) if t and "Variant" in t[0])
     row = next(r for r in table if r["Name"] == "`text_image`")
     assert row["NDCG@10"].startswith("0.0775 ± 0.0005") and row["Verdict"] == "lower"
