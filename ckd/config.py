@@ -193,6 +193,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return tree
 
 
+def with_overrides(data: dict[str, Any], items: list[str]) -> dict[str, Any]:
+    """``data`` with the ``--set`` items applied, as ``load_config`` applies them (values YAML-parsed)."""
+    return _merge(data, parse_overrides(items))
+
+
 def load_config(
     cls: type[T],
     path: str | os.PathLike[str] | None = None,
@@ -206,7 +211,7 @@ def load_config(
     if extra:
         data = _merge(data, extra)
     if overrides:
-        data = _merge(data, parse_overrides(overrides))
+        data = with_overrides(data, overrides)
     return from_dict(cls, data)
 
 

@@ -428,7 +428,7 @@ def modality_table(mod: dict[str, Any]) -> str:
                      fmt_seed_stat(r["stats"].get(SELECT)), fmt_seed_stat(r["stats"].get("recall@10"), interval=False),
                      ", ".join(f"{s['seed']}: {s['test'][SELECT]:.4f}" for s in done) or PENDING,
                      "reference" if c is None else fmt_rel(c),
-                     "—" if c is None else {HELPS: "higher", HURTS: "lower", NONE: "no measurable difference",
+                     DASH if c is None else {HELPS: "higher", HURTS: "lower", NONE: "no measurable difference",
                                             OPEN: "open"}[c["verdict"]]])
     return markdown_table(["Variant", "Name", "Seeds", "NDCG@10", "Recall@10", "NDCG@10 per seed",
                            f"vs {mod['reference']} (NDCG@10)", "Verdict"], rows,

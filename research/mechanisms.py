@@ -287,9 +287,9 @@ def _dotted(cfg: dict[str, Any], key: str) -> tuple[bool, Any]:
     return True, node
 
 
-def check_run_config(row: Row, seed: int, run_dir: Path) -> None:
-    """The run's resolved config.yaml holds what the row's command sets (and its seed); else a
-    PlanError naming the run directory and the key."""
+def check_run_config(row: Row, seed: int, run_dir: Path) -> dict[str, Any]:
+    """The run's resolved config.yaml, which must hold what the row's command sets (and its seed);
+    else a PlanError naming the run directory and the key."""
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise PlanError(f"{path} not found beside metrics.json: cannot tell which setting the run trained")
@@ -299,6 +299,7 @@ def check_run_config(row: Row, seed: int, run_dir: Path) -> None:
         if not found or have != want:
             raise PlanError(f"{run_dir}: config.yaml has {key}={have!r}" + ("" if found else " (absent)")
                             + f", but row {row.name} trains {key}={want!r}: another setting's run is in its directory")
+    return cfg
 
 
 def finished_metrics(root: Path, rel: str) -> tuple[dict[str, Any] | None, str]:
@@ -337,14 +338,13 @@ def read_seed(plan: Plan, row: Row, seed: int, root: Path) -> dict[str, Any]:
     metrics, detail = finished_metrics(root, rel)
     if metrics is None:
         return {**rec, "status": "pending", "detail": detail}
-    check_run_config(row, seed, run_dir)
+    cfg = check_run_config(row, seed, run_dir)
     test = domain_test(metrics, run_dir / "metrics.json", plan.domain)
     from ckd.run_dir import read_run_header
 
     header = read_run_header(run_dir)
     timing = measured_time(run_dir, metrics)
     client = metrics.get("teacher_client") or {}
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
     rec.update(status="done", test=test,
                valid={k: float(v) for k, v in ((metrics.get("valid") or {}).get(plan.domain) or {}).items()},
                best_epoch=metrics.get("best_epoch"), epochs_run=metrics.get("epochs_run"),

@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from ckd.mechanisms_report import LEVEL, SELECT, mean_interval, welch
-from ckd.reporting import METRICS, fmt_duration, markdown_table
+from ckd.reporting import DASH, METRICS, fmt_duration, markdown_table
 from research.plan_schema import PlanError, distinct_ints, entry_mapping, need
 
 REPO = Path(__file__).resolve().parents[1]  # the checkout: the plan's paths are relative to it
@@ -136,34 +136,26 @@ def row_command(plan: ModalityPlan, row: ModalityRow) -> str:
 # ----------------------------------------------------------------------------- collect
 
 
-def _set_dotted(cfg: dict[str, Any], key: str, value: Any) -> None:
-    node = cfg
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-
-
 def expected_config(row: ModalityRow, seed: int, root: Path) -> dict[str, Any]:
     """The row's committed config with its --set items and the seed applied: what a run must hold."""
-    raw = yaml.safe_load((root / row.config).read_text()) or {}
-    for item in (*row.settings, f"train.seed={seed}"):
-        key, _, value = item.partition("=")
-        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value != "" else "")
-    return raw
+    from ckd.config import load_yaml, with_overrides
+
+    return with_overrides(load_yaml(root / row.config), [*row.settings, f"train.seed={seed}"])
 
 
-def check_run_config(row: ModalityRow, seed: int, run_dir: Path, root: Path) -> None:
-    """A finished run holds its row's recipe (execution keys aside, research.union.contradictions);
-    else a PlanError naming the run directory and the settings."""
+def check_run_config(row: ModalityRow, seed: int, run_dir: Path, root: Path) -> dict[str, Any]:
+    """The run's config.yaml, which must hold its row's recipe (execution keys aside,
+    research.union.contradictions); else a PlanError naming the run directory and the settings."""
     from research.union import contradictions
 
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise PlanError(f"{path} not found beside metrics.json: cannot tell which variant the run trained")
-    bad = contradictions(expected_config(row, seed, root), yaml.safe_load(path.read_text()) or {})
+    cfg = yaml.safe_load(path.read_text()) or {}
+    bad = contradictions(expected_config(row, seed, root), cfg)
     if bad:
         raise PlanError(f"{run_dir}: not the run of row {row.name} seed {seed}: " + "; ".join(bad[:5]))
+    return cfg
 
 
 def read_seed(plan: ModalityPlan, row: ModalityRow, seed: int, root: Path) -> dict[str, Any]:
@@ -177,10 +169,10 @@ def read_seed(plan: ModalityPlan, row: ModalityRow, seed: int, root: Path) -> di
     metrics, detail = finished_metrics(root, rel)
     if metrics is None:
         return {**rec, "status": "pending", "detail": detail}
-    check_run_config(row, seed, run_dir, root)
+    cfg = check_run_config(row, seed, run_dir, root)
     test = domain_test(metrics, run_dir / "metrics.json", plan.domain)
     timing = measured_time(run_dir, metrics)
-    device = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("train", {}).get("device", "cpu")
+    device = (cfg.get("train") or {}).get("device", "cpu")
     return {**rec, "status": "done", "test": test,
             "valid": {k: float(v) for k, v in ((metrics.get("valid") or {}).get(plan.domain) or {}).items()},
             "best_epoch": metrics.get("best_epoch"), "checkpoint_sha256": metrics.get("checkpoint_sha256"),
@@ -230,18 +222,14 @@ def collect(plan: ModalityPlan, root: Path, previous_block: dict[str, Any] | Non
 
 
 def _table(plan: ModalityPlan, root: Path) -> str:
-    """Test NDCG@10 per row and seed of what has finished here, with the mean and sd."""
-    out = []
-    for row in plan.rows:
-        vals = []
-        for seed in plan.seeds:
-            p = root / plan.run_dir(row.name, seed) / "metrics.json"
-            vals.append(json.loads(p.read_text())["test"][plan.domain][SELECT] if p.is_file() else None)
-        got = [v for v in vals if v is not None]
-        mean = f"{statistics.fmean(got):.4f}" if got else "—"
-        sd = f"{statistics.stdev(got):.4f}" if len(got) > 1 else "—"
-        out.append([row.name, *[("—" if v is None else f"{v:.4f}") for v in vals], mean, sd])
-    return markdown_table(["row", *[f"seed {s}" for s in plan.seeds], "mean", "sd"], out)
+    """Test NDCG@10 per row and seed of what has finished here (``collect``), with the mean and sd."""
+    rows = []
+    for name, r in collect(plan, root)["rows"].items():
+        per = {s["seed"]: s["test"][SELECT] for s in r["seeds"] if s["status"] == "done"}
+        st = r["stats"][SELECT]
+        rows.append([name, *[f"{per[s]:.4f}" if s in per else DASH for s in plan.seeds],
+                     f"{st['mean']:.4f}" if st else DASH, f"{st['sd']:.4f}" if st and st["sd"] is not None else DASH])
+    return markdown_table(["row", *[f"seed {s}" for s in plan.seeds], "mean", "sd"], rows)
 
 
 def _names(only: str | None) -> list[str] | None:
@@ -254,6 +242,10 @@ def cmd_run(args: argparse.Namespace, root: Path) -> int:
 
     plan = load_plan(root / args.plan, args.plan)
     todo = steps(plan, _names(args.only), args.seeds, args.overrides)
+    if args.dry_run:
+        for step in todo:
+            print(shlex.join(step.argv))
+        return 0
     left = [s for s in todo if not is_done(root, s.run_dir)]
     print(f"{plan.source}: {len(todo)} run(s) selected, {len(todo) - len(left)} finished, {len(left)} to run",
           flush=True)
@@ -268,7 +260,7 @@ def cmd_run(args: argparse.Namespace, root: Path) -> int:
             continue
         eta = (f"; about {fmt_duration(statistics.median(took) * (len(left) - i + 1))} left" if took else "")
         print(f"{tag}: start {time.strftime('%H:%M')} `{step.command}`{eta}", flush=True)
-        logs = root / plan.runs_root / "logs" / step.name.split()[0]
+        logs = root / plan.runs_root / "logs" / Path(step.run_dir).parent.name  # one folder per row
         rc, secs = run_step(root, step, logs, args.heartbeat * 60, tag)
         if rc == 0 and is_done(root, step.run_dir):
             took.append(secs)
@@ -301,11 +293,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     root = Path(args.root).resolve()
     try:
-        if args.dry_run:
-            plan = load_plan(root / args.plan, args.plan)
-            for s in steps(plan, _names(args.only), args.seeds, args.overrides):
-                print(shlex.join(s.argv))
-            return 0
         return cmd_run(args, root)
     except PlanError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -186,3 +186,17 @@ def test_committed_plan_parses_and_its_configs_exist():
     assert by["text_image_dropout"]["modality_dropout"] == 0.5
     mech = load_mechanisms_plan(ROOT / "configs/mechanisms/scientific.yaml", "configs/mechanisms/scientific.yaml")
     assert mech.modality == modality.PLAN
+
+
+def test_cli_dry_run_and_the_closing_table(repo, capsys):
+    """`run --dry-run` prints the commands and trains nothing; the table `run` ends with is the
+    collected values (mean and sd by hand, unfinished seeds as dashes)."""
+    assert modality.main(["--root", str(repo), "run", "--plan", "configs/modality.yaml", "--dry-run",
+                          "--only", "text_image_shared", "--seeds", "11"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "ckd-train-teacher --config configs/teachers/unim2rec_scientificmm.yaml --run-dir "
+        "runs/mod/text_image_shared/seed11 --set train.seed=11 --set model.shared_clip_projection=true"]
+    assert not (repo / "runs/mod/text_image_shared/seed11").exists()
+    table = modality._table(load_plan(repo / "configs/modality.yaml", "configs/modality.yaml"), repo)
+    assert "| text | 0.0820 | 0.0830 | 0.0825 | 0.0825 | 0.0005 |" in table
+    assert "| text_image_shared | 0.0830 | — | — | 0.0830 | — |" in table
