@@ -138,8 +138,17 @@ class KDConfig:
     teacher_prior: str = "none"
     prior_strength: float = 1.0
     prior_negatives: int = 100
+    # "teacher_better": distil a row only while the teachers' mixture puts more probability on its
+    # true item than the student does (student.distill, "Teacher-better gate"); other rows get
+    # gate_floor times their KD weight. "none": every row, as the paper.
+    gate: str = "none"
+    gate_floor: float = 0.0
 
     def validate(self) -> None:
+        if self.gate not in ("none", "teacher_better"):
+            raise ConfigError(f"kd.gate: {self.gate!r} is not none|teacher_better")
+        if not 0.0 <= self.gate_floor <= 1.0:
+            raise ConfigError("kd.gate_floor must be in [0, 1]")
         if self.teacher_prior not in ("none", "reliability"):
             raise ConfigError(f"kd.teacher_prior: {self.teacher_prior!r} is not none|reliability")
         if self.prior_strength < 0 or self.prior_negatives < 1:

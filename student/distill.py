@@ -49,6 +49,14 @@ term  mean_i r_i * T^2 * KL(Bern(q_i[v_i]) || Bern(s_i[v_i])), s_i = softmax(Z_i
 valid candidates (the negatives collapse into one "other" outcome). The teacher request and the
 integration weights are unchanged, so the ablation isolates what the loss distils.
 
+Teacher-better gate (``kd.gate=teacher_better``, ``teacher_better_gate``): g_i = 1 when the mixture
+puts more probability on the true item than the student's tempered softmax over the same valid
+candidates (q_i[v_i] > s_i[v_i], s detached), else ``gate_floor``; KD then uses r_i * g_i. The
+integration weighs teachers against each other, so where every teacher is weaker than the student
+(a domain they saw little of) it still distils the best of them at full strength; the gate stops
+distilling a row once the student already ranks its true item above the teachers' mixture. It is
+applied after r is normalised, so the batch's KD scale falls as the student outgrows the teachers.
+
 Total (``DistillLoss``): L = w_ce * CE(Z over all items of d_i, v_i) + lambda * KD, a
 torchdistill-style weighted sum of named terms, each with a switch.
 """
@@ -63,6 +71,7 @@ import torch.nn.functional as F
 from torch import nn
 
 INTEGRATION_MODES = ("mean", "confidence", "consistency", "both")
+KD_GATES = ("none", "teacher_better")
 _LN2 = math.log(2.0)
 
 
@@ -274,6 +283,20 @@ def reliability_prior(true_log_probs: Mapping[str, float], strength: float = 1.0
     return {n: float(v) for n, v in zip(names, torch.log_softmax(x, dim=0))}
 
 
+def teacher_better_gate(q: torch.Tensor, student_logits: torch.Tensor, valid_mask: torch.Tensor,
+                        target_col: torch.Tensor, T: float, floor: float = 0.0) -> torch.Tensor:
+    """g [B] (module doc, "Teacher-better gate"): 1 where q_i[v_i] > s_i[v_i], s = softmax(Z_i / T)
+    over row i's valid columns (no gradient flows through the gate), else ``floor``."""
+    if not 0.0 <= floor <= 1.0:
+        raise DistillError(f"gate floor must be in [0, 1], got {floor}")
+    rows = torch.arange(q.shape[0], device=q.device)
+    with torch.no_grad():
+        log_s = masked_log_softmax(student_logits.detach().float(), valid_mask, T)[rows, target_col]
+        log_q = q.detach().float()[rows, target_col].clamp_min(1e-30).log()
+        open_ = log_q > log_s
+    return torch.where(open_, torch.ones_like(log_q), torch.full_like(log_q, float(floor)))
+
+
 # --------------------------------------------------------------------------------------------
 # Losses
 
@@ -378,8 +401,10 @@ class DistillLoss(nn.Module):
 
     ``forward`` returns (total, terms): terms["ce"], terms["kd"] are the unweighted loss values
     (detached); diagnostics: terms["kd_teachers"] (teachers present), terms["r_mean"],
-    terms["r_min"], terms["w/<teacher>"] (mean integration weight). If every teacher is missing
+    terms["r_min"], terms["w/<teacher>"] (mean integration weight), terms["gate_open"] (share of
+    rows the teacher-better gate lets through; with ``gate`` on). If every teacher is missing
     for a batch the KD term is 0 for it and kd_teachers = 0 (the caller counts skips).
+    ``last_gate``: the last batch's gate per KD row (None without the gate), for per-domain counts.
     """
 
     def __init__(self, domain_ranges: Sequence[tuple[int, int]], teacher_temps: Mapping[str, float], *,
@@ -387,8 +412,13 @@ class DistillLoss(nn.Module):
                  temperature: float = 2.0, integration: str = "both", a: float = 1.0, b: float = 1.0,
                  instance_weighting: bool = True, gamma: float = 0.5, r_max: float = 5.0,
                  in_batch_negatives: bool = True, label_smoothing: float = 0.0,
-                 kd_precision: str = "float32", log_prior: Mapping[str, float] | None = None):
+                 kd_precision: str = "float32", log_prior: Mapping[str, float] | None = None,
+                 gate: str = "none", gate_floor: float = 0.0):
         super().__init__()
+        if gate not in KD_GATES:
+            raise DistillError(f"unknown KD gate {gate!r}; have {KD_GATES}")
+        if not 0.0 <= gate_floor <= 1.0:
+            raise DistillError(f"gate floor must be in [0, 1], got {gate_floor}")
         if kd_precision not in KD_PRECISIONS:
             raise DistillError(f"unknown KD precision {kd_precision!r}; have {KD_PRECISIONS}")
         if integration not in INTEGRATION_MODES:
@@ -408,6 +438,8 @@ class DistillLoss(nn.Module):
         self.label_smoothing = float(label_smoothing)
         self.kd_precision = kd_precision
         self.log_prior = dict(log_prior) if log_prior else None  # teacher prior (module doc)
+        self.gate, self.gate_floor = gate, float(gate_floor)
+        self.last_gate: torch.Tensor | None = None
         # Set to a dict to accumulate wall seconds per part of forward ("ce", "kd_targets": teacher
         # distributions and integration, "kd_loss"), as benchmarks/distill_throughput.py does; None
         # (the default) times nothing. On CUDA each part is synchronised first, so only when asked.
@@ -450,6 +482,11 @@ class DistillLoss(nn.Module):
                     z = full_logits[:, candidates]
                 else:  # one [B', C] gather, not a [B', V] copy first
                     z = full_logits[kd_rows.unsqueeze(1), candidates.unsqueeze(0)]
+                if self.gate == "teacher_better":
+                    g = teacher_better_gate(q, z, valid_mask, target_col, self.temperature, self.gate_floor)
+                    r = r * g
+                    self.last_gate = g
+                    terms["gate_open"] = (g == 1).float().mean()
                 if self.in_batch_negatives:
                     kd = kd_loss(z, q, valid_mask, self.temperature, r, self.kd_precision)
                 else:

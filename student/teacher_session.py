@@ -41,7 +41,8 @@ class TeacherSession:
                                      integration=kd.integration, a=kd.alpha, b=kd.beta,
                                      instance_weighting=kd.instance_weighting,
                                      in_batch_negatives=kd.in_batch_negatives,
-                                     label_smoothing=cfg.train.label_smoothing, kd_precision=kd.precision)
+                                     label_smoothing=cfg.train.label_smoothing, kd_precision=kd.precision,
+                                     gate=kd.gate, gate_floor=kd.gate_floor)
         self.kd_skipped_batches = 0
         self.reliability: dict[str, float] = {}  # teacher prior input (set_reliability_prior)
         self._row_scores: dict[tuple[str, int, int], dict[str, np.ndarray]] = {}
@@ -49,6 +50,8 @@ class TeacherSession:
         # evidence that every row of every covered domain was distilled.
         self.rows_seen = np.zeros(dataset.num_domains, dtype=np.int64)
         self.rows_labelled = np.zeros(dataset.num_domains, dtype=np.int64)
+        # Rows the teacher-better gate let through (kd.gate), per domain: where the teachers still teach.
+        self.rows_gate_open = np.zeros(dataset.num_domains, dtype=np.int64)
         # The teachers serve the first k domains' id space; rows of later domains get no KD.
         self.covered_domains = dataset.num_domains if covered_domains is None else covered_domains
 
@@ -133,8 +136,10 @@ class TeacherSession:
 
     def stats(self) -> dict[str, float]:
         names = self.dataset.domain_names
-        prior = {"teacher_reliability": self.reliability} if self.reliability else {}
-        return {**self.pool.stats(), **prior, "kd_skipped_batches": self.kd_skipped_batches,
+        extra: dict[str, Any] = {"teacher_reliability": self.reliability} if self.reliability else {}
+        if self.cfg.kd.gate != "none":
+            extra["kd_rows_gate_open"] = {n: int(v) for n, v in zip(names, self.rows_gate_open)}
+        return {**self.pool.stats(), **extra, "kd_skipped_batches": self.kd_skipped_batches,
                 "kd_rows_seen": {n: int(v) for n, v in zip(names, self.rows_seen)},
                 "kd_rows_labelled": {n: int(v) for n, v in zip(names, self.rows_labelled)}}
 
@@ -214,6 +219,10 @@ class TeacherSession:
         total, terms = self.criterion(logits, batch.targets, batch.domains, prepared.candidates.to(dev),
                                       prepared.target_col.to(dev), prepared.valid_mask.to(dev), scores,
                                       kd_rows=kd_rows)
+        gate = self.criterion.last_gate
+        if labelled and gate is not None:
+            self.rows_gate_open += np.bincount(doms[(gate == 1).to(doms.device)].cpu().numpy(), minlength=nd)
+            self.criterion.last_gate = None
         return total, {k: float(v) for k, v in terms.items()}
 
 

@@ -29,7 +29,7 @@ def test_unknown_key_is_an_error(tmp_path):
                                       "train.lr_decay_patience=-1", "train.ema_decay=1.0",
                                       "train.lr_schedule=linear", "train.warmup_steps=-5",
                                       "train.objective=every", "train.length_sorted_pieces=-1",
-                                      "train.label_smoothing=1.0"])
+                                      "train.label_smoothing=1.0", "kd.gate=always", "kd.gate_floor=2"])
 def test_bad_values_are_named(override):
     with pytest.raises(ConfigError, match=override.split("=")[0].split(".")[-1]):
         load_config(DistillConfig, None, overrides=[override])

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from student.distill import (DistillError, DistillLoss, NoTeacherSignal, build_candidates, domain_ce,
                              integrate, js_divergence, kd_loss, kd_loss_positive, masked_log_softmax,
-                             pairwise_js, teacher_distributions)
+                             pairwise_js, teacher_better_gate, teacher_distributions)
 
 pytestmark = pytest.mark.unit
 
@@ -317,3 +317,48 @@ def test_pairwise_js_equals_the_kl_form_with_masked_columns():
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
     assert float(ref.max()) > 0.05  # distinct teachers: a real divergence to match, not zeros
+
+
+def test_teacher_better_gate_stops_kd_where_the_student_already_beats_the_teacher():
+    """Three rows of one domain, candidates [1, 2, 3], target column 0 for each. Teacher
+    probabilities of the true item 0.5 in every row; the student's (T = 1) are by hand
+    e^2/(e^2+2) = 0.787 (row 0), 1/3 (row 1), e^1/(e^1+2) = 0.576 (row 2). So the gate is open on
+    row 1 only; KD = the row-1 KL alone over the 3 rows, and with floor 0.25 the other two add a
+    quarter of theirs."""
+    targets = torch.tensor([1, 1, 1])
+    domains = torch.tensor([0, 0, 0])
+    cand = torch.tensor([1, 2, 3])
+    z = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    q = torch.tensor([[0.5, 0.25, 0.25]] * 3)
+    valid = torch.ones(3, 3, dtype=torch.bool)
+    col = torch.zeros(3, dtype=torch.long)
+    s_true = [math.e ** 2 / (math.e ** 2 + 2), 1 / 3, math.e / (math.e + 2)]
+    assert [v > 0.5 for v in s_true] == [True, False, True]
+    assert teacher_better_gate(q, z, valid, col, 1.0).tolist() == [0.0, 1.0, 0.0]
+    assert teacher_better_gate(q, z, valid, col, 1.0, floor=0.25).tolist() == [0.25, 1.0, 0.25]
+    # A student tempered at T = 4 is flatter: row 0's e^0.5/(e^0.5+2) = 0.452 < 0.5, so it opens too.
+    assert teacher_better_gate(q, z, valid, col, 4.0).tolist() == [1.0, 1.0, 1.0]
+    with pytest.raises(DistillError, match="gate floor"):
+        teacher_better_gate(q, z, valid, col, 1.0, floor=1.5)
+
+    def kl(row: int) -> float:
+        s = _softmax(z[row].tolist())
+        return sum(p * math.log(p / sv) for p, sv in zip(q[row].tolist(), s))
+
+    full = torch.zeros(3, 16)
+    full[:, 1:4] = z
+    # Teacher scores whose softmax (tau 1) is q; no instance weighting, so r = 1 before the gate.
+    scores = {"a": q.log()}
+    for floor, expect in ((0.0, kl(1) / 3), (0.25, (0.25 * kl(0) + kl(1) + 0.25 * kl(2)) / 3)):
+        loss = DistillLoss(RANGES, {"a": 1.0}, temperature=1.0, instance_weighting=False, use_ce=False,
+                           gate="teacher_better", gate_floor=floor)
+        _, terms = loss(full, targets, domains, cand, col, valid, scores)
+        assert terms["kd"].item() == pytest.approx(expect, rel=1e-5)
+        assert terms["gate_open"].item() == pytest.approx(1 / 3)
+        assert loss.last_gate.tolist() == [floor, 1.0, floor]
+    _, ungated = DistillLoss(RANGES, {"a": 1.0}, temperature=1.0, instance_weighting=False,
+                             use_ce=False)(full, targets, domains, cand, col, valid, scores)
+    assert ungated["kd"].item() == pytest.approx((kl(0) + kl(1) + kl(2)) / 3, rel=1e-5)
+    assert "gate_open" not in ungated
+    with pytest.raises(DistillError, match="unknown KD gate"):
+        DistillLoss(RANGES, {"a": 1.0}, gate="always")

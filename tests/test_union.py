@@ -118,7 +118,9 @@ def test_two_domain_distillation_labels_every_row_of_both_domains(union, fixture
            "--set", f"service.endpoints={endpoints}", "--set", "service.spec=", "--set", "service.teachers=[u]",
            "--set", "data.domains=[ScientificMM,Office14]", "--set", "train.epochs=1",
            "--set", "train.max_steps_per_epoch=6", "--set", "train.batch_size=64", "--set", "train.progress=false",
-           "--set", "train.threads=1", "--set", "kd.num_sampled=8", "--set", "curriculum.enabled=false"]
+           "--set", "train.threads=1", "--set", "kd.num_sampled=8", "--set", "curriculum.enabled=false",
+           # the teacher-better gate decides per row whether to distil; it never changes which rows get labels
+           "--set", "kd.gate=teacher_better"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
     metrics = json.loads((run / "metrics.json").read_text())
@@ -127,4 +129,7 @@ def test_two_domain_distillation_labels_every_row_of_both_domains(union, fixture
     assert sum(seen.values()) == 6 * 64
     for domain in UNION:  # both domains trained, and no row of either went without soft labels
         assert seen[domain] > 0 and labelled[domain] == seen[domain], client
+        assert 0 <= client["kd_rows_gate_open"][domain] <= labelled[domain], client
+    gate_open = metrics["history"][0]["gate_open"]  # the epoch's mean share of rows distilled
+    assert sum(client["kd_rows_gate_open"].values()) / (6 * 64) == pytest.approx(gate_open, abs=1e-6)
     assert set(metrics["test"]) >= set(UNION)
