@@ -417,8 +417,6 @@ class DistillLoss(nn.Module):
         super().__init__()
         if gate not in KD_GATES:
             raise DistillError(f"unknown KD gate {gate!r}; have {KD_GATES}")
-        if not 0.0 <= gate_floor <= 1.0:
-            raise DistillError(f"gate floor must be in [0, 1], got {gate_floor}")
         if kd_precision not in KD_PRECISIONS:
             raise DistillError(f"unknown KD precision {kd_precision!r}; have {KD_PRECISIONS}")
         if integration not in INTEGRATION_MODES:
