@@ -145,25 +145,29 @@ def build_candidates(targets: torch.Tensor, domains: torch.Tensor, num_sampled: 
 # Distributions and integration
 
 
-def masked_log_softmax(logits: torch.Tensor, valid_mask: torch.Tensor,
+def masked_log_softmax(logits: torch.Tensor, valid_mask: torch.Tensor | None,
                        temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(logits / T) over valid columns; invalid columns are -inf."""
+    """log softmax(logits / T) over valid columns; invalid columns are -inf. ``valid_mask`` None:
+    every column is valid (one domain's block of a batch)."""
     if temperature <= 0:
         raise DistillError(f"temperature must be > 0, got {temperature}")
-    z = (logits / temperature).masked_fill(~valid_mask, float("-inf"))
+    z = logits / temperature
+    if valid_mask is not None:
+        z = z.masked_fill(~valid_mask, float("-inf"))
     return torch.log_softmax(z, dim=-1)
 
 
 def teacher_log_distributions(scores: Mapping[str, torch.Tensor | None], temps: Mapping[str, float],
-                              valid_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+                              valid_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """log p^t = log_softmax(S^t / tau_t) over valid columns (-inf elsewhere), per teacher;
-    teachers given as None (skipped for this batch) are left out."""
+    teachers given as None (skipped for this batch) are left out. ``valid_mask`` None: every
+    column is valid."""
     out: dict[str, torch.Tensor] = {}
-    all_valid = bool(valid_mask.all())
+    all_valid = valid_mask is None or bool(valid_mask.all())
     for name, s in scores.items():
         if s is None:
             continue
-        if s.shape != valid_mask.shape:
+        if valid_mask is not None and s.shape != valid_mask.shape:
             raise DistillError(f"teacher {name}: scores {tuple(s.shape)} != candidates "
                                f"{tuple(valid_mask.shape)}")
         if name not in temps:
@@ -226,12 +230,13 @@ def pairwise_js(P: torch.Tensor, log_P: torch.Tensor | None = None) -> torch.Ten
 def integrate(probs: Mapping[str, torch.Tensor | None], target_col: torch.Tensor, mode: str = "both",
               a: float = 1.0, b: float = 1.0, instance_weighting: bool = True, gamma: float = 0.5,
               r_max: float = 5.0, eps: float = 1e-12, log_prior: Mapping[str, float] | None = None,
-              log_probs: Mapping[str, torch.Tensor | None] | None = None,
+              log_probs: Mapping[str, torch.Tensor | None] | None = None, normalise: bool = True,
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """Mix teacher distributions: (q [B, C], weights {teacher: [B]}, r [B]) -- module doc.
     ``log_prior``: {teacher: log pi_t} added to every row's integration logit (teacher prior).
     ``log_probs``: the same distributions' logs (``teacher_log_distributions``), which spares the
-    consistency its per-teacher logarithms."""
+    consistency its per-teacher logarithms. ``normalise=False`` returns r~ (before the batch
+    normalisation, ``normalise_instance_weights``), for a batch integrated in parts."""
     if mode not in INTEGRATION_MODES:
         raise DistillError(f"unknown integration mode {mode!r}; have {INTEGRATION_MODES}")
     names = [n for n, p in probs.items() if p is not None]
@@ -264,11 +269,23 @@ def integrate(probs: Mapping[str, torch.Tensor | None], target_col: torch.Tensor
     w = torch.softmax(g, dim=0)  # [M, B]
     q = (w.unsqueeze(-1) * P).sum(0)
     if instance_weighting:
-        r_raw = q[rows, target_col].clamp_min(eps) ** gamma * cons.mean(0)
-        r = (r_raw / r_raw.mean().clamp_min(eps)).clamp(max=r_max)
+        r = instance_weights_raw(q, cons, target_col, gamma, eps)
+        r = normalise_instance_weights(r, r_max, eps) if normalise else r
     else:
         r = torch.ones_like(q[:, 0])
     return q, {n: w[k] for k, n in enumerate(names)}, r
+
+
+def instance_weights_raw(q: torch.Tensor, cons: torch.Tensor, target_col: torch.Tensor, gamma: float,
+                         eps: float = 1e-12) -> torch.Tensor:
+    """r~ [B] = q_i[v_i]^gamma * mean_t cons^t_i (module doc), before the batch normalisation."""
+    rows = torch.arange(q.shape[0], device=q.device)
+    return q[rows, target_col].clamp_min(eps) ** gamma * cons.mean(0)
+
+
+def normalise_instance_weights(r_raw: torch.Tensor, r_max: float, eps: float = 1e-12) -> torch.Tensor:
+    """r = min(r_max, r~ / mean_k r~_k) over the whole batch (module doc)."""
+    return (r_raw / r_raw.mean().clamp_min(eps)).clamp(max=r_max)
 
 
 def reliability_prior(true_log_probs: Mapping[str, float], strength: float = 1.0) -> dict[str, float]:
@@ -283,10 +300,11 @@ def reliability_prior(true_log_probs: Mapping[str, float], strength: float = 1.0
     return {n: float(v) for n, v in zip(names, torch.log_softmax(x, dim=0))}
 
 
-def teacher_better_gate(q: torch.Tensor, student_logits: torch.Tensor, valid_mask: torch.Tensor,
+def teacher_better_gate(q: torch.Tensor, student_logits: torch.Tensor, valid_mask: torch.Tensor | None,
                         target_col: torch.Tensor, T: float, floor: float = 0.0) -> torch.Tensor:
     """g [B] (module doc, "Teacher-better gate"): 1 where q_i[v_i] > s_i[v_i], s = softmax(Z_i / T)
-    over row i's valid columns (no gradient flows through the gate), else ``floor``."""
+    over row i's valid columns (no gradient flows through the gate; ``valid_mask`` None: all of
+    them), else ``floor``."""
     if not 0.0 <= floor <= 1.0:
         raise DistillError(f"gate floor must be in [0, 1], got {floor}")
     rows = torch.arange(q.shape[0], device=q.device)
@@ -332,15 +350,28 @@ def kd_loss(student_logits: torch.Tensor, q: torch.Tensor, valid_mask: torch.Ten
     if student_logits.shape != q.shape or q.shape != valid_mask.shape:
         raise DistillError(f"shapes differ: logits {tuple(student_logits.shape)}, q {tuple(q.shape)}, "
                            f"mask {tuple(valid_mask.shape)}")
-    dtype = _kd_dtype(student_logits, precision)
-    log_s = masked_log_softmax(student_logits.to(dtype), valid_mask, T)
-    q = q.to(dtype).masked_fill(~valid_mask, 0.0)
-    # log_s is -inf exactly on masked columns, where q = 0: zero it there so 0 * -inf gives no NaN.
-    kl = torch.xlogy(q, q) - q * log_s.masked_fill(~valid_mask, 0.0)
-    per_row = T * T * kl.sum(-1)
+    per_row = kd_per_row(student_logits, q, valid_mask, T, precision)
     if r is not None:
-        per_row = r.to(dtype) * per_row
+        per_row = r.to(per_row.dtype) * per_row
     return per_row.mean().float()
+
+
+def kd_per_row(student_logits: torch.Tensor, q: torch.Tensor, valid_mask: torch.Tensor | None, T: float,
+               precision: str | None = None) -> torch.Tensor:
+    """T^2 * KL(q_i || softmax(Z_i / T)) per row [B], in the KD dtype (``kd_loss`` without r and the
+    mean). ``valid_mask`` None: every column is valid (one domain's block of a batch), which spares
+    the masking passes."""
+    dtype = _kd_dtype(student_logits, precision)
+    if valid_mask is None:
+        log_s = torch.log_softmax(student_logits.to(dtype) / T, dim=-1)
+        q = q.to(dtype)
+        kl = torch.xlogy(q, q) - q * log_s
+    else:
+        log_s = masked_log_softmax(student_logits.to(dtype), valid_mask, T)
+        q = q.to(dtype).masked_fill(~valid_mask, 0.0)
+        # log_s is -inf exactly on masked columns, where q = 0: zero it there so 0 * -inf gives no NaN.
+        kl = torch.xlogy(q, q) - q * log_s.masked_fill(~valid_mask, 0.0)
+    return T * T * kl.sum(-1)
 
 
 def kd_loss_positive(student_logits: torch.Tensor, q: torch.Tensor, valid_mask: torch.Tensor,
@@ -353,6 +384,15 @@ def kd_loss_positive(student_logits: torch.Tensor, q: torch.Tensor, valid_mask: 
     if student_logits.shape != q.shape or q.shape != valid_mask.shape:
         raise DistillError(f"shapes differ: logits {tuple(student_logits.shape)}, q {tuple(q.shape)}, "
                            f"mask {tuple(valid_mask.shape)}")
+    per_row = kd_positive_per_row(student_logits, q, valid_mask, target_col, T, precision)
+    if r is not None:
+        per_row = r.to(per_row.dtype) * per_row
+    return per_row.mean().float()
+
+
+def kd_positive_per_row(student_logits: torch.Tensor, q: torch.Tensor, valid_mask: torch.Tensor,
+                        target_col: torch.Tensor, T: float, precision: str | None = None) -> torch.Tensor:
+    """T^2 * KL(Bern(q_i[v_i]) || Bern(s_i[v_i])) per row [B] (``kd_loss_positive`` without r and the mean)."""
     dtype = _kd_dtype(student_logits, precision)
     rows = torch.arange(q.shape[0], device=q.device)
     log_s = masked_log_softmax(student_logits.to(dtype), valid_mask, T)
@@ -368,10 +408,7 @@ def kd_loss_positive(student_logits: torch.Tensor, q: torch.Tensor, valid_mask: 
     p = q.to(dtype)[rows, target_col].clamp(0.0, 1.0)
     pos = torch.xlogy(p, p) - p * log_s[rows, target_col]
     neg = torch.xlogy(1 - p, 1 - p) - (1 - p) * log_1ms
-    per_row = T * T * (pos + torch.where(has_other, neg, torch.zeros_like(neg)))
-    if r is not None:
-        per_row = r.to(dtype) * per_row
-    return per_row.mean().float()
+    return T * T * (pos + torch.where(has_other, neg, torch.zeros_like(neg)))
 
 
 def domain_ce(full_logits: torch.Tensor, targets: torch.Tensor, domains: torch.Tensor,
@@ -405,6 +442,13 @@ class DistillLoss(nn.Module):
     rows the teacher-better gate lets through; with ``gate`` on). If every teacher is missing
     for a batch the KD term is 0 for it and kd_teachers = 0 (the caller counts skips).
     ``last_gate``: the last batch's gate per KD row (None without the gate), for per-domain counts.
+
+    ``by_domain`` (default): when the valid mask is build_candidates' own (a row's valid columns are
+    exactly its domain's candidates), the teacher distributions, integration and KD run on each
+    domain's block [rows of d, candidates of d] alone, with no masked columns: the same values up to
+    float rounding (the instance weights are still normalised over the whole batch), on fewer cells
+    (a mixed union batch: about two thirds of B x C) and without the masking passes. Any other mask,
+    or ``by_domain=False``, takes the masked path over the whole [B, C].
     """
 
     def __init__(self, domain_ranges: Sequence[tuple[int, int]], teacher_temps: Mapping[str, float], *,
@@ -413,7 +457,7 @@ class DistillLoss(nn.Module):
                  instance_weighting: bool = True, gamma: float = 0.5, r_max: float = 5.0,
                  in_batch_negatives: bool = True, label_smoothing: float = 0.0,
                  kd_precision: str = "float32", log_prior: Mapping[str, float] | None = None,
-                 gate: str = "none", gate_floor: float = 0.0):
+                 gate: str = "none", gate_floor: float = 0.0, by_domain: bool = True):
         super().__init__()
         if gate not in KD_GATES:
             raise DistillError(f"unknown KD gate {gate!r}; have {KD_GATES}")
@@ -437,6 +481,7 @@ class DistillLoss(nn.Module):
         self.kd_precision = kd_precision
         self.log_prior = dict(log_prior) if log_prior else None  # teacher prior (module doc)
         self.gate, self.gate_floor = gate, float(gate_floor)
+        self.by_domain = bool(by_domain)
         self.last_gate: torch.Tensor | None = None
         # Set to a dict to accumulate wall seconds per part of forward ("ce", "kd_targets": teacher
         # distributions and integration, "kd_loss"), as benchmarks/distill_throughput.py does; None
@@ -466,6 +511,14 @@ class DistillLoss(nn.Module):
         if self.enabled["kd"]:
             if candidates is None or target_col is None or valid_mask is None or teacher_scores is None:
                 raise DistillError("KD is on: pass candidates, target_col, valid_mask and teacher_scores")
+            row_domains = domains if kd_rows is None else domains[kd_rows]
+            blocks = self._domain_blocks(candidates, valid_mask, row_domains) if self.by_domain else None
+            if blocks is not None:
+                kd = self._kd_by_domain(blocks, full_logits, cand_logits, candidates, target_col, teacher_scores,
+                                        kd_rows, terms, tick)
+                if kd is not None:
+                    total = total + self.weights["kd"] * kd
+                return total, terms
             log_probs = teacher_log_distributions(teacher_scores, self.teacher_temps, valid_mask)
             probs = {n: lp.exp() for n, lp in log_probs.items()}
             terms["kd_teachers"] = torch.tensor(float(len(probs)))
@@ -500,6 +553,80 @@ class DistillLoss(nn.Module):
             else:
                 terms["kd"] = total.new_zeros(())
         return total, terms
+
+    def _domain_blocks(self, candidates: torch.Tensor, valid_mask: torch.Tensor,
+                       row_domains: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """[(rows, cols)] per domain of the KD rows: that domain's rows and its candidate columns,
+        when ``valid_mask`` is exactly build_candidates' mask (a column is valid for a row iff it is an
+        item of the row's domain); None for any other mask, which then takes the masked path."""
+        cdom = candidate_domains(candidates, self.domain_ranges).to(row_domains.device)
+        if not torch.equal(valid_mask.to(row_domains.device), cdom.unsqueeze(0) == row_domains.unsqueeze(1)):
+            return None
+        return [(torch.nonzero(row_domains == d).squeeze(1), torch.nonzero(cdom == d).squeeze(1))
+                for d in torch.unique(row_domains).tolist()]
+
+    def _kd_by_domain(self, blocks: list[tuple[torch.Tensor, torch.Tensor]], full_logits: torch.Tensor,
+                      cand_logits: torch.Tensor | None, candidates: torch.Tensor, target_col: torch.Tensor,
+                      teacher_scores: Mapping[str, torch.Tensor | None], kd_rows: torch.Tensor | None,
+                      terms: dict[str, torch.Tensor], tick) -> torch.Tensor | None:
+        """The KD term computed one domain block at a time (class doc, "by_domain"); fills ``terms``
+        as the masked path does. None when no teacher answered for the batch."""
+        present = [n for n, v in teacher_scores.items() if v is not None]
+        terms["kd_teachers"] = torch.tensor(float(len(present)))
+        if not present:
+            terms["kd"] = full_logits.new_zeros((), dtype=torch.float32)
+            return None
+        n_rows = int(sum(rows.numel() for rows, _ in blocks))
+        dev = full_logits.device
+        parts = []
+        r_all = torch.ones(n_rows, dtype=torch.float32, device=dev)
+        for rows, cols in blocks:
+            sub = {n: teacher_scores[n][rows.unsqueeze(1), cols.unsqueeze(0)] for n in present}
+            log_probs = teacher_log_distributions(sub, self.teacher_temps, None)
+            probs = {n: lp.exp() for n, lp in log_probs.items()}
+            tcol = torch.searchsorted(cols, target_col[rows])  # cols ascend: the target's place among them
+            q, w, r_raw = integrate(probs, tcol, self.integration, self.a, self.b, self.instance_weighting,
+                                    self.gamma, self.r_max, log_prior=self.log_prior, log_probs=log_probs,
+                                    normalise=False)
+            r_all[rows] = r_raw.float()
+            parts.append((rows, cols, tcol, q, w))
+        if self.instance_weighting:  # normalised over the whole batch, as the masked path does
+            r_all = normalise_instance_weights(r_all, self.r_max)
+        tick("kd_targets")
+        gate = torch.ones_like(r_all)
+        kd_sum = None
+        # One gather of the candidates' logits, as the masked path does: its backward writes the
+        # [B, V] gradient once; each block then selects from the [B', C] copy (cheap to backpropagate).
+        if cand_logits is not None:
+            z_all = cand_logits
+        elif kd_rows is None:
+            z_all = full_logits[:, candidates]
+        else:
+            z_all = full_logits[kd_rows.unsqueeze(1), candidates.unsqueeze(0)]
+        for rows, cols, tcol, q, _ in parts:
+            z = z_all.index_select(0, rows).index_select(1, cols)
+            if self.gate == "teacher_better":
+                gate[rows] = teacher_better_gate(q, z, None, tcol, self.temperature, self.gate_floor)
+            if self.in_batch_negatives:
+                per_row = kd_per_row(z, q, None, self.temperature, self.kd_precision)
+            else:
+                ones = torch.ones(q.shape, dtype=torch.bool, device=q.device)
+                per_row = kd_positive_per_row(z, q, ones, tcol, self.temperature, self.kd_precision)
+            block_sum = ((r_all[rows] * gate[rows]).to(per_row.dtype) * per_row).sum()
+            kd_sum = block_sum if kd_sum is None else kd_sum + block_sum
+        kd = (kd_sum / n_rows).float()
+        tick("kd_loss")
+        if kd_rows is not None:
+            kd = kd * (kd_rows.numel() / full_logits.shape[0])
+        r = r_all * gate
+        if self.gate == "teacher_better":
+            self.last_gate = gate
+            terms["gate_open"] = (gate == 1).float().mean()
+        terms["kd"] = kd.detach()
+        terms["r_mean"], terms["r_min"] = r.mean().detach(), r.min().detach()
+        for name in present:
+            terms[f"w/{name}"] = (sum(w[name].sum() for *_, w in parts) / n_rows).detach()
+        return kd
 
     def _clock(self, like: torch.Tensor):
         """``tick(part)``: add the seconds since the previous tick to ``self.timings[part]`` (a no-op

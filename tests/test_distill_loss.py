@@ -362,3 +362,49 @@ def test_teacher_better_gate_stops_kd_where_the_student_already_beats_the_teache
     assert "gate_open" not in ungated
     with pytest.raises(DistillError, match="unknown KD gate"):
         DistillLoss(RANGES, {"a": 1.0}, gate="always")
+
+
+@pytest.mark.parametrize("in_batch, gate, integration, kd_rows", [
+    (True, "none", "both", False), (True, "teacher_better", "both", True),
+    (False, "none", "mean", True), (True, "none", "confidence", False)])
+def test_by_domain_blocks_give_the_masked_path_s_loss_terms_and_gradient(in_batch, gate, integration, kd_rows):
+    """Three domains of unequal size in one batch, sampled negatives (so the candidates are not in
+    domain order), one teacher skipped: the per-domain blocks give the masked path's KD, diagnostics,
+    gate and gradient to float32 rounding."""
+    ranges = [(1, 41), (41, 61), (61, 161)]
+    g = torch.Generator().manual_seed(3)
+    B, V = 48, 161
+    domains = torch.tensor([0] * 6 + [1] * 10 + [2] * 32)[torch.randperm(B, generator=g)]
+    targets = torch.stack([torch.randint(ranges[d][0], ranges[d][1], (1,), generator=g)[0] for d in domains.tolist()])
+    rows = torch.nonzero(domains != 1).squeeze(1) if kd_rows else None
+    t_rows, t_doms = (targets, domains) if rows is None else (targets[rows], domains[rows])
+    cand, col, valid = build_candidates(t_rows, t_doms, 12, ranges, torch.Generator().manual_seed(4))
+    scores = {f"t{k}": torch.randn(len(t_rows), len(cand), generator=g) * 0.3 for k in range(3)}
+    scores["t1"] = None  # skipped for this batch
+    temps = {n: 0.1 for n in scores}
+    got = {}
+    for by_domain in (True, False):
+        full = (torch.randn(B, V, generator=torch.Generator().manual_seed(5)) * 2).requires_grad_()
+        loss = DistillLoss(ranges, temps, temperature=1.5, integration=integration, in_batch_negatives=in_batch,
+                           gate=gate, by_domain=by_domain)
+        total, terms = loss(full, targets, domains, cand, col, valid, scores, kd_rows=rows)
+        total.backward()
+        got[by_domain] = (total.detach(), terms, full.grad, loss.last_gate)
+    (t_a, terms_a, grad_a, gate_a), (t_b, terms_b, grad_b, gate_b) = got[True], got[False]
+    torch.testing.assert_close(t_a, t_b, rtol=1e-5, atol=1e-6)
+    assert set(terms_a) == set(terms_b) and terms_b["kd"] > 0
+    for k in terms_a:
+        torch.testing.assert_close(terms_a[k], terms_b[k], rtol=1e-5, atol=1e-6, msg=k)
+    torch.testing.assert_close(grad_a, grad_b, rtol=1e-4, atol=1e-7)
+    if gate != "none":
+        assert torch.equal(gate_a, gate_b) and 0 < float(gate_a.mean()) < 1
+
+
+def test_a_mask_other_than_the_domains_own_takes_the_masked_path():
+    loss = DistillLoss(RANGES, {"a": 1.0})
+    targets, domains = torch.tensor([5, 12, 3]), torch.tensor([0, 1, 0])
+    cand, _, valid = build_candidates(targets, domains, 0, RANGES)
+    assert [len(r) for r, _ in loss._domain_blocks(cand, valid, domains)] == [2, 1]
+    narrowed = valid.clone()
+    narrowed[0, 0] = False  # row 0 may not see one of its domain's candidates: no longer blockwise
+    assert loss._domain_blocks(cand, narrowed, domains) is None
