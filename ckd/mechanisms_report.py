@@ -617,15 +617,25 @@ def params_lines(m: dict[str, Any]) -> list[str]:
                 verdict = "the default is the best point"
             else:
                 verdict = f"best at {best['value']}, the default {dflt[key] - best[key]:+.4f} from it"
-            rows.append([f"`{name}`", str(d), cells, verdict])
+            rows.append([f"`{name}`", str(d), cells, verdict, picked_on_valid(pts)])
         args = " ".join(sw.get("args") or [])
         out += [f"### {sw['label']} (`{sw['sweep']}`)", "",
                 f"Base: `{sw['config']}`" + (f" with `{args}`" if args else "") + f", seed {sw['seed']}; figure: "
                 f"`{sw['png']}` (its plotted numbers: `results/{Path(sw['png']).stem}.json`).", "",
-                markdown_table(["Parameter", "Default", f"Test {METRIC_LABELS[SELECT]} per value", "Default vs best"],
-                               rows, align=["l", "l", "l", "l"]), "",
+                markdown_table(["Parameter", "Default", f"Test {METRIC_LABELS[SELECT]} per value", "Default vs best",
+                                "Picked on valid"], rows, align=["l", "l", "l", "l", "l"]), "",
                 "```bash", *sw.get("commands", []), "```", ""]
     return out
+
+
+def picked_on_valid(points: list[dict[str, Any]]) -> str:
+    """The value a user tuning this setting on valid would ship: the point with the highest valid
+    NDCG@10, once every point has one (points collected before valid was recorded have none)."""
+    key = f"valid_{SELECT}"
+    if not points or any(q.get(key) is None for q in points):
+        return DASH
+    best = max(points, key=lambda q: q[key])
+    return f"{best['value']} (valid {fmt_metric(best[key])})"
 
 
 def _reliability_lines(m: dict[str, Any]) -> list[str]:

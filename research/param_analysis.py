@@ -84,15 +84,17 @@ def default_value(sweep: dict[str, Any], param: str) -> Any:
 
 
 def collect(sweep: dict[str, Any], defaults: dict[str, Any] | None = None, metric: str = "ndcg@10") -> dict[str, Any]:
-    """Per parameter: its points (value, test metric mean over domains, or None while pending) and default."""
+    """Per parameter: its points (value, test and valid metric means over domains, or None while
+    pending) and default. The valid value is what a user tuning this setting would pick on."""
     out = {}
     for param, values in sweep["params"].items():
         pts = []
         for v in values:
             d = run_dir(sweep, param, v, defaults)
             m = d / "metrics.json"
-            y = json.loads(m.read_text())["test"]["mean"][metric] if m.is_file() else None
-            pts.append({"value": v, "test_" + metric: y, "run_dir": str(d)})
+            got = json.loads(m.read_text()) if m.is_file() else None
+            pts.append({"value": v, "test_" + metric: got["test"]["mean"][metric] if got else None,
+                        "valid_" + metric: ((got or {}).get("valid") or {}).get("mean", {}).get(metric), "run_dir": str(d)})
         out[param] = {"points": pts, "default": (defaults or {}).get(param)}
     return out
 

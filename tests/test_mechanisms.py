@@ -387,14 +387,18 @@ def test_parameter_sweeps_on_the_page(repo):
     (repo / "configs/sweep.yaml").write_text(yaml.safe_dump({
         "config": "configs/demo/student.yaml", "runs_root": "runs/params", "seed": 2024,
         "params": {"kd.lambda_kd": [0.3, 1.0, 3.0], "kd.temperature": [1.0, 2.0]}}))
-    for name, v in (("default", 0.0579), ("kd.lambda_kd=0.3", 0.0564), ("kd.lambda_kd=3.0", 0.0583)):
-        _write_json(repo / f"runs/params/{name}/metrics.json", {"test": {"mean": {"ndcg@10": v}}})
+    # valid picks λ=0.3 (.0660), which test ranks last: the page must say what valid picks, not test
+    for name, v, va in (("default", 0.0579, 0.0650), ("kd.lambda_kd=0.3", 0.0564, 0.0660),
+                        ("kd.lambda_kd=3.0", 0.0583, 0.0640)):
+        _write_json(repo / f"runs/params/{name}/metrics.json",
+                    {"test": {"mean": {"ndcg@10": v}}, "valid": {"mean": {"ndcg@10": va}}})
     data = collect(load_plan(repo / "configs/plan.yaml", "configs/plan.yaml"), repo, "collect (test)")
     sweep = data["params"][0]
     lam = sweep["params"]["kd.lambda_kd"]
     assert lam["default"] == 1.0  # configs/demo/student.yaml's value
     assert [q["test_ndcg@10"] for q in lam["points"]] == [0.0564, 0.0579, 0.0583]
     assert lam["points"][1]["run_dir"] == "runs/params/default"
+    assert [q["valid_ndcg@10"] for q in lam["points"]] == [0.0660, 0.0650, 0.0640]
     temp = sweep["params"]["kd.temperature"]["points"]
     assert [q["test_ndcg@10"] for q in temp] == [0.0579, None]  # T=1 is the default run; T=2 pending
     assert ("parameter point Sci kd.temperature=2.0 (runs/params/kd.temperature=2.0): not finished"
@@ -404,7 +408,9 @@ def test_parameter_sweeps_on_the_page(repo):
     again = collect(load_plan(repo / "configs/plan.yaml", "configs/plan.yaml"), repo, "collect (test)")["pending"]
     assert [x for x in again if "(runs/params/default)" in x] == [
         "parameter point Sci kd.lambda_kd=1.0 (runs/params/default): not finished"]  # once, not per parameter
-    _write_json(repo / "runs/params/default/metrics.json", {"test": {"mean": {"ndcg@10": 0.0579}}})
+    _write_json(repo / "runs/params/default/metrics.json",
+                {"test": {"mean": {"ndcg@10": 0.0579}}, "valid": {"mean": {"ndcg@10": 0.0650}}})
+    data = collect(load_plan(repo / "configs/plan.yaml", "configs/plan.yaml"), repo, "collect (test)")
     src = repo / "m.json"
     src.write_text(json.dumps(data))
     page = render_mechanisms_page(load_mechanisms(src, "results/m.json"))
@@ -413,4 +419,6 @@ def test_parameter_sweeps_on_the_page(repo):
     assert rows["`kd.lambda_kd`"]["Test NDCG@10 per value"] == "0.3: 0.0564 · **1.0: 0.0579** · 3.0: 0.0583"
     assert rows["`kd.lambda_kd`"]["Default vs best"] == "best at 3.0, the default -0.0004 from it"
     assert rows["`kd.temperature`"]["Default vs best"] == "pending (best so far at 1.0)"
+    assert rows["`kd.lambda_kd`"]["Picked on valid"] == "0.3 (valid 0.0660)"
+    assert rows["`kd.temperature`"]["Picked on valid"] == "—"  # a point still pending: nothing picked yet
     assert "## 5. Parameter analysis" in page and "## 8. Pending" in page

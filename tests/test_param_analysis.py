@@ -19,7 +19,8 @@ def _sweep(tmp_path):
     for name, y in (("kd.lambda_kd=1.0", 0.06), ("default", 0.065), ("curriculum.pacing=linear", 0.064)):
         d = tmp_path / "runs" / name
         d.mkdir(parents=True)
-        (d / "metrics.json").write_text(json.dumps({"test": {"mean": {"ndcg@10": y}}}))
+        (d / "metrics.json").write_text(json.dumps({"test": {"mean": {"ndcg@10": y}},
+                                                    "valid": {"mean": {"ndcg@10": y + 0.01}}}))
     return p
 
 
@@ -34,6 +35,7 @@ def test_points_defaults_and_commands(tmp_path):
     assert command(sweep, "kd.lambda_kd", 1.0, defaults)[3] == str(runs / "kd.lambda_kd=1.0")
     r = collect(sweep, defaults)
     assert [q["test_ndcg@10"] for q in r["kd.lambda_kd"]["points"]] == [0.06, 0.065]
+    assert [q["valid_ndcg@10"] for q in r["kd.lambda_kd"]["points"]] == pytest.approx([0.07, 0.075])
     assert [q["test_ndcg@10"] for q in r["curriculum.pacing"]["points"]] == [0.064, 0.065]  # root: the default run
     (runs / "default" / "metrics.json").unlink()
     r = collect(sweep, defaults)
