@@ -40,6 +40,13 @@ so from the second epoch on a teacher answers a row it has seen without encoding
 Noisy machines (--rounds N): every (no-teacher, distilled) pair runs N times in turn, each ratio
 against its own round's baseline; the JSON's ratio_over_rounds gives the median and the range.
 
+Interference control (--labels-dropped): each distilled run gets a twin that serves the same
+teachers and fetches every batch's soft labels exactly as it does, but trains on CE alone (the
+labels are dropped, no KD maths). Against the no-teacher run it measures what the teachers' work
+on the other cores costs the student (shared cache, memory bandwidth, the prefetch threads);
+against the distilled run, what the student's own KD work costs. A ratio below target with the
+twin's ratio near 1 is the system's cost; with the twin's ratio low, it is the machine's.
+
 Teachers: --spec DOMAIN=SPEC (or one SPEC for every domain). Defaults: Scientific serves the demo
 teachers of configs/demo/serve.yaml (build them with `make demo`); any other domain serves the demo
 teacher configs retrained on it under runs/bench/teachers_<domain>/ (a generated spec whose missing
@@ -255,6 +262,17 @@ def instrument(trainer, session, timer: _Timer) -> list:
     return readers
 
 
+def drop_labels(trainer, session, timer: _Timer) -> None:
+    """The interference control: the session still builds candidates and fetches every batch's soft
+    labels from the teachers, but the step's loss is the no-teacher run's CE (the labels are dropped)."""
+    ce = timer.wrap(trainer.ce_loss, "ce")
+
+    def ce_only(logits, pb, batch, soft):
+        loss = ce(logits, batch)
+        return loss, {"ce": float(loss.detach())}
+    session.loss = ce_only
+
+
 def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
@@ -405,6 +423,8 @@ def _train(cfg, acc, job, address, names, dataset, build_sampler, checkpoint_con
         trainer = Trainer(cfg, dataset, model, acc, Path(cfg.run_dir), sampler, model_config, distiller=session)
         timer = _Timer(acc.device)
         readers = instrument(trainer, session, timer)
+        if job.get("labels_dropped"):
+            drop_labels(trainer, session, timer)
         warm_epochs = int(job.get("warm_epochs", 0))
         for epoch in range(warm_epochs):  # untimed whole epochs (fill the teachers' history memos)
             cfg.train.max_steps_per_epoch = 0
@@ -536,6 +556,7 @@ def plan_jobs(args: argparse.Namespace, specs: dict[str, str], tmp: Path) -> lis
                   fixture_teachers=args.fixture_teachers, teacher_gpus=args.teacher_gpus,
                   teacher_precision=args.teacher_precision, extra_sets=list(args.overrides),
                   warm_epochs=args.warm_epochs, teacher_memo_mib=args.teacher_memo_mib)
+    labels_dropped = bool(getattr(args, "labels_dropped", False))
     jobs = []
     for domain in args.domains:
         if len(entry_domains(domain)) > 1 and "whole_catalogue" in args.candidates:
@@ -553,10 +574,15 @@ def plan_jobs(args: argparse.Namespace, specs: dict[str, str], tmp: Path) -> lis
                              "run_dir": str(tmp / tag), "baseline_of": key})
             for kind in args.candidates:
                 tag = f"{domain}-{kind}-{layout}"
-                jobs.append({**common, "tag": tag, "domain": domain, "layout": layout,
-                             "teachers": "fixture" if args.fixture_teachers else "spec", "candidates": kind,
-                             "student_cpus": s_cpus, "teacher_cpus": t_cpus, "spec": specs.get(domain),
-                             "run_dir": str(tmp / tag), "baseline": baselines[key]})
+                job = {**common, "tag": tag, "domain": domain, "layout": layout,
+                       "teachers": "fixture" if args.fixture_teachers else "spec", "candidates": kind,
+                       "student_cpus": s_cpus, "teacher_cpus": t_cpus, "spec": specs.get(domain),
+                       "run_dir": str(tmp / tag), "baseline": baselines[key]}
+                if labels_dropped:
+                    twin = f"{tag}-labels_dropped"
+                    jobs.append({**job, "tag": twin, "run_dir": str(tmp / twin), "labels_dropped": True})
+                    job["labels_dropped_twin"] = twin
+                jobs.append(job)
     return in_rounds(jobs, getattr(args, "rounds", 1), tmp)
 
 
@@ -571,20 +597,33 @@ def in_rounds(jobs: list[dict[str, Any]], rounds: int, tmp: Path) -> list[dict[s
         for j in jobs:
             tag = f"{j['tag']}-r{k}"
             out.append({**j, "tag": tag, "round": k, "run_dir": str(tmp / tag),
-                        **({"baseline": f"{j['baseline']}-r{k}"} if j.get("baseline") else {})})
+                        **{ref: f"{j[ref]}-r{k}" for ref in ("baseline", "labels_dropped_twin") if j.get(ref)}})
     return out
 
 
 def ratios_over_rounds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (domain, candidates, layout): every round's ratio, their median, min and max."""
+    """Per (domain, candidates, layout): every round's ratio, their median, min and max; with the
+    interference control, the same for the twin against no teachers (``labels_dropped``) and for
+    the distilled run against its twin (``kd_work``)."""
     import statistics
 
-    groups: dict[tuple, list[float]] = {}
+    groups: dict[tuple, dict[str, list[float]]] = {}
     for r in rows:
-        if r.get("ratio") is not None:
-            groups.setdefault((r["domain"], r["candidates"], r["layout"]), []).append(r["ratio"])
-    return [{"domain": d, "candidates": c, "layout": lay, "rounds": len(v), "ratios": v,
-             "median": statistics.median(v), "min": min(v), "max": max(v)} for (d, c, lay), v in groups.items()]
+        if r.get("ratio") is None:
+            continue
+        g = groups.setdefault((r["domain"], r["candidates"], r["layout"]), {})
+        for key, field in (("ratio", "ratio"), ("labels_dropped", "labels_dropped_ratio"), ("kd_work", "kd_work_ratio")):
+            if r.get(field) is not None:
+                g.setdefault(key, []).append(r[field])
+
+    def spread(v: list[float]) -> dict[str, Any]:
+        return {"ratios": v, "median": statistics.median(v), "min": min(v), "max": max(v)}
+    out = []
+    for (d, c, lay), g in groups.items():
+        row = {"domain": d, "candidates": c, "layout": lay, "rounds": len(g["ratio"]), **spread(g["ratio"])}
+        row.update({key: spread(v) for key, v in g.items() if key != "ratio"})
+        out.append(row)
+    return out
 
 
 def _count_teachers(spec_path: str) -> int:
@@ -644,10 +683,11 @@ def build_table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     by_tag = {r["tag"]: r for r in runs}
     rows = []
     for r in runs:
-        if r.get("teachers_source") == "none" or "baseline" not in r:
+        if r.get("teachers_source") == "none" or "baseline" not in r or r.get("labels_dropped"):
             continue
         base = by_tag.get(r["baseline"])
         ratio = r["steps_per_s"] / base["steps_per_s"] if base else None
+        twin = by_tag.get(r.get("labels_dropped_twin") or "")
         rows.append({"domain": r["domain"], "candidates": r["candidates"], "layout": r["layout"],
                      "round": r.get("round", 0),
                      "student_cpus": r["student_cpus"], "teacher_cpus": _teacher_cores(r),
@@ -656,8 +696,18 @@ def build_table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                      **{k: r.get(k) for k in ("step_ms", "wait_ms", "label_wait_ms", "request_encode_ms", "kd_ms",
                                               "ce_ms", "forward_ms", "backward_ms", "optimizer_ms", "rpc_ms")},
                      "no_teacher_step_ms": base["step_ms"] if base else None,
-                     "no_teacher_ce_ms": base.get("ce_ms") if base else None})
+                     "no_teacher_ce_ms": base.get("ce_ms") if base else None,
+                     **(_twin_fields(twin, base, r) if twin else {})})
     return rows
+
+
+def _twin_fields(twin: dict[str, Any], base: dict[str, Any] | None, r: dict[str, Any]) -> dict[str, Any]:
+    """The interference control's numbers beside a distilled row (module docstring)."""
+    return {"labels_dropped_steps_per_s": twin["steps_per_s"],
+            "labels_dropped_ratio": twin["steps_per_s"] / base["steps_per_s"] if base else None,
+            "kd_work_ratio": r["steps_per_s"] / twin["steps_per_s"],
+            **{f"labels_dropped_{k}": twin.get(k) for k in ("step_ms", "ce_ms", "forward_ms", "backward_ms",
+                                                              "label_wait_ms")}}
 
 
 def _teacher_cores(r: dict[str, Any]) -> str:
@@ -685,6 +735,15 @@ def print_table(rows: list[dict[str, Any]], res: dict[str, Any]) -> None:
               f"{f(r['optimizer_ms']):>5s} {f(r['no_teacher_step_ms']):>10s}")
     print("(ms per step; 'labels' = waiting for soft labels, part of 'wait'; 'encode' = building and encoding the "
           "request, off the training thread; 'alone' = the same student without teachers on the same cores)")
+    twins = [r for r in rows if r.get("labels_dropped_steps_per_s") is not None]
+    if twins:
+        print("Interference control (teachers serving, labels fetched and dropped, CE only): "
+              "twin/alone = what the teachers' work costs the student; distilled/twin = its own KD work")
+        for r in twins:
+            print(f"  {r['domain']} {r['candidates']} {r['layout']} round {r['round']}: twin "
+                  f"{f(r['labels_dropped_steps_per_s'], '.2f')} steps/s, twin/alone {f(r['labels_dropped_ratio'], '.2f')}, "
+                  f"distilled/twin {f(r['kd_work_ratio'], '.2f')}; CE ms alone/twin/distilled "
+                  f"{f(r['no_teacher_ce_ms'])}/{f(r['labels_dropped_ce_ms'])}/{f(r['ce_ms'])}")
     micro = res.get("kd_precision_micro")
     if micro:
         print("KD loss forward+backward, float32 vs float64 maths: " + "; ".join(
@@ -735,6 +794,9 @@ def parse_cli(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=2024)
     ap.add_argument("--rounds", type=int, default=1,
                     help="run every (baseline, distilled) pair this many times, alternating; report the median ratio")
+    ap.add_argument("--labels-dropped", action="store_true",
+                    help="add the interference control: a twin of each distilled run that fetches the labels "
+                         "and trains on CE alone (module docstring)")
     ap.add_argument("--warm-epochs", type=int, default=0, metavar="K",
                     help="train K whole epochs untimed before the timed steps (steady state; module docstring)")
     ap.add_argument("--teacher-memo-mib", type=int, default=0, metavar="M",
@@ -801,7 +863,8 @@ def main(argv: list[str] | None = None) -> int:
             "settings": {k: getattr(args, k) for k in ("domains", "candidates", "layouts", "steps", "warmup",
                                                        "batch_size", "threads", "prefetch", "kd_precision",
                                                        "teacher_precision", "curriculum", "seed", "student_cpus",
-                                                       "teacher_cpus", "warm_epochs", "teacher_memo_mib", "rounds")},
+                                                       "teacher_cpus", "warm_epochs", "teacher_memo_mib", "rounds",
+                                                       "labels_dropped")},
             "runs": []}
         res["settings"]["teachers"] = (f"{args.fixture_teachers} fixture teacher(s)" if args.fixture_teachers
                                        else {d: specs[d] for d in args.domains})
@@ -814,6 +877,9 @@ def main(argv: list[str] | None = None) -> int:
                 r["teachers_source"] = "none"
             else:
                 r["baseline"] = job["baseline"]
+                r["labels_dropped"] = bool(job.get("labels_dropped"))
+                if job.get("labels_dropped_twin"):
+                    r["labels_dropped_twin"] = job["labels_dropped_twin"]
             res["runs"].append(r)
             print(f"        {r['steps_per_s']:.2f} steps/s, step {r['step_ms']:.1f} ms, wait {r['wait_ms']:.1f} ms"
                   + (f", C {r['candidates_per_step']:.0f}" if r.get("candidates_per_step") else ""), flush=True)
@@ -839,6 +905,10 @@ def main(argv: list[str] | None = None) -> int:
             for g in res["ratio_over_rounds"]:
                 print(f"{g['domain']} {g['candidates']} {g['layout']}: ratio median {g['median']:.2f} over "
                       f"{g['rounds']} rounds (min {g['min']:.2f}, max {g['max']:.2f})")
+                for key, what in (("labels_dropped", "twin/alone"), ("kd_work", "distilled/twin")):
+                    if key in g:
+                        print(f"    {what}: median {g[key]['median']:.2f} (min {g[key]['min']:.2f}, "
+                              f"max {g[key]['max']:.2f})")
         print(f"wrote {out}")
         if args.keep:
             print(f"runs and logs kept in {tmp}")

@@ -16,7 +16,7 @@ def _args(**kw) -> argparse.Namespace:
                 data_dir="", batch_size=1024, threads=1, seed=2024, curriculum=False, kd_precision="float32",
                 prefetch=4, warmup=2, steps=10, fixture_teachers=0, teacher_gpus=None, teacher_precision="float32",
                 overrides=[], warm_epochs=1, teacher_memo_mib=512, domains=["Scientific+Office14+Games"],
-                candidates=["in_batch"])
+                candidates=["in_batch"], labels_dropped=False)
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -55,3 +55,40 @@ def test_rounds_alternate_baseline_and_distilled_and_report_the_median(tmp_path:
     rows = [{"domain": "d", "candidates": "in_batch", "layout": "own", "ratio": x} for x in (0.8, 1.1, 0.9)]
     (g,) = ratios_over_rounds(rows)
     assert (g["median"], g["min"], g["max"], g["rounds"]) == (0.9, 0.8, 1.1, 3)
+
+
+@pytest.mark.unit
+def test_the_interference_control_is_a_twin_of_each_distilled_run_in_every_round(tmp_path: Path):
+    from benchmarks.distill_throughput import build_table, ratios_over_rounds
+
+    jobs = plan_jobs(_args(rounds=2, labels_dropped=True), {"Scientific+Office14+Games": "configs/union/serve.yaml"},
+                     tmp_path)
+    # Per round: no teachers, the twin (teachers served, labels dropped), the distilled run.
+    assert [(j["teachers"], bool(j.get("labels_dropped")), j["round"]) for j in jobs] == [
+        ("none", False, 0), ("spec", True, 0), ("spec", False, 0),
+        ("none", False, 1), ("spec", True, 1), ("spec", False, 1)]
+    for k in (0, 1):
+        base, twin, dist = jobs[3 * k: 3 * k + 3]
+        assert twin["baseline"] == dist["baseline"] == base["tag"] and dist["labels_dropped_twin"] == twin["tag"]
+        assert twin["spec"] == dist["spec"] and twin["candidates"] == dist["candidates"] == "in_batch"
+    # Hand-computed: alone 1.0 and 0.8 steps/s, twin 0.9 and 0.8, distilled 0.81 and 0.72.
+    speeds = {0: (1.0, 0.9, 0.81), 1: (0.8, 0.8, 0.72)}
+    runs = []
+    for j in jobs:
+        alone, twin, dist = speeds[j["round"]]
+        r = {"tag": j["tag"], "domain": j["domain"], "candidates": j["candidates"], "layout": j["layout"],
+             "round": j["round"], "student_cpus": "0", "step_ms": 1.0, "ce_ms": 2.0}
+        if j["teachers"] == "none":
+            runs.append({**r, "teachers_source": "none", "steps_per_s": alone})
+        else:
+            runs.append({**r, "teachers_source": "spec", "baseline": j["baseline"], "steps_per_s":
+                         twin if j.get("labels_dropped") else dist, "labels_dropped": bool(j.get("labels_dropped")),
+                         **({"labels_dropped_twin": j["labels_dropped_twin"]} if j.get("labels_dropped_twin") else {})})
+    rows = build_table(runs)
+    assert len(rows) == 2  # the twins are not rows of their own
+    assert [r["ratio"] for r in rows] == pytest.approx([0.81, 0.9])
+    assert [r["labels_dropped_ratio"] for r in rows] == pytest.approx([0.9, 1.0])
+    assert [r["kd_work_ratio"] for r in rows] == pytest.approx([0.9, 0.9])
+    (g,) = ratios_over_rounds(rows)
+    assert g["median"] == pytest.approx(0.855) and g["labels_dropped"]["median"] == pytest.approx(0.95)
+    assert g["kd_work"]["min"] == pytest.approx(0.9)
