@@ -556,7 +556,6 @@ def plan_jobs(args: argparse.Namespace, specs: dict[str, str], tmp: Path) -> lis
                   fixture_teachers=args.fixture_teachers, teacher_gpus=args.teacher_gpus,
                   teacher_precision=args.teacher_precision, extra_sets=list(args.overrides),
                   warm_epochs=args.warm_epochs, teacher_memo_mib=args.teacher_memo_mib)
-    labels_dropped = bool(getattr(args, "labels_dropped", False))
     jobs = []
     for domain in args.domains:
         if len(entry_domains(domain)) > 1 and "whole_catalogue" in args.candidates:
@@ -578,7 +577,7 @@ def plan_jobs(args: argparse.Namespace, specs: dict[str, str], tmp: Path) -> lis
                        "teachers": "fixture" if args.fixture_teachers else "spec", "candidates": kind,
                        "student_cpus": s_cpus, "teacher_cpus": t_cpus, "spec": specs.get(domain),
                        "run_dir": str(tmp / tag), "baseline": baselines[key]}
-                if labels_dropped:
+                if args.labels_dropped:
                     twin = f"{tag}-labels_dropped"
                     jobs.append({**job, "tag": twin, "run_dir": str(tmp / twin), "labels_dropped": True})
                     job["labels_dropped_twin"] = twin

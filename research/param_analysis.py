@@ -93,8 +93,8 @@ def collect(sweep: dict[str, Any], defaults: dict[str, Any] | None = None, metri
             d = run_dir(sweep, param, v, defaults)
             m = d / "metrics.json"
             got = json.loads(m.read_text()) if m.is_file() else None
-            pts.append({"value": v, "test_" + metric: got["test"]["mean"][metric] if got else None,
-                        "valid_" + metric: ((got or {}).get("valid") or {}).get("mean", {}).get(metric), "run_dir": str(d)})
+            pts.append({"value": v, **{f"{split}_{metric}": got[split]["mean"][metric] if got else None
+                                       for split in ("test", "valid")}, "run_dir": str(d)})
         out[param] = {"points": pts, "default": (defaults or {}).get(param)}
     return out
 

@@ -92,3 +92,21 @@ def test_the_interference_control_is_a_twin_of_each_distilled_run_in_every_round
     (g,) = ratios_over_rounds(rows)
     assert g["median"] == pytest.approx(0.855) and g["labels_dropped"]["median"] == pytest.approx(0.95)
     assert g["kd_work"]["min"] == pytest.approx(0.9)
+
+
+@pytest.mark.integration
+def test_the_twin_fetches_every_label_from_a_real_teacher_and_trains_on_ce_alone(tmp_path: Path, data_dir):
+    """The interference control, run for real: one fixture teacher served by embedded Ray, the twin
+    job in its own worker process. It must ask the teacher for labels (calls recorded by the
+    TeacherPool) yet do none of the KD maths (no kd_ms), timing only the CE it trains on."""
+    from benchmarks.distill_throughput import run_job
+
+    args = _args(domains=["Scientific"], config="configs/demo/student.yaml", batch_size=64, warmup=1, steps=2,
+                 fixture_teachers=1, warm_epochs=0, teacher_memo_mib=0, prefetch=2, labels_dropped=True,
+                 data_dir=str(data_dir))
+    jobs = plan_jobs(args, {}, tmp_path)
+    (twin,) = [j for j in jobs if j.get("labels_dropped")]
+    r = run_job(twin, timeout=600, log_dir=tmp_path / "logs")
+    assert r["teacher_calls"] >= 3  # warmup + timed steps, each batch's labels fetched
+    assert "kd_ms" not in r and r["ce_ms"] > 0
+    assert r["teacher_names"] == ["fixture0"]
