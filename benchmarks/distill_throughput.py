@@ -310,6 +310,8 @@ def summarise(timer: _Timer, readers: list, warmup: int, steps: int, pool_stats:
         flat_ms = (pool_stats or {}).get("encode_ms_mean", 0.0)
         out["request_encode_ms"] = 1e3 * encode_total / n_req + flat_ms
     if pool_stats:
+        if "kd_targets_ms_mean" in pool_stats:  # kd.targets_on=prefetch: in the prefetch threads, per batch
+            out["kd_targets_prefetch_ms"] = pool_stats["kd_targets_ms_mean"]
         for k in ("rpc_ms_mean", "rpc_ms_p50", "rpc_ms_p95", "decode_ms_mean", "score_ms_mean"):
             if k in pool_stats:
                 out[k.replace("_ms_mean", "_ms")] = pool_stats[k]
@@ -571,18 +573,44 @@ def plan_jobs(args: argparse.Namespace, specs: dict[str, str], tmp: Path) -> lis
                 jobs.append({**common, "tag": tag, "domain": domain, "layout": layout, "teachers": "none",
                              "candidates": None, "student_cpus": s_cpus, "teacher_cpus": None, "spec": None,
                              "run_dir": str(tmp / tag), "baseline_of": key})
+            modes = targets_modes(args)
             for kind in args.candidates:
-                tag = f"{domain}-{kind}-{layout}"
-                job = {**common, "tag": tag, "domain": domain, "layout": layout,
-                       "teachers": "fixture" if args.fixture_teachers else "spec", "candidates": kind,
-                       "student_cpus": s_cpus, "teacher_cpus": t_cpus, "spec": specs.get(domain),
-                       "run_dir": str(tmp / tag), "baseline": baselines[key]}
-                if args.labels_dropped:
-                    twin = f"{tag}-labels_dropped"
-                    jobs.append({**job, "tag": twin, "run_dir": str(tmp / twin), "labels_dropped": True})
-                    job["labels_dropped_twin"] = twin
-                jobs.append(job)
+                for mode in modes:
+                    # One mode keeps the tags of earlier runs; several name theirs (side by side per round).
+                    tag = f"{domain}-{kind}-{layout}" + (f"-targets_{mode}" if len(modes) > 1 else "")
+                    job = {**common, "tag": tag, "domain": domain, "layout": layout,
+                           "teachers": "fixture" if args.fixture_teachers else "spec", "candidates": kind,
+                           "student_cpus": s_cpus, "teacher_cpus": t_cpus, "spec": specs.get(domain),
+                           "run_dir": str(tmp / tag), "baseline": baselines[key], "targets_on": mode,
+                           "extra_sets": label_pipeline_sets(args, layout, teacher, mode) + common["extra_sets"]}
+                    if args.labels_dropped:
+                        twin = f"{tag}-labels_dropped"
+                        jobs.append({**job, "tag": twin, "run_dir": str(tmp / twin), "labels_dropped": True})
+                        job["labels_dropped_twin"] = twin
+                    jobs.append(job)
     return in_rounds(jobs, getattr(args, "rounds", 1), tmp)
+
+
+def targets_modes(args: argparse.Namespace) -> list[str]:
+    """The kd.targets_on modes of --targets-on (a comma list: each a distilled run per round)."""
+    raw = getattr(args, "targets_on", "step")
+    modes = raw if isinstance(raw, list) else [m for m in str(raw).split(",") if m]
+    bad = [m for m in modes if m not in ("step", "prefetch")]
+    if bad or not modes:
+        raise BenchError(f"--targets-on {raw!r}: a comma list of step and prefetch")
+    return modes
+
+
+def label_pipeline_sets(args: argparse.Namespace, layout: str, teacher_cpus: list[int], mode: str) -> list[str]:
+    """The --set overrides of a run with teachers for where its label pipeline works: kd.targets_on
+    (``mode``), and in layout own with --prefetch-cpus teachers, the prefetch threads on the
+    teachers' cores (service.prefetch_cpus); the training thread stays on the student's."""
+    from ckd.affinity import format_cpus
+
+    sets = [f"kd.targets_on={mode}"]
+    if getattr(args, "prefetch_cpus", "student") == "teachers" and layout == "own":
+        sets.append(f"service.prefetch_cpus={format_cpus(teacher_cpus)}")
+    return sets
 
 
 def in_rounds(jobs: list[dict[str, Any]], rounds: int, tmp: Path) -> list[dict[str, Any]]:
@@ -610,7 +638,7 @@ def ratios_over_rounds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in rows:
         if r.get("ratio") is None:
             continue
-        g = groups.setdefault((r["domain"], r["candidates"], r["layout"]), {})
+        g = groups.setdefault((r["domain"], r["candidates"], r["layout"], r.get("targets_on", "step")), {})
         for key, field in (("ratio", "ratio"), ("labels_dropped", "labels_dropped_ratio"), ("kd_work", "kd_work_ratio")):
             if r.get(field) is not None:
                 g.setdefault(key, []).append(r[field])
@@ -618,8 +646,9 @@ def ratios_over_rounds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     def spread(v: list[float]) -> dict[str, Any]:
         return {"ratios": v, "median": statistics.median(v), "min": min(v), "max": max(v)}
     out = []
-    for (d, c, lay), g in groups.items():
-        row = {"domain": d, "candidates": c, "layout": lay, "rounds": len(g["ratio"]), **spread(g["ratio"])}
+    for (d, c, lay, mode), g in groups.items():
+        row = {"domain": d, "candidates": c, "layout": lay, "targets_on": mode, "rounds": len(g["ratio"]),
+               **spread(g["ratio"])}
         row.update({key: spread(v) for key, v in g.items() if key != "ratio"})
         out.append(row)
     return out
@@ -688,11 +717,12 @@ def build_table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ratio = r["steps_per_s"] / base["steps_per_s"] if base else None
         twin = by_tag.get(r.get("labels_dropped_twin") or "")
         rows.append({"domain": r["domain"], "candidates": r["candidates"], "layout": r["layout"],
-                     "round": r.get("round", 0),
+                     "round": r.get("round", 0), "targets_on": r.get("targets_on", "step"),
                      "student_cpus": r["student_cpus"], "teacher_cpus": _teacher_cores(r),
                      "C": r.get("candidates_per_step"), "steps_per_s": r["steps_per_s"],
                      "no_teacher_steps_per_s": base["steps_per_s"] if base else None, "ratio": ratio,
                      **{k: r.get(k) for k in ("step_ms", "wait_ms", "label_wait_ms", "request_encode_ms", "kd_ms",
+                                              "kd_targets_ms", "kd_loss_ms", "kd_targets_prefetch_ms",
                                               "ce_ms", "forward_ms", "backward_ms", "optimizer_ms", "rpc_ms")},
                      "no_teacher_step_ms": base["step_ms"] if base else None,
                      "no_teacher_ce_ms": base.get("ce_ms") if base else None,
@@ -734,6 +764,11 @@ def print_table(rows: list[dict[str, Any]], res: dict[str, Any]) -> None:
               f"{f(r['optimizer_ms']):>5s} {f(r['no_teacher_step_ms']):>10s}")
     print("(ms per step; 'labels' = waiting for soft labels, part of 'wait'; 'encode' = building and encoding the "
           "request, off the training thread; 'alone' = the same student without teachers on the same cores)")
+    off = [r for r in rows if r.get("kd_targets_prefetch_ms") is not None]
+    if off:
+        print("KD split (kd.targets_on=prefetch): teachers' side in the prefetch threads, student's side in the step: " +
+              "; ".join(f"{r['domain']} {r['layout']} round {r['round']}: {f(r['kd_targets_prefetch_ms'])} ms per batch "
+                        f"off the training thread, {f(r.get('kd_loss_ms'))} ms KD loss in the step" for r in off))
     twins = [r for r in rows if r.get("labels_dropped_steps_per_s") is not None]
     if twins:
         print("Interference control (teachers serving, labels fetched and dropped, CE only): "
@@ -796,6 +831,13 @@ def parse_cli(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--labels-dropped", action="store_true",
                     help="add the interference control: a twin of each distilled run that fetches the labels "
                          "and trains on CE alone (module docstring)")
+    ap.add_argument("--targets-on", default="step",
+                    help="kd.targets_on of the runs with teachers, a comma list of step and prefetch (each a "
+                         "distilled run per round): the teachers' side of the KD term in the training step, or "
+                         "in the label-prefetch threads as the scores arrive")
+    ap.add_argument("--prefetch-cpus", default="student", choices=("student", "teachers"),
+                    help="layout own: the label-prefetch threads on the student's cores, or on the teachers' "
+                         "(service.prefetch_cpus; the training thread stays on the student's)")
     ap.add_argument("--warm-epochs", type=int, default=0, metavar="K",
                     help="train K whole epochs untimed before the timed steps (steady state; module docstring)")
     ap.add_argument("--teacher-memo-mib", type=int, default=0, metavar="M",
@@ -863,7 +905,7 @@ def main(argv: list[str] | None = None) -> int:
                                                        "batch_size", "threads", "prefetch", "kd_precision",
                                                        "teacher_precision", "curriculum", "seed", "student_cpus",
                                                        "teacher_cpus", "warm_epochs", "teacher_memo_mib", "rounds",
-                                                       "labels_dropped")},
+                                                       "labels_dropped", "targets_on", "prefetch_cpus")},
             "runs": []}
         res["settings"]["teachers"] = (f"{args.fixture_teachers} fixture teacher(s)" if args.fixture_teachers
                                        else {d: specs[d] for d in args.domains})
@@ -876,6 +918,7 @@ def main(argv: list[str] | None = None) -> int:
                 r["teachers_source"] = "none"
             else:
                 r["baseline"] = job["baseline"]
+                r["targets_on"] = job.get("targets_on", "step")
                 r["labels_dropped"] = bool(job.get("labels_dropped"))
                 if job.get("labels_dropped_twin"):
                     r["labels_dropped_twin"] = job["labels_dropped_twin"]

@@ -108,3 +108,16 @@ def pin_process(cpus: str | Iterable[int], pid: int | None = None) -> list[int]:
                                 f"use {format_cpus(available_cpus())}; a container's cpuset can forbid "
                                 f"the rest)") from None
     return wanted
+
+
+def pin_thread(cpus: str | Iterable[int]) -> list[int]:
+    """Restrict the calling thread alone to ``cpus`` (on Linux, sched_setaffinity of pid 0 is the
+    calling thread); the rest of the process keeps its cores. For a process's helper threads, e.g.
+    the student's label prefetch, which can then work on cores of their own. Returns the core list."""
+    wanted = parse_cpus(cpus)
+    try:
+        os.sched_setaffinity(0, wanted)
+    except OSError as exc:
+        raise AffinityError(f"cannot pin a thread to cores {format_cpus(wanted)}: {exc.strerror} (this process "
+                            f"may use {format_cpus(available_cpus())})") from None
+    return wanted

@@ -143,8 +143,15 @@ class KDConfig:
     # gate_floor times their KD weight. "none": every row, as the paper.
     gate: str = "none"
     gate_floor: float = 0.0
+    # Where the teachers' side of the KD term (teacher distributions, integration, instance weights:
+    # student.distill.KDTargets) is computed: "step", on the training thread inside the loss; or
+    # "prefetch", in the label-prefetch thread as each batch's scores arrive, overlapped with the
+    # student's steps (on service.prefetch_cpus when set). The same loss either way (a test checks).
+    targets_on: str = "step"
 
     def validate(self) -> None:
+        if self.targets_on not in ("step", "prefetch"):
+            raise ConfigError(f"kd.targets_on: {self.targets_on!r} is not step|prefetch")
         if self.gate not in ("none", "teacher_better"):
             raise ConfigError(f"kd.gate: {self.gate!r} is not none|teacher_better")
         if not 0.0 <= self.gate_floor <= 1.0:
@@ -183,8 +190,19 @@ class ServiceClientConfig:
     # this many bytes (ServiceLimits.history_memo_bytes; 0: the spec's own setting). An execution
     # setting: it changes how fast the teachers answer, not what they answer.
     embedded_history_memo_bytes: int = 0
+    # Cores of the student's label-prefetch threads (request encoding, reply decoding and, with
+    # kd.targets_on=prefetch, the teachers' side of the KD term), e.g. "1" or "2-3"; empty: the
+    # student process's own cores. Only those threads move; the training thread stays where it is.
+    prefetch_cpus: str = ""
 
     def validate(self) -> None:
+        if self.prefetch_cpus:
+            from ckd.affinity import AffinityError, parse_cpus
+
+            try:
+                parse_cpus(self.prefetch_cpus)
+            except AffinityError as err:
+                raise ConfigError(f"service.prefetch_cpus: {err}") from None
         if self.embedded_history_memo_bytes < 0:
             raise ConfigError("service.embedded_history_memo_bytes must be >= 0 (0: the deploy spec's setting)")
         if self.failure_policy not in ("fail", "skip", "wait"):

@@ -65,6 +65,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -433,6 +434,33 @@ def domain_ce(full_logits: torch.Tensor, targets: torch.Tensor, domains: torch.T
     return total / targets.shape[0]
 
 
+@dataclass
+class KDTargets:
+    """The half of a batch's KD term that does not depend on the student: per domain block, the
+    rows, their candidate columns, the target's column among them, the teachers' mixture q and the
+    integration weights w; and r, every KD row's instance weight, normalised over the batch.
+
+    ``DistillLoss.targets`` builds it from the teachers' scores alone, so it can be computed where
+    the scores arrive (the label prefetch, ``kd.targets_on=prefetch``) instead of on the training
+    thread; ``DistillLoss.forward(kd_targets=...)`` then only adds the student's side. ``present``
+    is empty when no teacher answered for the batch."""
+
+    present: list[str]
+    n_rows: int
+    r: torch.Tensor  # [B'] float32
+    blocks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]] = \
+        field(default_factory=list)  # (rows, cols, tcol, q, w) per domain
+
+    def to(self, device: torch.device | str) -> "KDTargets":
+        """The same targets on ``device`` (self when already there)."""
+        if self.r.device == torch.device(device):
+            return self
+        mv = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        return KDTargets(list(self.present), self.n_rows, mv(self.r),
+                         [(mv(a), mv(b), mv(c), mv(q), {n: mv(v) for n, v in w.items()})
+                          for a, b, c, q, w in self.blocks])
+
+
 class DistillLoss(nn.Module):
     """L = ce_weight * CE + kd_weight * KD, a weighted sum of named terms, each with a switch.
 
@@ -493,13 +521,17 @@ class DistillLoss(nn.Module):
                 valid_mask: torch.Tensor | None = None,
                 teacher_scores: Mapping[str, torch.Tensor | None] | None = None,
                 cand_logits: torch.Tensor | None = None, kd_rows: torch.Tensor | None = None,
+                kd_targets: KDTargets | None = None,
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``full_logits`` [B, V] over global ids; candidates/target_col/valid_mask from
         ``build_candidates``; ``cand_logits`` defaults to ``full_logits[:, candidates]``.
 
         ``kd_rows``: the rows the teachers cover (a multi-domain student whose teachers serve only
         some domains); candidates, masks and teacher scores then describe those rows only, and KD is
-        their sum divided by B, i.e. uncovered rows contribute 0 to the batch mean."""
+        their sum divided by B, i.e. uncovered rows contribute 0 to the batch mean.
+
+        ``kd_targets``: the batch's ``targets(...)``, computed beforehand (off the training thread);
+        the teacher scores are then not read again and the loss equals the one computed here."""
         terms: dict[str, torch.Tensor] = {}
         total = full_logits.new_zeros((), dtype=torch.float32)
         tick = self._clock(full_logits)
@@ -508,14 +540,24 @@ class DistillLoss(nn.Module):
             tick("ce")
             total = total + self.weights["ce"] * ce
             terms["ce"] = ce.detach()
+        if self.enabled["kd"] and kd_targets is not None:
+            if candidates is None:
+                raise DistillError("KD from precomputed targets: pass the batch's candidates")
+            kd_targets = kd_targets.to(full_logits.device)
+            tick("kd_targets")  # only the move to the device: the targets were computed beforehand
+            kd = self._kd_from_targets(kd_targets, full_logits, cand_logits, candidates, kd_rows, terms, tick)
+            if kd is not None:
+                total = total + self.weights["kd"] * kd
+            return total, terms
         if self.enabled["kd"]:
             if candidates is None or target_col is None or valid_mask is None or teacher_scores is None:
                 raise DistillError("KD is on: pass candidates, target_col, valid_mask and teacher_scores")
             row_domains = domains if kd_rows is None else domains[kd_rows]
             blocks = self._domain_blocks(candidates, valid_mask, row_domains) if self.by_domain else None
             if blocks is not None:
-                kd = self._kd_by_domain(blocks, full_logits, cand_logits, candidates, target_col, teacher_scores,
-                                        kd_rows, terms, tick)
+                targets = self._targets_by_domain(blocks, target_col, teacher_scores)
+                tick("kd_targets")
+                kd = self._kd_from_targets(targets, full_logits, cand_logits, candidates, kd_rows, terms, tick)
                 if kd is not None:
                     total = total + self.weights["kd"] * kd
                 return total, terms
@@ -565,26 +607,33 @@ class DistillLoss(nn.Module):
         return [(torch.nonzero(row_domains == d).squeeze(1), torch.nonzero(cdom == d).squeeze(1))
                 for d in torch.unique(row_domains).tolist()]
 
-    def _kd_by_domain(self, blocks: list[tuple[torch.Tensor, torch.Tensor]], full_logits: torch.Tensor,
-                      cand_logits: torch.Tensor | None, candidates: torch.Tensor, target_col: torch.Tensor,
-                      teacher_scores: Mapping[str, torch.Tensor | None], kd_rows: torch.Tensor | None,
-                      terms: dict[str, torch.Tensor], tick) -> torch.Tensor | None:
-        """The KD term computed one domain block at a time (class doc, "by_domain"); fills ``terms``
-        as the masked path does. None when no teacher answered for the batch."""
-        present = [n for n, v in teacher_scores.items() if v is not None]
-        terms["kd_teachers"] = torch.tensor(float(len(present)))
-        if not present:
-            terms["kd"] = full_logits.new_zeros((), dtype=torch.float32)
+    def targets(self, candidates: torch.Tensor, target_col: torch.Tensor, valid_mask: torch.Tensor,
+                row_domains: torch.Tensor, teacher_scores: Mapping[str, torch.Tensor | None]) -> KDTargets | None:
+        """The student-independent half of the KD term (``KDTargets``) for a batch's KD rows
+        (``row_domains``: their domains), from the teachers' scores alone; pass it to ``forward`` as
+        ``kd_targets``. None when the by-domain blocks do not apply (``by_domain`` off or another
+        mask): ``forward`` then computes everything from the scores, on the masked path."""
+        if not self.by_domain:
             return None
+        blocks = self._domain_blocks(candidates, valid_mask, row_domains)
+        return None if blocks is None else self._targets_by_domain(blocks, target_col, teacher_scores)
+
+    def _targets_by_domain(self, blocks: list[tuple[torch.Tensor, torch.Tensor]], target_col: torch.Tensor,
+                           teacher_scores: Mapping[str, torch.Tensor | None]) -> KDTargets:
+        """Teacher distributions and integration one domain block at a time (class doc, "by_domain")."""
+        present = [n for n, v in teacher_scores.items() if v is not None]
         n_rows = int(sum(rows.numel() for rows, _ in blocks))
-        dev = full_logits.device
-        parts = []
+        if not present:
+            return KDTargets([], n_rows, torch.ones(n_rows))
+        dev = teacher_scores[present[0]].device
         r_all = torch.ones(n_rows, dtype=torch.float32, device=dev)
+        parts = []
         for rows, cols in blocks:
+            rows, cols = rows.to(dev), cols.to(dev)
             sub = {n: teacher_scores[n][rows.unsqueeze(1), cols.unsqueeze(0)] for n in present}
             log_probs = teacher_log_distributions(sub, self.teacher_temps, None)
             probs = {n: lp.exp() for n, lp in log_probs.items()}
-            tcol = torch.searchsorted(cols, target_col[rows])  # cols ascend: the target's place among them
+            tcol = torch.searchsorted(cols, target_col.to(dev)[rows])  # cols ascend: the target's place among them
             q, w, r_raw = integrate(probs, tcol, self.integration, self.a, self.b, self.instance_weighting,
                                     self.gamma, self.r_max, log_prior=self.log_prior, log_probs=log_probs,
                                     normalise=False)
@@ -592,7 +641,19 @@ class DistillLoss(nn.Module):
             parts.append((rows, cols, tcol, q, w))
         if self.instance_weighting:  # normalised over the whole batch, as the masked path does
             r_all = normalise_instance_weights(r_all, self.r_max)
-        tick("kd_targets")
+        return KDTargets(present, n_rows, r_all, parts)
+
+    def _kd_from_targets(self, targets: KDTargets, full_logits: torch.Tensor, cand_logits: torch.Tensor | None,
+                         candidates: torch.Tensor, kd_rows: torch.Tensor | None, terms: dict[str, torch.Tensor],
+                         tick) -> torch.Tensor | None:
+        """The student's side of the KD term from ``targets``; fills ``terms`` as the masked path
+        does. None when no teacher answered for the batch."""
+        present = targets.present
+        terms["kd_teachers"] = torch.tensor(float(len(present)))
+        if not present:
+            terms["kd"] = full_logits.new_zeros((), dtype=torch.float32)
+            return None
+        n_rows, r_all = targets.n_rows, targets.r
         gate = torch.ones_like(r_all)
         kd_sum = None
         # One gather of the candidates' logits, as the masked path does: its backward writes the
@@ -603,7 +664,7 @@ class DistillLoss(nn.Module):
             z_all = full_logits[:, candidates]
         else:
             z_all = full_logits[kd_rows.unsqueeze(1), candidates.unsqueeze(0)]
-        for rows, cols, tcol, q, _ in parts:
+        for rows, cols, tcol, q, _ in targets.blocks:
             z = z_all.index_select(0, rows).index_select(1, cols)
             if self.gate == "teacher_better":
                 gate[rows] = teacher_better_gate(q, z, None, tcol, self.temperature, self.gate_floor)
@@ -625,7 +686,7 @@ class DistillLoss(nn.Module):
         terms["kd"] = kd.detach()
         terms["r_mean"], terms["r_min"] = r.mean().detach(), r.min().detach()
         for name in present:
-            terms[f"w/{name}"] = (sum(w[name].sum() for *_, w in parts) / n_rows).detach()
+            terms[f"w/{name}"] = (sum(w[name].sum() for *_, w in targets.blocks) / n_rows).detach()
         return kd
 
     def _clock(self, like: torch.Tensor):

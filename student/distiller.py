@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -36,6 +36,9 @@ class PreparedBatch:
     target_col: torch.Tensor | None = None  # [B]
     valid_mask: torch.Tensor | None = None  # [B', C]
     kd_rows: torch.Tensor | None = None  # rows the teachers cover (None = all B); B' = len(kd_rows)
+    # The teachers' side of the KD term (student.distill.KDTargets), when the label prefetch computed
+    # it as the scores arrived (kd.targets_on=prefetch); None: the loss computes it from the scores.
+    kd_targets: Any = None
 
 
 class Distiller(Protocol):

@@ -4,13 +4,18 @@
 ``window`` batches in the background through a TeacherPool (at most ``window`` in flight), puts
 replies into a reorder buffer keyed by request id, and yields ``(batch, {teacher: scores | None})``
 strictly in input order. A failed request re-raises its error when its batch comes up.
+
+``finish(batch, labels)``, when given, runs in the same prefetch thread once a batch's scores have
+arrived, and its return value is what the batch is yielded with: work that depends on the scores but
+not on the student (the teachers' side of the KD term) then overlaps the student's steps.
+``thread_cpus`` pins the prefetch threads (only them) to a core set of their own.
 """
 from __future__ import annotations
 
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Generic, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Generic, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
@@ -51,11 +56,14 @@ class SoftLabelReader(Generic[T]):
     """Iterable of ``(batch, {teacher_name: float32 [B, C] or None})`` in input order."""
 
     def __init__(self, batches: Iterable[T], pool: Any, make_request: Callable[[T], Request | None], window: int = 4,
-                 first_request_id: int = 0):
+                 first_request_id: int = 0, finish: Callable[[T, Labels], Any] | None = None,
+                 thread_cpus: Sequence[int] | None = None):
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         self.batches, self.pool, self.make_request, self.window = batches, pool, make_request, window
         self.first_request_id = first_request_id
+        self.finish = finish
+        self.thread_cpus = list(thread_cpus) if thread_cpus else None
         self.wait_ms: list[float] = []  # time the consumer waited for each batch's labels
 
     def __iter__(self) -> Iterator[tuple[T, Labels]]:
@@ -65,7 +73,13 @@ class SoftLabelReader(Generic[T]):
         futures: list[Future] = []
         next_submit = next_yield = self.first_request_id
         exhausted = False
-        with ThreadPoolExecutor(max_workers=self.window, thread_name_prefix="soft-labels") as ex:
+        pin = None
+        if self.thread_cpus:
+            from ckd.affinity import pin_thread
+
+            pin, cpus = pin_thread, self.thread_cpus
+        with ThreadPoolExecutor(max_workers=self.window, thread_name_prefix="soft-labels",
+                                initializer=(lambda: pin(cpus)) if pin else None) as ex:
             try:
                 while True:
                     # Keep `window` requests in flight (bounded: the window is the only queue).
@@ -98,6 +112,7 @@ class SoftLabelReader(Generic[T]):
         try:
             req = self.make_request(batch)
             # None: no row of this batch is covered by the teachers, so there is nothing to ask.
-            buf.put(rid, {} if req is None else self.pool.score(*req, request_id=rid))
+            labels = {} if req is None else self.pool.score(*req, request_id=rid)
+            buf.put(rid, labels if self.finish is None else self.finish(batch, labels))
         except BaseException as exc:  # noqa: BLE001 — delivered to the consumer in order
             buf.put(rid, exc, ok=False)

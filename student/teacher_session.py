@@ -196,18 +196,45 @@ class TeacherSession:
         return hist.numpy(), lens.numpy(), pb.candidates.numpy()
 
     def soft_labels(self, batches: Iterable[PreparedBatch]) -> Iterable[tuple[PreparedBatch, SoftLabels]]:
-        """The batches in order with their scores; requests go out ``service.prefetch`` batches ahead."""
+        """The batches in order with their scores; requests go out ``service.prefetch`` batches ahead
+        (their threads on ``service.prefetch_cpus`` when set). With ``kd.targets_on=prefetch`` each
+        batch also arrives with its ``kd_targets``, computed in the prefetch thread."""
+        from ckd.affinity import parse_cpus
         from student.soft_labels import SoftLabelReader
 
-        return SoftLabelReader(batches, self.pool, self.make_request, window=self.cfg.service.prefetch)
+        svc = self.cfg.service
+        finish = self.attach_targets if self.cfg.kd.targets_on == "prefetch" else None
+        cpus = parse_cpus(svc.prefetch_cpus) if svc.prefetch_cpus else None
+        return SoftLabelReader(batches, self.pool, self.make_request, window=svc.prefetch, finish=finish,
+                               thread_cpus=cpus)
+
+    def attach_targets(self, pb: PreparedBatch, soft: SoftLabels) -> SoftLabels:
+        """Set ``pb.kd_targets``, the teachers' side of the batch's KD term (``DistillLoss.targets``),
+        from its scores; runs in the prefetch thread as the scores arrive. Returns ``soft`` unchanged.
+        Leaves it None when no teacher answered (the loss then counts the batch as skipped)."""
+        import time
+
+        if not any(v is not None for v in soft.values()):
+            return soft
+        t0 = time.perf_counter()
+        scores = {t: (torch.from_numpy(np.asarray(v, dtype=np.float32)) if v is not None else None)
+                  for t, v in soft.items()}
+        domains = pb.batch.domains if pb.kd_rows is None else pb.batch.domains[pb.kd_rows]
+        pb.kd_targets = self.criterion.targets(pb.candidates, pb.target_col, pb.valid_mask, domains, scores)
+        add = getattr(self.pool, "add_timing", None)
+        if add is not None:
+            add("kd_targets", (time.perf_counter() - t0) * 1e3)
+        return soft
 
     def loss(self, logits: torch.Tensor, prepared: PreparedBatch, batch: StudentBatch,
              soft: SoftLabels) -> tuple[torch.Tensor, dict[str, float]]:
         """CE + lambda * KD (``student.distill.DistillLoss``); counts batches every teacher skipped."""
         dev = logits.device
-        scores = {t: (torch.from_numpy(np.array(v, dtype=np.float32)).to(dev) if v is not None else None)
-                  for t, v in soft.items()}
-        labelled = any(v is not None for v in scores.values())
+        targets = prepared.kd_targets
+        # Scores to tensors only when the loss still needs them (no targets from the prefetch).
+        scores = {t: (torch.from_numpy(np.array(v, dtype=np.float32)).to(dev)
+                      if v is not None and targets is None else None) for t, v in soft.items()}
+        labelled = any(v is not None for v in soft.values())
         if soft and not labelled:
             self.kd_skipped_batches += 1
         nd = self.dataset.num_domains
@@ -218,7 +245,7 @@ class TeacherSession:
         kd_rows = prepared.kd_rows.to(dev) if prepared.kd_rows is not None else None
         total, terms = self.criterion(logits, batch.targets, batch.domains, prepared.candidates.to(dev),
                                       prepared.target_col.to(dev), prepared.valid_mask.to(dev), scores,
-                                      kd_rows=kd_rows)
+                                      kd_rows=kd_rows, kd_targets=targets)
         gate = self.criterion.last_gate
         if labelled and gate is not None:
             self.rows_gate_open += np.bincount(doms[(gate == 1).to(doms.device)].cpu().numpy(), minlength=nd)

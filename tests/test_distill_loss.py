@@ -364,6 +364,24 @@ def test_teacher_better_gate_stops_kd_where_the_student_already_beats_the_teache
         DistillLoss(RANGES, {"a": 1.0}, gate="always")
 
 
+THREE_DOMAINS = [(1, 41), (41, 61), (61, 161)]
+
+
+def _three_domain_batch(kd_rows: bool):
+    """48 rows of three domains of unequal size (161 items), shuffled; sampled negatives, so the
+    candidates are not in domain order; three teachers' scores. Returns (targets, domains, kd rows or
+    None, the KD rows' domains, candidates, target columns, valid mask, scores)."""
+    ranges = THREE_DOMAINS
+    g = torch.Generator().manual_seed(3)
+    domains = torch.tensor([0] * 6 + [1] * 10 + [2] * 32)[torch.randperm(48, generator=g)]
+    targets = torch.stack([torch.randint(ranges[d][0], ranges[d][1], (1,), generator=g)[0] for d in domains.tolist()])
+    rows = torch.nonzero(domains != 1).squeeze(1) if kd_rows else None
+    t_rows, t_doms = (targets, domains) if rows is None else (targets[rows], domains[rows])
+    cand, col, valid = build_candidates(t_rows, t_doms, 12, ranges, torch.Generator().manual_seed(4))
+    scores = {f"t{k}": torch.randn(len(t_rows), len(cand), generator=g) * 0.3 for k in range(3)}
+    return targets, domains, rows, t_doms, cand, col, valid, scores
+
+
 @pytest.mark.parametrize("in_batch, gate, integration, kd_rows", [
     (True, "none", "both", False), (True, "teacher_better", "both", True),
     (False, "none", "mean", True), (True, "none", "confidence", False)])
@@ -371,15 +389,8 @@ def test_by_domain_blocks_give_the_masked_path_s_loss_terms_and_gradient(in_batc
     """Three domains of unequal size in one batch, sampled negatives (so the candidates are not in
     domain order), one teacher skipped: the per-domain blocks give the masked path's KD, diagnostics,
     gate and gradient to float32 rounding."""
-    ranges = [(1, 41), (41, 61), (61, 161)]
-    g = torch.Generator().manual_seed(3)
-    B, V = 48, 161
-    domains = torch.tensor([0] * 6 + [1] * 10 + [2] * 32)[torch.randperm(B, generator=g)]
-    targets = torch.stack([torch.randint(ranges[d][0], ranges[d][1], (1,), generator=g)[0] for d in domains.tolist()])
-    rows = torch.nonzero(domains != 1).squeeze(1) if kd_rows else None
-    t_rows, t_doms = (targets, domains) if rows is None else (targets[rows], domains[rows])
-    cand, col, valid = build_candidates(t_rows, t_doms, 12, ranges, torch.Generator().manual_seed(4))
-    scores = {f"t{k}": torch.randn(len(t_rows), len(cand), generator=g) * 0.3 for k in range(3)}
+    ranges, B, V = THREE_DOMAINS, 48, 161
+    targets, domains, rows, _, cand, col, valid, scores = _three_domain_batch(kd_rows)
     scores["t1"] = None  # skipped for this batch
     temps = {n: 0.1 for n in scores}
     got = {}
@@ -408,3 +419,34 @@ def test_a_mask_other_than_the_domains_own_takes_the_masked_path():
     narrowed = valid.clone()
     narrowed[0, 0] = False  # row 0 may not see one of its domain's candidates: no longer blockwise
     assert loss._domain_blocks(cand, narrowed, domains) is None
+
+
+@pytest.mark.parametrize("gate, kd_rows", [("none", False), ("teacher_better", True)])
+def test_targets_computed_beforehand_give_the_same_loss_terms_and_gradient(gate, kd_rows):
+    """kd.targets_on=prefetch: ``DistillLoss.targets`` from the scores alone, then ``forward`` with
+    ``kd_targets`` and no scores, equals the loss computed in the step, bit for bit (same maths, same
+    order); a mask that is not the domains' own gives no targets (the step then computes them)."""
+    ranges, B, V = THREE_DOMAINS, 48, 161
+    targets, domains, rows, t_doms, cand, col, valid, scores = _three_domain_batch(kd_rows)
+    loss = DistillLoss(ranges, {n: 0.2 for n in scores}, temperature=1.5, gate=gate)
+    got = []
+    for before in (False, True):
+        full = (torch.randn(B, V, generator=torch.Generator().manual_seed(9)) * 2).requires_grad_()
+        kw = {}
+        if before:
+            kw["kd_targets"] = loss.targets(cand, col, valid, t_doms, scores)
+            assert kw["kd_targets"] is not None and kw["kd_targets"].present == ["t0", "t1", "t2"]
+        total, terms = loss(full, targets, domains, cand, col, valid, None if before else scores, kd_rows=rows, **kw)
+        total.backward()
+        got.append((total.detach(), terms, full.grad, loss.last_gate))
+    (t_a, terms_a, grad_a, gate_a), (t_b, terms_b, grad_b, gate_b) = got
+    assert torch.equal(t_a, t_b) and terms_a.keys() == terms_b.keys() and terms_a["kd"] > 0
+    assert all(torch.equal(terms_a[k], terms_b[k]) for k in terms_a)
+    assert torch.equal(grad_a, grad_b)
+    if gate != "none":
+        assert torch.equal(gate_a, gate_b) and 0 < float(gate_a.mean()) < 1
+    narrowed = valid.clone()
+    narrowed[0, int(col[0])] = False
+    assert loss.targets(cand, col, narrowed, t_doms, scores) is None
+    assert DistillLoss(ranges, {n: 0.2 for n in scores}, by_domain=False).targets(cand, col, valid, t_doms,
+                                                                                    scores) is None

@@ -108,3 +108,33 @@ def test_entry_point_starts_the_embedded_service_for_both_ranks(scientific_mm, d
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["history"][0]["kd"] > 0 and metrics["history"][0]["kd_teachers"] == 1
     assert set(json.loads((run / "run.json").read_text())["teachers"]) == {"beta"}
+
+
+def test_kd_targets_in_the_prefetch_threads_train_the_same_student(service, data_dir, tmp_path):
+    """kd.targets_on=prefetch (the teachers' side of the KD term computed in the label-prefetch
+    threads, here pinned to a core of their own) trains the same parameters as computing it in the
+    step: same seed, same teachers, same steps, the same parameter hash and loss history."""
+    address, _ = service
+    env = {**os.environ, "CKD_DATA_DIR": str(data_dir), "OMP_NUM_THREADS": "1"}
+    core = max(os.sched_getaffinity(0))
+    out = {}
+    for mode in ("step", "prefetch"):
+        run = tmp_path / mode
+        cmd = [sys.executable, "-m", "launch.distill", "--run-dir", str(run), "--ray-address", address,
+               "--set", "service.namespace=ckd-distill-test", "--set", "service.teachers=alpha,beta",
+               "--set", "data.domains=ScientificMM", "--set", "train.epochs=1",
+               "--set", "train.max_steps_per_epoch=6", "--set", "train.batch_size=64",
+               "--set", "train.progress=false", "--set", "train.threads=1", "--set", "kd.num_sampled=32",
+               "--set", f"kd.targets_on={mode}"]
+        if mode == "prefetch":
+            cmd += ["--set", f"service.prefetch_cpus={core}"]
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+        rank = json.loads((run / "ranks" / "rank0.json").read_text())
+        out[mode] = (rank, json.loads((run / "metrics.json").read_text()))
+    (rank_s, m_s), (rank_p, m_p) = out["step"], out["prefetch"]
+    assert rank_s["global_step"] == rank_p["global_step"] == 6
+    assert rank_s["param_sha256"] == rank_p["param_sha256"]
+    assert m_s["history"][0]["kd"] == m_p["history"][0]["kd"] > 0
+    # The targets really were built in the prefetch threads, once per batch, and not in the step run.
+    assert "kd_targets_ms_mean" in m_p["teacher_client"] and "kd_targets_ms_mean" not in m_s["teacher_client"]

@@ -16,7 +16,7 @@ def _args(**kw) -> argparse.Namespace:
                 data_dir="", batch_size=1024, threads=1, seed=2024, curriculum=False, kd_precision="float32",
                 prefetch=4, warmup=2, steps=10, fixture_teachers=0, teacher_gpus=None, teacher_precision="float32",
                 overrides=[], warm_epochs=1, teacher_memo_mib=512, domains=["Scientific+Office14+Games"],
-                candidates=["in_batch"], labels_dropped=False)
+                candidates=["in_batch"], labels_dropped=False, targets_on="step", prefetch_cpus="student")
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -110,3 +110,47 @@ def test_the_twin_fetches_every_label_from_a_real_teacher_and_trains_on_ce_alone
     assert r["teacher_calls"] >= 3  # warmup + timed steps, each batch's labels fetched
     assert "kd_ms" not in r and r["ce_ms"] > 0
     assert r["teacher_names"] == ["fixture0"]
+
+
+@pytest.mark.unit
+def test_the_label_pipeline_settings_reach_the_runs_with_teachers_only(tmp_path: Path):
+    jobs = plan_jobs(_args(student_cpus="0", teacher_cpus="1-2", layouts=["own", "shared"], targets_on="prefetch",
+                           prefetch_cpus="teachers", overrides=["train.lr=0.002"]),
+                     {"Scientific+Office14+Games": "configs/union/serve.yaml"}, tmp_path)
+    by = {(j["layout"], j["teachers"]): j for j in jobs}
+    assert by[("own", "spec")]["extra_sets"] == ["kd.targets_on=prefetch", "service.prefetch_cpus=1-2",
+                                                 "train.lr=0.002"]
+    # shared: nothing pinned, so the prefetch threads stay with the student
+    assert by[("shared", "spec")]["extra_sets"] == ["kd.targets_on=prefetch", "train.lr=0.002"]
+    assert all(j["extra_sets"] == ["train.lr=0.002"] for j in jobs if j["teachers"] == "none")
+    # Both modes side by side: per round the baseline, then one distilled run per mode, each named.
+    both = plan_jobs(_args(targets_on="step,prefetch", rounds=2),
+                     {"Scientific+Office14+Games": "configs/union/serve.yaml"}, tmp_path)
+    assert [(j["teachers"], j.get("targets_on"), j["round"]) for j in both] == [
+        ("none", None, 0), ("spec", "step", 0), ("spec", "prefetch", 0),
+        ("none", None, 1), ("spec", "step", 1), ("spec", "prefetch", 1)]
+    assert len({j["tag"] for j in both}) == 6 and both[2]["baseline"] == both[0]["tag"]
+    with pytest.raises(BenchError, match="--targets-on"):
+        plan_jobs(_args(targets_on="gpu"), {"Scientific+Office14+Games": "configs/union/serve.yaml"}, tmp_path)
+
+
+@pytest.mark.integration
+def test_kd_targets_move_to_the_prefetch_threads_on_the_teachers_cores(tmp_path: Path, data_dir):
+    """A real distilled run (fixture teacher on embedded Ray, layout own) with --targets-on prefetch
+    --prefetch-cpus teachers: the teachers' side of the KD term is timed in the prefetch threads, the
+    step keeps only the KD loss, and the training thread stays on the student's core."""
+    import os
+
+    from benchmarks.distill_throughput import run_job
+
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        pytest.skip("layout own needs two cores")
+    args = _args(domains=["Scientific"], config="configs/demo/student.yaml", batch_size=64, warmup=1, steps=2,
+                 fixture_teachers=1, warm_epochs=0, teacher_memo_mib=0, prefetch=2, layouts=["own"],
+                 student_cpus=str(cores[0]), teacher_cpus=str(cores[1]), targets_on="prefetch",
+                 prefetch_cpus="teachers", data_dir=str(data_dir))
+    (dist,) = [j for j in plan_jobs(args, {}, tmp_path) if j["teachers"] != "none"]
+    r = run_job(dist, timeout=600, log_dir=tmp_path / "logs")
+    assert r["kd_targets_prefetch_ms"] > 0 and r["kd_loss_ms"] > 0
+    assert r["student_cpus"] == str(cores[0])

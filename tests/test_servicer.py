@@ -416,6 +416,34 @@ def test_soft_label_reader_real_service(server, teacher):
         np.testing.assert_allclose(labels["fx"], want, rtol=1e-5, atol=1e-6)
 
 
+def test_soft_label_reader_finishes_each_batch_in_its_prefetch_threads_on_their_own_cores(server):
+    """``finish`` runs once per batch in a prefetch thread, after the real scores came back, and its
+    value is what the batch arrives with; ``thread_cpus`` pins those threads (read back from /proc)
+    and only them: the consumer's thread keeps its cores."""
+    import os
+
+    from ckd.affinity import thread_cpus
+
+    own = set(os.sched_getaffinity(0))
+    core = max(own)
+    seen: list[tuple[int, int, set[int], set[int]]] = []
+
+    def finish(b, labels):
+        tid = threading.get_native_id()
+        seen.append((b, tid, set(os.sched_getaffinity(0)), thread_cpus(os.getpid())[tid]))
+        return {"scores": labels["fx"], "batch": b}
+
+    with TeacherPool({"fx": [server.address]}) as pool:
+        reader = SoftLabelReader(range(5), pool, lambda i: (np.array([[1]]), np.array([1]), np.array([3, 4])),
+                                 window=2, finish=finish, thread_cpus=[core])
+        out = [(b, lab) for b, lab in reader]
+    assert [b for b, _ in out] == list(range(5)) and all(lab["batch"] == b for b, lab in out)
+    assert all(lab["scores"].shape == (1, 2) for _, lab in out)
+    assert sorted(b for b, *_ in seen) == list(range(5))
+    assert all(mine == {core} and proc == {core} and tid != threading.get_native_id() for _, tid, mine, proc in seen)
+    assert set(os.sched_getaffinity(0)) == own
+
+
 def test_soft_label_reader_raises_in_order(server):
     with TeacherPool({"fx": [server.address]}) as pool:
         bad = {2}
