@@ -47,6 +47,12 @@ on the other cores costs the student (shared cache, memory bandwidth, the prefet
 against the distilled run, what the student's own KD work costs. A ratio below target with the
 twin's ratio near 1 is the system's cost; with the twin's ratio low, it is the machine's.
 
+Where the label pipeline works (--targets-on, --prefetch-cpus): --targets-on step,prefetch runs, per
+round, one distilled run per kd.targets_on mode (the teachers' side of the KD term in the training step,
+or in the label-prefetch threads as the scores arrive), each against the round's no-teacher run;
+--prefetch-cpus teachers puts the prefetch threads of every distilled run (twins included) on the
+teachers' cores in layout own (service.prefetch_cpus), the training thread staying on the student's.
+
 Teachers: --spec DOMAIN=SPEC (or one SPEC for every domain). Defaults: Scientific serves the demo
 teachers of configs/demo/serve.yaml (build them with `make demo`); any other domain serves the demo
 teacher configs retrained on it under runs/bench/teachers_<domain>/ (a generated spec whose missing
@@ -593,7 +599,7 @@ def plan_jobs(args: argparse.Namespace, specs: dict[str, str], tmp: Path) -> lis
 
 def targets_modes(args: argparse.Namespace) -> list[str]:
     """The kd.targets_on modes of --targets-on (a comma list: each a distilled run per round)."""
-    raw = getattr(args, "targets_on", "step")
+    raw = args.targets_on
     modes = raw if isinstance(raw, list) else [m for m in str(raw).split(",") if m]
     bad = [m for m in modes if m not in ("step", "prefetch")]
     if bad or not modes:
@@ -608,7 +614,7 @@ def label_pipeline_sets(args: argparse.Namespace, layout: str, teacher_cpus: lis
     from ckd.affinity import format_cpus
 
     sets = [f"kd.targets_on={mode}"]
-    if getattr(args, "prefetch_cpus", "student") == "teachers" and layout == "own":
+    if args.prefetch_cpus == "teachers" and layout == "own":
         sets.append(f"service.prefetch_cpus={format_cpus(teacher_cpus)}")
     return sets
 

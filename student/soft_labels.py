@@ -12,12 +12,15 @@ not on the student (the teachers' side of the KD term) then overlaps the student
 """
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Generic, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
+
+from ckd.affinity import pin_thread
 
 T = TypeVar("T")
 Request = tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -73,13 +76,8 @@ class SoftLabelReader(Generic[T]):
         futures: list[Future] = []
         next_submit = next_yield = self.first_request_id
         exhausted = False
-        pin = None
-        if self.thread_cpus:
-            from ckd.affinity import pin_thread
-
-            pin, cpus = pin_thread, self.thread_cpus
-        with ThreadPoolExecutor(max_workers=self.window, thread_name_prefix="soft-labels",
-                                initializer=(lambda: pin(cpus)) if pin else None) as ex:
+        pin = functools.partial(pin_thread, self.thread_cpus) if self.thread_cpus else None
+        with ThreadPoolExecutor(max_workers=self.window, thread_name_prefix="soft-labels", initializer=pin) as ex:
             try:
                 while True:
                     # Keep `window` requests in flight (bounded: the window is the only queue).

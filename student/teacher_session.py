@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -212,8 +213,6 @@ class TeacherSession:
         """Set ``pb.kd_targets``, the teachers' side of the batch's KD term (``DistillLoss.targets``),
         from its scores; runs in the prefetch thread as the scores arrive. Returns ``soft`` unchanged.
         Leaves it None when no teacher answered (the loss then counts the batch as skipped)."""
-        import time
-
         if not any(v is not None for v in soft.values()):
             return soft
         t0 = time.perf_counter()
