@@ -450,3 +450,39 @@ def test_targets_computed_beforehand_give_the_same_loss_terms_and_gradient(gate,
     assert loss.targets(cand, col, narrowed, t_doms, scores) is None
     assert DistillLoss(ranges, {n: 0.2 for n in scores}, by_domain=False).targets(cand, col, valid, t_doms,
                                                                                     scores) is None
+
+
+def test_teacher_session_attaches_targets_for_the_covered_rows_only(data_dir):
+    """A student on Scientific + Office14 whose teacher covers Scientific only: the targets the
+    prefetch attaches (``attach_targets``) describe the covered rows, and the session's loss from
+    them equals the loss computed from the scores in the step, bit for bit."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from ckd.config import load_config
+    from ckd.data.multidomain import load_multidomain
+    from student.config import DistillConfig
+    from student.models.base import StudentBatch
+    from student.teacher_session import TeacherSession
+
+    ds = load_multidomain(data_dir, ["Scientific", "Office14"])
+    cfg = load_config(DistillConfig, None, overrides=["kd.num_sampled=16", "kd.targets_on=prefetch"])
+    session = TeacherSession(cfg, ds, acc=None, pool=None, infos={"t": SimpleNamespace(temperature=0.5)},
+                             covered_domains=1)
+    ex = ds.splits["train"]
+    rows = np.concatenate([np.nonzero(ex.domains == d)[0][:12] for d in (0, 1)])
+    rows = rows[np.random.default_rng(0).permutation(rows.size)]
+    L = int(ex.lengths[rows].max())
+    batch = StudentBatch(*(torch.as_tensor(a) for a in (ex.users[rows], ex.domains[rows], ex.histories[rows, :L],
+                                                        ex.lengths[rows], ex.targets[rows])))
+    pb = session.prepare(batch, step_seed=5)
+    assert pb.kd_rows.tolist() == torch.nonzero(batch.domains == 0).squeeze(1).tolist()
+    scores = np.random.default_rng(1).normal(size=(len(pb.kd_rows), len(pb.candidates))).astype(np.float32)
+    in_step = dataclasses.replace(pb)
+    session.attach_targets(pb, {"t": scores})
+    assert pb.kd_targets is not None and pb.kd_targets.n_rows == 12 and in_step.kd_targets is None
+    logits = torch.randn(len(batch), ds.vocab_size, generator=torch.Generator().manual_seed(2))
+    got = [session.loss(logits, p, batch, {"t": scores}) for p in (pb, in_step)]
+    assert torch.equal(got[0][0], got[1][0]) and got[0][1] == got[1][1] and got[0][1]["kd"] > 0
