@@ -599,11 +599,9 @@ def plan_jobs(args: argparse.Namespace, specs: dict[str, str], tmp: Path) -> lis
 
 def targets_modes(args: argparse.Namespace) -> list[str]:
     """The kd.targets_on modes of --targets-on (a comma list: each a distilled run per round)."""
-    raw = args.targets_on
-    modes = raw if isinstance(raw, list) else [m for m in str(raw).split(",") if m]
-    bad = [m for m in modes if m not in ("step", "prefetch")]
-    if bad or not modes:
-        raise BenchError(f"--targets-on {raw!r}: a comma list of step and prefetch")
+    modes = [m for m in args.targets_on.split(",") if m]
+    if not modes or any(m not in ("step", "prefetch") for m in modes):
+        raise BenchError(f"--targets-on {args.targets_on!r}: a comma list of step and prefetch")
     return modes
 
 
@@ -924,7 +922,7 @@ def main(argv: list[str] | None = None) -> int:
                 r["teachers_source"] = "none"
             else:
                 r["baseline"] = job["baseline"]
-                r["targets_on"] = job.get("targets_on", "step")
+                r["targets_on"] = job["targets_on"]
                 r["labels_dropped"] = bool(job.get("labels_dropped"))
                 if job.get("labels_dropped_twin"):
                     r["labels_dropped_twin"] = job["labels_dropped_twin"]

@@ -452,9 +452,7 @@ class KDTargets:
         field(default_factory=list)  # (rows, cols, tcol, q, w) per domain
 
     def to(self, device: torch.device | str) -> "KDTargets":
-        """The same targets on ``device`` (self when already there)."""
-        if self.r.device == torch.device(device):
-            return self
+        """The same targets on ``device`` (``Tensor.to`` copies nothing that is already there)."""
         mv = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         return KDTargets(list(self.present), self.n_rows, mv(self.r),
                          [(mv(a), mv(b), mv(c), mv(q), {n: mv(v) for n, v in w.items()})
@@ -540,22 +538,17 @@ class DistillLoss(nn.Module):
             tick("ce")
             total = total + self.weights["ce"] * ce
             terms["ce"] = ce.detach()
-        if self.enabled["kd"] and kd_targets is not None:
-            if candidates is None:
-                raise DistillError("KD from precomputed targets: pass the batch's candidates")
-            kd_targets = kd_targets.to(full_logits.device)
-            tick("kd_targets")  # only the move to the device: the targets were computed beforehand
-            kd = self._kd_from_targets(kd_targets, full_logits, cand_logits, candidates, kd_rows, terms, tick)
-            if kd is not None:
-                total = total + self.weights["kd"] * kd
-            return total, terms
         if self.enabled["kd"]:
-            if candidates is None or target_col is None or valid_mask is None or teacher_scores is None:
-                raise DistillError("KD is on: pass candidates, target_col, valid_mask and teacher_scores")
-            row_domains = domains if kd_rows is None else domains[kd_rows]
-            blocks = self._domain_blocks(candidates, valid_mask, row_domains) if self.by_domain else None
-            if blocks is not None:
-                targets = self._targets_by_domain(blocks, target_col, teacher_scores)
+            if kd_targets is not None:  # computed beforehand: here only moved to the device
+                if candidates is None:
+                    raise DistillError("KD from precomputed targets: pass the batch's candidates")
+                targets = kd_targets.to(full_logits.device)
+            else:
+                if candidates is None or target_col is None or valid_mask is None or teacher_scores is None:
+                    raise DistillError("KD is on: pass candidates, target_col, valid_mask and teacher_scores")
+                row_domains = domains if kd_rows is None else domains[kd_rows]
+                targets = self.targets(candidates, target_col, valid_mask, row_domains, teacher_scores)
+            if targets is not None:
                 tick("kd_targets")
                 kd = self._kd_from_targets(targets, full_logits, cand_logits, candidates, kd_rows, terms, tick)
                 if kd is not None:

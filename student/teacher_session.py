@@ -216,8 +216,7 @@ class TeacherSession:
         if not any(v is not None for v in soft.values()):
             return soft
         t0 = time.perf_counter()
-        scores = {t: (torch.from_numpy(np.asarray(v, dtype=np.float32)) if v is not None else None)
-                  for t, v in soft.items()}
+        scores = score_tensors(soft)
         domains = pb.batch.domains if pb.kd_rows is None else pb.batch.domains[pb.kd_rows]
         pb.kd_targets = self.criterion.targets(pb.candidates, pb.target_col, pb.valid_mask, domains, scores)
         add = getattr(self.pool, "add_timing", None)
@@ -231,8 +230,7 @@ class TeacherSession:
         dev = logits.device
         targets = prepared.kd_targets
         # Scores to tensors only when the loss still needs them (no targets from the prefetch).
-        scores = {t: (torch.from_numpy(np.array(v, dtype=np.float32)).to(dev)
-                      if v is not None and targets is None else None) for t, v in soft.items()}
+        scores = score_tensors(soft, dev) if targets is None else {}
         labelled = any(v is not None for v in soft.values())
         if soft and not labelled:
             self.kd_skipped_batches += 1
@@ -250,6 +248,13 @@ class TeacherSession:
             self.rows_gate_open += np.bincount(doms[(gate == 1).to(doms.device)].cpu().numpy(), minlength=nd)
             self.criterion.last_gate = None
         return total, {k: float(v) for k, v in terms.items()}
+
+
+def score_tensors(soft: SoftLabels, device: torch.device | str = "cpu") -> dict[str, torch.Tensor | None]:
+    """The teachers' float32 score arrays as tensors on ``device`` (copied: decoded replies can be
+    read-only buffers); None stays None (a teacher skipped for the batch)."""
+    return {t: (torch.from_numpy(np.array(v, dtype=np.float32)).to(device) if v is not None else None)
+            for t, v in soft.items()}
 
 
 def vocabulary_order_hint(infos: dict[str, Any], dataset: MultiDomainDataset) -> str:

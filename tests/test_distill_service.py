@@ -136,5 +136,5 @@ def test_kd_targets_in_the_prefetch_threads_train_the_same_student(service, data
     assert rank_s["global_step"] == rank_p["global_step"] == 6
     assert rank_s["param_sha256"] == rank_p["param_sha256"]
     assert m_s["history"][0]["kd"] == m_p["history"][0]["kd"] > 0
-    # The targets really were built in the prefetch threads, once per batch, and not in the step run.
+    # The targets really were built in the prefetch threads (their timing stage), and not in the step run's.
     assert "kd_targets_ms_mean" in m_p["teacher_client"] and "kd_targets_ms_mean" not in m_s["teacher_client"]
