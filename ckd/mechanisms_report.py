@@ -604,20 +604,20 @@ def params_lines(m: dict[str, Any]) -> list[str]:
         rows = []
         for name, r in sw["params"].items():
             pts, d = r["points"], r.get("default")
-            cells = " · ".join((f"**{q['value']}: {fmt_metric(q[key])}**" if q["value"] == d else
-                                f"{q['value']}: {fmt_metric(q[key])}") for q in pts)
+            cells = " · ".join((f"**{value_label(q['value'])}: {fmt_metric(q[key])}**" if q["value"] == d else
+                                f"{value_label(q['value'])}: {fmt_metric(q[key])}") for q in pts)
             done = [q for q in pts if q[key] is not None]
             best = max(done, key=lambda q: q[key]) if done else None
             dflt = next((q for q in done if q["value"] == d), None)
             if best is None or dflt is None:
                 verdict = PENDING
             elif len(done) < len(pts):
-                verdict = f"{PENDING} (best so far at {best['value']})"
+                verdict = f"{PENDING} (best so far at {value_label(best['value'])})"
             elif best["value"] == d:
                 verdict = "the default is the best point"
             else:
-                verdict = f"best at {best['value']}, the default {dflt[key] - best[key]:+.4f} from it"
-            rows.append([f"`{name}`", str(d), cells, verdict, picked_on_valid(pts)])
+                verdict = f"best at {value_label(best['value'])}, the default {dflt[key] - best[key]:+.4f} from it"
+            rows.append([f"`{name.replace(',', ' / ')}`", value_label(d), cells, verdict, picked_on_valid(pts)])
         args = " ".join(sw.get("args") or [])
         out += [f"### {sw['label']} (`{sw['sweep']}`)", "",
                 f"Base: `{sw['config']}`" + (f" with `{args}`" if args else "") + f", seed {sw['seed']}; figure: "
@@ -628,6 +628,11 @@ def params_lines(m: dict[str, Any]) -> list[str]:
     return out
 
 
+def value_label(value: Any) -> str:
+    """A sweep point's value as shown: a joint key's list of values joined by " / "."""
+    return " / ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
 def picked_on_valid(points: list[dict[str, Any]]) -> str:
     """The value a user tuning this setting on valid would ship: the point with the highest valid
     NDCG@10, once every point has one (points collected before valid was recorded have none)."""
@@ -635,7 +640,7 @@ def picked_on_valid(points: list[dict[str, Any]]) -> str:
     if not points or any(q.get(key) is None for q in points):
         return DASH
     best = max(points, key=lambda q: q[key])
-    return f"{best['value']} (valid {fmt_metric(best[key])})"
+    return f"{value_label(best['value'])} (valid {fmt_metric(best[key])})"
 
 
 def _reliability_lines(m: dict[str, Any]) -> list[str]:

@@ -15,6 +15,15 @@ A sweep file names the base config, the runs root and, per parameter, its values
       kd.lambda_kd: [0.5, 1, 3, 10]
       kd.temperature: [0.5, 1, 2, 4]
 
+A key may name several settings joined by commas, tuned together: each of its values is a list with
+one value per setting, and the point sets them all (a grid, or any list of combinations):
+
+    params:
+      curriculum.pacing,curriculum.start_fraction: [[linear, 0.1], [root, 0.25], [step, 0.5]]
+
+Its run directory is ``<runs_root>/<setting>=<value>,<setting>=<value>``; its default is the list of
+the settings' defaults, so the combination of the base config is the one ``default`` run.
+
 Each point is ``ckd-distill --config <config> --run-dir <runs_root>/<param>=<value> --set <param>=<value>
 --set train.seed=<seed> <args>``; ``run`` trains the missing ones (a finished run directory is read,
 not retrained). The default of a parameter is its value in the resolved base config plus ``args``;
@@ -34,6 +43,7 @@ from typing import Any
 import yaml
 
 from ckd.config import ConfigError
+from ckd.mechanisms_report import value_label
 from ckd.reporting import overwrite_refusal
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,9 +60,24 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
             raise SweepError(f"{path}: missing key {key!r}")
     if not isinstance(sweep["params"], dict) or not all(isinstance(v, list) and v for v in sweep["params"].values()):
         raise SweepError(f"{path}: params must map each setting to a non-empty list of values")
+    for param, values in sweep["params"].items():
+        for value in values:
+            settings(param, value, where=str(path))  # a joint key's values must pair up with its settings
     sweep.setdefault("seed", 2024)
     sweep.setdefault("args", [])
     return sweep
+
+
+def settings(param: str, value: Any, where: str = "sweep") -> list[tuple[str, Any]]:
+    """The (setting, value) pairs one point sets: ``[(param, value)]``, or for a joint key
+    (``a,b``) its settings paired with the point's list of values."""
+    names = param.split(",")
+    if len(names) == 1:
+        return [(param, value)]
+    if not isinstance(value, list) or len(value) != len(names):
+        raise SweepError(f"{where}: {param}: each value must be a list of {len(names)} values, one per "
+                         f"setting; got {value!r}")
+    return list(zip(names, value))
 
 
 def run_dir(sweep: dict[str, Any], param: str, value: Any, defaults: dict[str, Any] | None = None) -> Path:
@@ -60,17 +85,21 @@ def run_dir(sweep: dict[str, Any], param: str, value: Any, defaults: dict[str, A
     the same run for every parameter: ``<runs_root>/default`` (trained once, not once per parameter)."""
     if defaults is not None and param in defaults and value == defaults[param]:
         return Path(sweep["runs_root"]) / "default"
-    return Path(sweep["runs_root"]) / f"{param}={value}"
+    return Path(sweep["runs_root"]) / ",".join(f"{name}={v}" for name, v in settings(param, value))
 
 
 def command(sweep: dict[str, Any], param: str, value: Any, defaults: dict[str, Any] | None = None) -> list[str]:
     """The ckd-distill arguments of one point."""
+    sets = [a for name, v in settings(param, value) for a in ("--set", f"{name}={v}")]
     return ["--config", sweep["config"], "--run-dir", str(run_dir(sweep, param, value, defaults)),
-            "--set", f"{param}={value}", "--set", f"train.seed={sweep['seed']}", *map(str, sweep["args"])]
+            *sets, "--set", f"train.seed={sweep['seed']}", *map(str, sweep["args"])]
 
 
 def default_value(sweep: dict[str, Any], param: str) -> Any:
-    """The parameter's value in the resolved base config (with the sweep's args)."""
+    """The parameter's value in the resolved base config (with the sweep's args); for a joint key
+    the list of its settings' values."""
+    if "," in param:
+        return [default_value(sweep, name) for name in param.split(",")]
     from ckd.config import to_dict
     from launch.distill import parse_args, resolve_config
 
@@ -150,8 +179,9 @@ def draw(result: dict[str, Any], metric: str, path: str | Path, title: str = "")
                 ax.scatter([x], [q[f"test_{metric}"]], s=120, facecolors="none", edgecolors="red", zorder=3,
                            label="shipped default")
         if not numeric:
-            ax.set_xticks(xs, [str(q["value"]) for q in pts])
-        ax.set_title(p, fontsize=9)
+            ax.set_xticks(xs, [value_label(q["value"]) for q in pts], rotation=45 if "," in p else 0,
+                          ha="right" if "," in p else "center", fontsize=7 if "," in p else None)
+        ax.set_title(p.replace(",", " / "), fontsize=9)
         ax.set_ylabel(f"test {metric}" if ax is axes[0][0] else "")
         ax.grid(alpha=0.3)
         if any(q["value"] == d for q in pts):
@@ -222,9 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
     draw(result, args.metric, args.png, title=Path(args.sweep).stem)
     for p, r in result.items():
-        cells = ", ".join(f"{q['value']}: {q[f'test_{args.metric}']:.4f}" if q[f"test_{args.metric}"] is not None
-                          else f"{q['value']}: pending" for q in r["points"])
-        print(f"{p} (default {r['default']}): {cells}")
+        cells = ", ".join(f"{value_label(q['value'])}: {q[f'test_{args.metric}']:.4f}"
+                          if q[f"test_{args.metric}"] is not None else f"{value_label(q['value'])}: pending"
+                          for q in r["points"])
+        print(f"{p} (default {value_label(r['default'])}): {cells}")
     print(f"written {args.out}, {args.png}" + (f" ({carried} point(s) carried from the previous {args.out}: "
                                                   "run directories not on this machine)" if carried else ""))
     return 0

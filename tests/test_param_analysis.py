@@ -55,3 +55,32 @@ def test_plot_cli_writes_json_and_png(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("config: x\n")
     assert main(["plot", "--sweep", str(bad)]) == 2
+
+
+def test_a_joint_key_sets_its_settings_together(tmp_path):
+    """Settings tuned together: each point sets both, its run directory names both, the base config's
+    combination is the one default run, and the valid pick is the combination with the best valid."""
+    p = tmp_path / "grid.yaml"
+    p.write_text(f"config: configs/distill_scientific.yaml\nruns_root: {tmp_path / 'runs'}\nseed: 7\n"
+                 "params:\n  curriculum.pacing,kd.lambda_kd: [[linear, 1.0], [root, 3.0], [root, 1.0]]\n")
+    sweep = load_sweep(p)
+    key = "curriculum.pacing,kd.lambda_kd"
+    defaults = {key: default_value(sweep, key)}
+    assert defaults == {key: ["root", 3.0]}  # configs/distill_scientific.yaml: root pacing, λ=3
+    got = command(sweep, key, ["linear", 1.0], defaults)
+    assert got[3] == str(tmp_path / "runs" / "curriculum.pacing=linear,kd.lambda_kd=1.0")
+    assert got[4:8] == ["--set", "curriculum.pacing=linear", "--set", "kd.lambda_kd=1.0"]
+    assert command(sweep, key, ["root", 3.0], defaults)[3] == str(tmp_path / "runs" / "default")
+    for name, valid in (("curriculum.pacing=linear,kd.lambda_kd=1.0", 0.050), ("default", 0.048),
+                        ("curriculum.pacing=root,kd.lambda_kd=1.0", 0.052)):
+        d = tmp_path / "runs" / name
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps({"test": {"mean": {"ndcg@10": 0.04}},
+                                                    "valid": {"mean": {"ndcg@10": valid}}}))
+    from ckd.mechanisms_report import picked_on_valid
+    assert picked_on_valid(collect(sweep, defaults)[key]["points"]) == "root / 1.0 (valid 0.0520)"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"config: configs/distill_scientific.yaml\nruns_root: {tmp_path}\n"
+                   "params:\n  curriculum.pacing,kd.lambda_kd: [[linear, 1.0], [root]]\n")
+    with pytest.raises(SweepError, match=r"a list of 2 values, one per setting; got \['root'\]"):
+        load_sweep(bad)
