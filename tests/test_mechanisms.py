@@ -369,7 +369,7 @@ def test_committed_plan_rows_resolve_to_their_settings():
     from research.seeds import distill_argv, resolved
 
     plan = load_plan(ROOT / "configs/mechanisms/scientific.yaml", "configs/mechanisms/scientific.yaml")
-    assert [r.name for r in plan.rows][:2] == ["clean_mean", "clean_confidence"] and len(plan.rows) == 16
+    assert [r.name for r in plan.rows][:2] == ["clean_mean", "clean_confidence"] and len(plan.rows) == 17
     assert plan.seeds == (2024, 7, 11) and plan.curriculum["reference"] == "curriculum_off"
     for row in plan.rows:
         args = mechanisms.seeds_parser().parse_args(shlex.split(row.command)[3:])
