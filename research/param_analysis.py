@@ -172,7 +172,8 @@ def draw(result: dict[str, Any], metric: str, path: str | Path, title: str = "")
         pts = [q for q in result[p]["points"] if q[f"test_{metric}"] is not None]
         numeric = all(isinstance(q["value"], (int, float)) for q in result[p]["points"])
         xs = [q["value"] if numeric else i for i, q in enumerate(pts)]
-        ax.plot(xs, [q[f"test_{metric}"] for q in pts], marker="o")
+        # a joint key's points are combinations, not a scale: no line between them
+        ax.plot(xs, [q[f"test_{metric}"] for q in pts], marker="o", linestyle="none" if "," in p else "-")
         d = result[p]["default"]
         for x, q in zip(xs, pts):
             if q["value"] == d:
