@@ -81,8 +81,9 @@ def settings(param: str, value: Any, where: str = "sweep") -> list[tuple[str, An
 
 
 def run_dir(sweep: dict[str, Any], param: str, value: Any, defaults: dict[str, Any] | None = None) -> Path:
-    """``<runs_root>/<param>=<value>``; the point at a parameter's default is the base config itself,
-    the same run for every parameter: ``<runs_root>/default`` (trained once, not once per parameter)."""
+    """``<runs_root>/<param>=<value>`` (a joint key: ``<a>=<x>,<b>=<y>``); the point at a parameter's
+    default is the base config itself, the same run for every parameter: ``<runs_root>/default``
+    (trained once, not once per parameter)."""
     if defaults is not None and param in defaults and value == defaults[param]:
         return Path(sweep["runs_root"]) / "default"
     return Path(sweep["runs_root"]) / ",".join(f"{name}={v}" for name, v in settings(param, value))
@@ -172,16 +173,16 @@ def draw(result: dict[str, Any], metric: str, path: str | Path, title: str = "")
         pts = [q for q in result[p]["points"] if q[f"test_{metric}"] is not None]
         numeric = all(isinstance(q["value"], (int, float)) for q in result[p]["points"])
         xs = [q["value"] if numeric else i for i, q in enumerate(pts)]
-        # a joint key's points are combinations, not a scale: no line between them
-        ax.plot(xs, [q[f"test_{metric}"] for q in pts], marker="o", linestyle="none" if "," in p else "-")
+        joint = "," in p  # a joint key's points are combinations, not a scale: no line between them
+        ax.plot(xs, [q[f"test_{metric}"] for q in pts], marker="o", linestyle="none" if joint else "-")
         d = result[p]["default"]
         for x, q in zip(xs, pts):
             if q["value"] == d:
                 ax.scatter([x], [q[f"test_{metric}"]], s=120, facecolors="none", edgecolors="red", zorder=3,
                            label="shipped default")
         if not numeric:
-            ax.set_xticks(xs, [value_label(q["value"]) for q in pts], rotation=45 if "," in p else 0,
-                          ha="right" if "," in p else "center", fontsize=7 if "," in p else None)
+            ax.set_xticks(xs, [value_label(q["value"]) for q in pts], rotation=45 if joint else 0,
+                          ha="right" if joint else "center", fontsize=7 if joint else None)
         ax.set_title(p.replace(",", " / "), fontsize=9)
         ax.set_ylabel(f"test {metric}" if ax is axes[0][0] else "")
         ax.grid(alpha=0.3)
