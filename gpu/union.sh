@@ -18,7 +18,7 @@
 set -uo pipefail
 START=$(date +%s); LIMIT_S=${LIMIT_S:-560}; OUT=${OUT:-/tmp/ckd_union_out}; mkdir -p "$OUT"
 PHASES=${PHASES:-"teachers students"}; SEEDS=${SEEDS:-"2024 7"}
-STUDENTS=${STUDENTS:-sasrec_joint_distilled,fm_joint_alone,fm_joint_distilled,deepfm_joint_alone,deepfm_joint_distilled,lightgcn_joint_alone,lightgcn_joint_distilled}
+STUDENTS=${STUDENTS:-sasrec_joint_distilled,sasrec_joint_distilled_gated,fm_joint_alone,fm_joint_distilled,deepfm_joint_alone,deepfm_joint_distilled,lightgcn_joint_alone,lightgcn_joint_distilled}
 TEACHERS=${TEACHERS:-unisrec_pretrain,unisrec_text,unisrec_textid,unim2rec}
 export CKD_DATA_DIR=${CKD_DATA_DIR:-.data/amazon} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
   TOKENIZERS_PARALLELISM=false RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled
