@@ -2,14 +2,15 @@
 
     python -m research.rerun_check --recorded results/mechanisms_scientific.json \
         --plan configs/mechanisms/scientific.yaml --rows curriculum_off clean_both \
-        --rerun-root runs/repro/mechanisms --out results/repro/mechanisms_rerun.json
+        --rerun-root runs/repro/mechanisms --out results/repro/mechanisms_rerun_amd.json
 
 The recorded seeds are those of a research.mechanisms results JSON (their run directories may be on
 another machine); each rerun is ``<rerun-root>/<row>/seed<N>``, trained by the row's own command
 with ``--runs-root <rerun-root>/<row>``. A rerun must hold the settings its row's command sets (the
 same check as collect's), else it is an error naming the key. Per seed: the recorded and rerun test
-and valid metrics, their differences, whether every one is the same float (bit for bit), and the
-commits and machines of both. Prints a table and writes the JSON (an existing --out, or one under
+and valid metrics and their differences (research.retrain_check.compare_tests, with its 0.002 rule
+on test NDCG@10), whether every one is the same float (bit for bit), and the commits and machines
+of both. Prints a table and writes the JSON (an existing --out, or one under
 results/, is replaced only with --overwrite).
 """
 from __future__ import annotations
@@ -31,8 +32,11 @@ class RerunCheckError(ValueError):
     """A row or run directory that cannot be compared."""
 
 
-def compare_seed(recorded: dict[str, Any], rerun_dir: Path, domain: str) -> dict[str, Any]:
-    """One seed: the recorded entry (a mechanisms JSON seed record) against its rerun directory."""
+def compare_seed(recorded: dict[str, Any], rerun_dir: Path, domain: str, tolerance: float) -> dict[str, Any]:
+    """One seed: the recorded entry (a mechanisms JSON seed record) against its rerun directory, each
+    split compared by research.retrain_check.compare_tests (the teachers' retrain rule)."""
+    from research.retrain_check import RetrainCheckError, commit_fields, compare_tests
+
     metrics_path = rerun_dir / "metrics.json"
     if recorded.get("status") != "done":
         raise RerunCheckError(f"seed {recorded.get('seed')}: not a finished recorded seed")
@@ -41,20 +45,20 @@ def compare_seed(recorded: dict[str, Any], rerun_dir: Path, domain: str) -> dict
     got = json.loads(metrics_path.read_text())
     run = json.loads((rerun_dir / "run.json").read_text()) if (rerun_dir / "run.json").is_file() else {}
     out: dict[str, Any] = {"seed": recorded["seed"], "rerun_dir": str(rerun_dir),
-                           "recorded_commit": recorded.get("git_sha"), "recorded_machine": recorded.get("machine"),
-                           "rerun_commit": run.get("git_sha")}
-    same = True
-    for split in SPLITS:
-        for m in METRICS:
-            a, b = recorded[split][m], got[split][domain][m]
-            out[f"{split}_{m}"] = {"recorded": a, "rerun": b, "diff": b - a}
-            same &= a == b
-    out["bit_for_bit"] = same
+                           **commit_fields("recorded", recorded.get("git_sha")),
+                           **commit_fields("rerun", run.get("git_sha")), "recorded_machine": recorded.get("machine")}
+    try:
+        for split in SPLITS:  # {domain: {metric: recorded, retrained, abs_diff}, within_tolerance}
+            out[split] = compare_tests({domain: recorded[split]}, got[split], tolerance)[domain]
+    except RetrainCheckError as exc:
+        raise RerunCheckError(f"{rerun_dir}: {exc}") from exc
+    out["bit_for_bit"] = all(out[s][m]["abs_diff"] == 0 for s in SPLITS for m in METRICS)
+    out["within_tolerance"] = out["test"]["within_tolerance"]
     return out
 
 
 def check(recorded_json: dict[str, Any], plan_path: Path, rows: list[str], rerun_root: Path,
-          root: Path = REPO) -> dict[str, Any]:
+          root: Path = REPO, tolerance: float = 0.002) -> dict[str, Any]:
     """Every finished recorded seed of ``rows`` that has a rerun under ``rerun_root``."""
     from research import mechanisms
 
@@ -75,11 +79,12 @@ def check(recorded_json: dict[str, Any], plan_path: Path, rows: list[str], rerun
                 mechanisms.check_run_config(row, rec["seed"], d)  # the row's settings and this seed
             except PlanError as exc:
                 raise RerunCheckError(str(exc)) from exc
-            seeds.append(compare_seed(rec, d, domain))
+            seeds.append(compare_seed(rec, d, domain, tolerance))
         if not seeds:
             raise RerunCheckError(f"row {name}: no finished rerun under {rerun_root / name}")
         result[name] = {"command": row.command, "seeds": seeds,
-                        "bit_for_bit": all(s["bit_for_bit"] for s in seeds)}
+                        "bit_for_bit": all(s["bit_for_bit"] for s in seeds),
+                        "within_tolerance": all(s["within_tolerance"] for s in seeds)}
     return result
 
 
@@ -89,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plan", required=True)
     ap.add_argument("--rows", nargs="+", required=True)
     ap.add_argument("--rerun-root", required=True)
+    ap.add_argument("--tolerance", type=float, default=0.002, help="on test NDCG@10, as research.retrain_check")
     ap.add_argument("--out", required=True)
     ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
@@ -100,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         rows = check(json.loads(Path(args.recorded).read_text()), Path(args.plan), args.rows, Path(args.rerun_root),
-                     REPO)
+                     REPO, args.tolerance)
     except (RerunCheckError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -110,11 +116,12 @@ def main(argv: list[str] | None = None) -> int:
            "rows": rows}
     write_results_json(out, doc)
     for name, r in rows.items():
-        print(f"{name}: {'bit for bit' if r['bit_for_bit'] else 'not bit for bit'}")
+        print(f"{name}: {'bit for bit' if r['bit_for_bit'] else 'not bit for bit'}; test NDCG@10 within "
+              f"{args.tolerance} on every seed: {'yes' if r['within_tolerance'] else 'NO'}")
         for s in r["seeds"]:
-            t = s["test_ndcg@10"]
-            print(f"  seed {s['seed']}: test NDCG@10 recorded {t['recorded']:.6f} rerun {t['rerun']:.6f} "
-                  f"(diff {t['diff']:+.2e}); {'same' if s['bit_for_bit'] else 'different'} floats")
+            t = s["test"]["ndcg@10"]
+            print(f"  seed {s['seed']}: test NDCG@10 recorded {t['recorded']:.6f} rerun {t['retrained']:.6f} "
+                  f"(|diff| {t['abs_diff']:.2e}); {'same' if s['bit_for_bit'] else 'different'} floats")
     print(f"written {out}")
     return 0
 

@@ -55,7 +55,7 @@ def recipe(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _commit(which: str, sha: str | None) -> dict[str, Any]:
+def commit_fields(which: str, sha: str | None) -> dict[str, Any]:
     """run.json's git_sha as ``<which>_commit`` and ``<which>_uncommitted_changes`` (the '-dirty' suffix)."""
     sha = sha or "unknown"
     return {f"{which}_commit": sha.removesuffix("-dirty"), f"{which}_uncommitted_changes": sha.endswith("-dirty")}
@@ -119,7 +119,8 @@ def _comparison(a: dict[str, Any], recorded: str, b: dict[str, Any], retrained: 
     return {
         "kind": "retrain_check", "recorded": recorded, "retrained": str(retrained),
         "config": a["config.yaml"], "tolerance": tolerance, "metric": f"test {SELECT}",
-        **_commit("recorded", a["run.json"].get("git_sha")), **_commit("retrained", b["run.json"].get("git_sha")),
+        **commit_fields("recorded", a["run.json"].get("git_sha")),
+        **commit_fields("retrained", b["run.json"].get("git_sha")),
         "retrained_command": " ".join(b["run.json"].get("argv") or []),
         "recorded_sha256": a["metrics.json"].get("checkpoint_sha256"),
         "retrained_sha256": b["metrics.json"].get("checkpoint_sha256"),

@@ -26,14 +26,19 @@ def test_the_same_floats_and_a_difference_named_per_seed(tmp_path):
     shutil.copytree(repo / "runs/mech/curriculum_off/seed1", rerun / "curriculum_off/seed1")  # identical
     shutil.copytree(repo / "runs/mech/clean_both/seed2", rerun / "clean_both/seed2")
     m = json.loads((rerun / "clean_both/seed2/metrics.json").read_text())
-    m["valid"]["Scientific"]["recall@50"] += 0.0001  # one metric of one split moved
+    m["valid"]["Scientific"]["recall@50"] += 0.0001  # one metric of one split moved, inside the 0.002 rule
     (rerun / "clean_both/seed2/metrics.json").write_text(json.dumps(m))
     got = check(recorded, Path("configs/plan.yaml"), ["curriculum_off", "clean_both"], rerun, repo)
     assert got["curriculum_off"]["bit_for_bit"] and [s["seed"] for s in got["curriculum_off"]["seeds"]] == [1]
     both = got["clean_both"]["seeds"][0]
-    assert not got["clean_both"]["bit_for_bit"] and both["seed"] == 2
-    assert both["valid_recall@50"]["diff"] == pytest.approx(0.0001)
-    assert both["test_ndcg@10"]["diff"] == 0.0 and both["recorded_commit"] == "abc"
+    assert not got["clean_both"]["bit_for_bit"] and got["clean_both"]["within_tolerance"] and both["seed"] == 2
+    assert both["valid"]["recall@50"]["abs_diff"] == pytest.approx(0.0001)
+    assert both["test"]["ndcg@10"]["abs_diff"] == 0.0 and both["recorded_commit"] == "abc"
+    m["test"]["Scientific"]["ndcg@10"] += 0.003  # test NDCG@10 beyond the rule
+    (rerun / "clean_both/seed2/metrics.json").write_text(json.dumps(m))
+    got = check(recorded, Path("configs/plan.yaml"), ["clean_both"], rerun, repo)
+    assert not got["clean_both"]["within_tolerance"]
+    assert got["clean_both"]["seeds"][0]["test"]["ndcg@10"]["abs_diff"] == pytest.approx(0.003)
 
 
 def test_a_rerun_of_another_setting_or_none_at_all_is_refused(tmp_path):
