@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import ray
-from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
 
 from ckd.config import ConfigError, from_dict, load_yaml
 from cluster.directory import delete_state, get_or_create_directory, state_key
@@ -474,8 +474,22 @@ class TeacherDeployment:
         """(replica_id, actor handle) of a teacher's replicas (tests kill them to check recovery)."""
         return list(self._replicas[name])
 
-    def infos(self, name: str) -> list[dict[str, Any]]:
-        return ray.get([a.info.remote() for _, a in self._replicas[name]], timeout=60)
+    def infos(self, name: str, budget_s: float = 60.0) -> list[dict[str, Any]]:
+        """Each replica's ``info()``. A replica registers its address from its constructor, so a
+        restarted one is in the directory before Ray marks it alive; calls in that window fail with
+        ActorUnavailableError, which is waited out (``budget_s``). A replica dead for good raises."""
+        end = time.monotonic() + budget_s
+        out = []
+        for _, actor in self._replicas[name]:
+            while True:
+                try:
+                    out.append(ray.get(actor.info.remote(), timeout=max(1.0, end - time.monotonic())))
+                    break
+                except ActorUnavailableError:
+                    if time.monotonic() >= end:
+                        raise
+                    time.sleep(0.2)
+        return out
 
     def shutdown(self) -> None:
         """Kill every replica (and the directory unless detached); stop Ray if start_embedded started it."""

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import ray
 import torch
+from ray.exceptions import ActorUnavailableError
 
 from benchmarks import fixture_teacher
 from benchmarks.fixture_teacher import make_fixture_checkpoint
@@ -102,6 +103,25 @@ class TestEmbedded:
             for batch in _batches(4, seed=4):
                 np.testing.assert_allclose(pool.score(*batch)["fx"], _expected(fx, batch), rtol=1e-5, atol=1e-6)
             assert pool.stats().get(f"calls/fx@{new}", 0) >= 1
+
+    def test_infos_waits_out_a_restarting_replica(self, deployed):
+        # A restarted replica is in the directory (it registers from its constructor) before Ray
+        # marks it alive; infos() asked in that window must wait for it, not raise
+        # ActorUnavailableError (seen once in the full suite on a loaded 2-core box).
+        _, dep, _, _ = deployed
+        victim = dict(dep.replica_handles("fx"))["fx-1"]
+        ray.kill(victim, no_restart=False)
+
+        def restarting() -> bool:  # a call to the killed handle fails while Ray restarts it
+            try:
+                ray.get(victim.info.remote(), timeout=30)
+                return False
+            except ActorUnavailableError:
+                return True
+
+        wait_until(restarting, what="the replica is restarting")
+        info = {i["replica_id"]: i for i in dep.infos("fx")}
+        assert set(info) == {"fx-0", "fx-1"} and info["fx-1"]["restarted"] is True
 
     def test_scale_1_2_1_while_client_runs(self, deployed):
         address, dep, _, fy = deployed
