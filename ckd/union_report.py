@@ -22,7 +22,8 @@ Pure functions (no torch, no training, no git) over ``results/experiments_union.
                          # a recorded run of the same config this one replaced (e.g. on another machine):
                          "supersedes"?: {"machine", "trained_commit", "checkpoint_sha256", "train_s",
                                          "comparable", "why"? | ("tolerance", "within_tolerance",
-                                         "same_checkpoint_bytes", "best_epoch", "per_domain")}}},
+                                         "same_checkpoint_bytes", "best_epoch", "per_domain"),
+                                         "supersedes"?: the same, for the run that one replaced}}},
      "students": {name: {"label", "group", "model", "variant", "teachers": "none" | "served",
                          "configs", "run_dirs", "commands", "note"?,
                          "seeds": [{"seed", "status": "done" | "partial" | "pending",
@@ -673,15 +674,21 @@ def retrain_check_lines(u: UnionResults) -> list[str]:
                    if c.get("retrained_machine") else "") + "."]
     for name, sup in superseded.items():
         t = u.teachers[name]
-        label = f"{t.get('label', name)} (retrained in place)"
-        was = (f"recorded on {sup.get('machine')} at `{sup.get('trained_commit')}` (checkpoint "
-               f"`{str(sup.get('checkpoint_sha256') or '')[:16]}`), retrained in its run directory on "
-               f"{t.get('machine')} at `{t.get('trained_commit')}` in {fmt_duration(t.get('train_s'))}")
-        if not sup.get("comparable"):
-            out += [f"- {label}: {was}; not comparable: {sup.get('why')}."]
-            continue
-        rows += _check_rows(label, sup)
-        out += [f"- {label}: {_verdict(sup)}; {was}. The page's rows are this run's."]
+        by: dict[str, Any] = t  # the run that replaced ``link``
+        link: dict[str, Any] | None = sup
+        first = True
+        while link:  # newest replacement first, then the older ones it carried along
+            label = f"{t.get('label', name)} ({'retrained in place' if first else 'an earlier retrain'})"
+            was = (f"recorded on {link.get('machine')} at `{link.get('trained_commit')}` (checkpoint "
+                   f"`{str(link.get('checkpoint_sha256') or '')[:16]}`), retrained in its run directory on "
+                   f"{by.get('machine')} at `{by.get('trained_commit')}` in {fmt_duration(by.get('train_s'))}")
+            tail = " The page's rows are this run's." if first else " That run was replaced in turn (above)."
+            if not link.get("comparable"):
+                out += [f"- {label}: {was}; not comparable: {link.get('why')}."]
+            else:
+                rows += _check_rows(label, link)
+                out += [f"- {label}: {_verdict(link)}; {was}.{tail}"]
+            by, link, first = link, link.get("supersedes"), False
     out += [""]
     if rows:
         out += [markdown_table(["Teacher", "Domain", "Recorded NDCG@10", "Retrained NDCG@10", "|Δ|", "Within"], rows,

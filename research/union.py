@@ -684,8 +684,8 @@ def _with_superseded(entry: dict[str, Any], prev: dict[str, Any] | None, t: Teac
                      root: Path) -> dict[str, Any]:
     """A teacher finished here that replaces another recorded run of the same step (e.g. one trained on
     another machine, whose students' results the page still shows) keeps that run's facts under
-    ``supersedes``, with the retrain check of the two (research.retrain_check.compare_to_entry). The
-    same run collected again keeps what it superseded."""
+    ``supersedes``, with the retrain check of the two (research.retrain_check.compare_to_entry), and
+    that run's own ``supersedes`` nested inside. The same run collected again keeps what it superseded."""
     if not prev or prev.get("status") != "done" or (prev.get("config"), prev.get("run_dir")) != (t.config, t.run_dir):
         return entry
     if prev.get("checkpoint_sha256") == entry.get("checkpoint_sha256"):
@@ -695,7 +695,10 @@ def _with_superseded(entry: dict[str, Any], prev: dict[str, Any] | None, t: Teac
     facts = {"machine": prev.get("machine"),
              "trained_commit": prev.get("trained_commit") or (prev.get("carried") or {}).get("from_commit"),
              "checkpoint_sha256": prev.get("checkpoint_sha256"), "train_s": prev.get("train_s"),
-             "best_epoch": prev.get("best_epoch")}
+             "best_epoch": prev.get("best_epoch"),
+             # a run that had itself replaced an older one keeps that history (nested, newest first):
+             # students carried from before it were distilled from one of those older checkpoints
+             **({"supersedes": prev["supersedes"]} if prev.get("supersedes") else {})}
     try:
         r = compare_to_entry(prev, root / t.run_dir, root)
     except RetrainCheckError as exc:

@@ -264,3 +264,19 @@ def test_a_teacher_retrained_here_keeps_the_recorded_run_it_replaces(tmp_path):
     text = render_union_page(load_union(tmp_path / "results" / "experiments_union.json"))
     assert "- Text+ID (retrained in place): within 0.002 on every domain: **yes**" in text
     assert "| Text+ID (retrained in place) | Office14 | 0.0600 | 0.0610 | 0.0010 | yes |" in text
+
+    # Retrained in place once more (another machine again): the run it replaces had itself replaced
+    # the first one, whose facts and check stay on the page (the carried students rest on it).
+    three = {"Scientific": m(0.1205), "Office14": m(0.061)}
+    metrics = json.loads((tmp_path / "runs/t/tid/metrics.json").read_text())
+    write_json(tmp_path / "runs/t/tid/metrics.json",
+               {**metrics, "valid": three, "test": three, "checkpoint_sha256": "d" * 64})
+    (tmp_path / "runs/t/tid/run.json").write_text(json.dumps({"git_sha": "f" * 40}))
+    third = collect_at(tmp_path, commit)["teachers"]["tid"]
+    assert third["checkpoint_sha256"] == "d" * 64 and third["supersedes"]["checkpoint_sha256"] == "c" * 64
+    assert third["supersedes"]["per_domain"]["Scientific"]["abs_diff"] == pytest.approx(0.0005)
+    assert third["supersedes"]["supersedes"] == sup
+    text = render_union_page(load_union(tmp_path / "results" / "experiments_union.json"))
+    assert "| Text+ID (retrained in place) | Scientific | 0.1200 | 0.1205 | 0.0005 | yes |" in text
+    assert "| Text+ID (an earlier retrain) | Office14 | 0.0600 | 0.0610 | 0.0010 | yes |" in text
+    assert f"at `{'e' * 40}` (checkpoint `{'c' * 16}`), retrained in its run directory on" in text
