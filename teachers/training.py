@@ -194,7 +194,8 @@ class TeacherTrainer:
                      src_dir, ", ".join(skipped) or "none")
         return model.to(self.device)
 
-    def _run_stage(self, i: int, resume: dict[str, Any] | None) -> dict[str, Any]:
+    def _run_stage(self, i: int, resume: dict[str, Any] | None,
+                   finished: dict[str, Any] | None = None) -> dict[str, Any]:
         stage = self.stages[i]
         cfg = self.cfg.train
         dataset = self.dataset(stage)
@@ -226,6 +227,7 @@ class TeacherTrainer:
             st = resume
             log.info("stage %s: resumed at epoch %d (best %s %.4f at epoch %d)", stage.name, st["epoch"],
                      SELECT_METRIC, st["best_score"], st["best_epoch"])
+        st["finished_stages"] = dict(finished or {})  # saved with every epoch's state (see fit)
         log.info("stage %s: %d training rows over %s, %d params (%d trainable), epochs %d, batch %d",
                  stage.name, len(train), dataset.domain_names, count_parameters(model),
                  count_parameters(model, True), epochs, batch_size)
@@ -317,18 +319,21 @@ class TeacherTrainer:
         write_run_header(self.run_dir, self.cfg, {"data_dir": str(self.data_dir)})
         resume = self._read_last()
         first = 0
+        # Every finished stage's result, also those of earlier invocations: last/ holds them, so a run
+        # resumed after a stage (or all of them) finished still reports every epoch it trained.
+        stage_results: dict[str, Any] = dict((resume or {}).get("finished_stages") or {})
         if resume is not None:
             first = resume["stage"]
             if resume["epoch"] >= self._stage_value(self.stages[first], "epochs"):
+                stage_results[self.stages[first].name] = _stage_result(resume)
                 first += 1  # that stage had finished
                 resume = None
             log.info("resuming run %s at stage %d", self.run_dir, first)
         t0 = time.time()
-        stage_results: dict[str, Any] = {}
         for i in range(first, len(self.stages)):
-            st = self._run_stage(i, resume)
+            st = self._run_stage(i, resume, stage_results)
             resume = None
-            stage_results[self.stages[i].name] = {"best_epoch": st["best_epoch"], "history": st["history"]}
+            stage_results[self.stages[i].name] = _stage_result(st)
             if not self.best_dir(i).is_dir():
                 raise TeacherTrainingError(f"stage {self.stages[i].name} produced no checkpoint")
         return self.finish(stage_results, time.time() - t0)
@@ -358,6 +363,11 @@ class TeacherTrainer:
         log.info("final (best epoch %d):\n%s", metrics["best_epoch"],
                  format_table({"valid": metrics["valid"], "test": metrics["test"]}))
         return metrics
+
+
+def _stage_result(state: dict[str, Any]) -> dict[str, Any]:
+    """What metrics.json reports of a stage, from its training state."""
+    return {"best_epoch": state["best_epoch"], "history": state["history"]}
 
 
 def train_teacher(cfg: TeacherConfig, run_dir: str | Path, data_dir: str | None = None) -> dict[str, Any]:

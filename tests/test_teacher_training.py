@@ -67,6 +67,29 @@ def test_run_dir_metrics_and_exact_resume(data_dir, tmp_path):
 
 
 @pytest.mark.unit
+def test_a_resumed_run_reports_every_epoch_it_trained(data_dir, tmp_path):
+    """metrics.json keeps the history of stages an earlier invocation finished: (a) interrupted after
+    the last epoch, before metrics.json was written; (b) interrupted in the second stage."""
+    stages = [{"name": "pretrain", "model": {"objective": "pretrain", "item_mode": "text"}, "epochs": 1,
+               "evaluate": False, "early_stopping": False, "max_train_rows": {"Scientific": 1000},
+               "max_steps_per_epoch": 2},
+              {**FINETUNE, "init_from": "previous", "max_steps_per_epoch": 2}]
+    full = train_teacher(_cfg(data_dir, 2, stages), tmp_path / "full")
+    assert [len(full["stages"][s]["history"]) for s in ("pretrain", "finetune")] == [1, 2]
+
+    (tmp_path / "full" / "metrics.json").unlink()  # (a)
+    again = train_teacher(_cfg(data_dir, 2, stages), tmp_path / "full")
+    assert again["stages"] == full["stages"] and again["test"] == full["test"]
+
+    train_teacher(_cfg(data_dir, 1, stages), tmp_path / "cut")  # (b): fine-tuning stops after epoch 0
+    resumed = train_teacher(_cfg(data_dir, 2, stages), tmp_path / "cut")
+    assert set(resumed["stages"]) == {"pretrain", "finetune"}
+    assert [r["loss"] for r in resumed["stages"]["pretrain"]["history"]] == \
+        pytest.approx([r["loss"] for r in full["stages"]["pretrain"]["history"]], rel=1e-6)
+    assert [r["epoch"] for r in resumed["stages"]["finetune"]["history"]] == [0, 1]
+
+
+@pytest.mark.unit
 def test_retraining_is_seeded_whatever_the_process_start_seed(data_dir, tmp_path):
     """torch seeds its global generator differently in every process: two trainings that start from
     different global states (as two processes do) must give the same weights and metrics. UniM2Rec
