@@ -674,21 +674,21 @@ def retrain_check_lines(u: UnionResults) -> list[str]:
                    if c.get("retrained_machine") else "") + "."]
     for name, sup in superseded.items():
         t = u.teachers[name]
-        by: dict[str, Any] = t  # the run that replaced ``link``
-        link: dict[str, Any] | None = sup
-        first = True
-        while link:  # newest replacement first, then the older ones it carried along
-            label = f"{t.get('label', name)} ({'retrained in place' if first else 'an earlier retrain'})"
+        # (the run that replaced it, the replaced run), newest first down the nested history
+        chain = [(t, sup)]
+        while chain[-1][1].get("supersedes"):
+            chain.append((chain[-1][1], chain[-1][1]["supersedes"]))
+        for i, (by, link) in enumerate(chain):
+            label = f"{t.get('label', name)} ({'an earlier retrain' if i else 'retrained in place'})"
             was = (f"recorded on {link.get('machine')} at `{link.get('trained_commit')}` (checkpoint "
                    f"`{str(link.get('checkpoint_sha256') or '')[:16]}`), retrained in its run directory on "
                    f"{by.get('machine')} at `{by.get('trained_commit')}` in {fmt_duration(by.get('train_s'))}")
-            tail = " The page's rows are this run's." if first else " That run was replaced in turn (above)."
+            tail = " That run was replaced in turn (above)." if i else " The page's rows are this run's."
             if not link.get("comparable"):
                 out += [f"- {label}: {was}; not comparable: {link.get('why')}."]
-            else:
-                rows += _check_rows(label, link)
-                out += [f"- {label}: {_verdict(link)}; {was}.{tail}"]
-            by, link, first = link, link.get("supersedes"), False
+                continue
+            rows += _check_rows(label, link)
+            out += [f"- {label}: {_verdict(link)}; {was}.{tail}"]
     out += [""]
     if rows:
         out += [markdown_table(["Teacher", "Domain", "Recorded NDCG@10", "Retrained NDCG@10", "|Δ|", "Within"], rows,

@@ -697,7 +697,7 @@ def _with_superseded(entry: dict[str, Any], prev: dict[str, Any] | None, t: Teac
              "checkpoint_sha256": prev.get("checkpoint_sha256"), "train_s": prev.get("train_s"),
              "best_epoch": prev.get("best_epoch"),
              # a run that had itself replaced an older one keeps that history (nested, newest first):
-             # students carried from before it were distilled from one of those older checkpoints
+             # students carried from before a retrain may rest on one of those older checkpoints
              **({"supersedes": prev["supersedes"]} if prev.get("supersedes") else {})}
     try:
         r = compare_to_entry(prev, root / t.run_dir, root)

@@ -280,3 +280,6 @@ def test_a_teacher_retrained_here_keeps_the_recorded_run_it_replaces(tmp_path):
     assert "| Text+ID (retrained in place) | Scientific | 0.1200 | 0.1205 | 0.0005 | yes |" in text
     assert "| Text+ID (an earlier retrain) | Office14 | 0.0600 | 0.0610 | 0.0010 | yes |" in text
     assert f"at `{'e' * 40}` (checkpoint `{'c' * 16}`), retrained in its run directory on" in text
+    older = next(ln for ln in text.splitlines() if ln.startswith("- Text+ID (an earlier retrain):"))
+    assert f"(checkpoint `{'b' * 16}`), retrained in its run directory on" in older  # the first run ...
+    assert f"at `{'e' * 40}` in " in older and older.endswith("That run was replaced in turn (above).")  # ... by the second
