@@ -26,6 +26,8 @@ Pure functions (no torch, no training, no git) over ``results/experiments_union.
                                          "supersedes"?: the same, for the run that one replaced}}},
      "students": {name: {"label", "group", "model", "variant", "teachers": "none" | "served",
                          "configs", "run_dirs", "commands", "note"?,
+                         "adopt_over"?: the student it replaces only if its seed mean of valid NDCG@10
+                                        (mean over domains) is higher (a rule fixed before its runs),
                          "seeds": [{"seed", "status": "done" | "partial" | "pending",
                                     "runs": [{"config", "run_dir", "command", "status", "wall_s", ...}],
                                     "test", "valid", "wall_s"}]}},
@@ -37,7 +39,8 @@ A student seed whose runs are one per domain (SASRec alone) is merged into one s
 
 The page: per domain and for the mean over domains, every row's test Recall/NDCG@10/50 (students:
 mean ± sample sd over their finished seeds, with the seed count); the issue's targets, each verdict
-computed from those numbers; the teachers' reproducibility facts (config, machine, measured
+computed from those numbers, and the verdicts of the plan's adoption rules (``adopt_over``,
+judged on valid); the teachers' reproducibility facts (config, machine, measured
 training time, checkpoint sha256) and the one command that retrains them; the students' runs.
 
 Figure 1 (section 6) is drawn for two domains, as in the paper: the page's ``efficiency:`` maps each
@@ -377,6 +380,55 @@ def target_universality(u: UnionResults) -> tuple[str, dict[str, Verdict]]:
             rows.append([FAMILY_LABELS.get(m, m), d, fmt_stat(sa), fmt_stat(sd),
                          DASH if gain is None else f"{gain:+.1f}%", v.text])
     return markdown_table(headers, rows, align=["l", "l", "r", "r", "r", "l"]), verdicts
+
+
+def _valid_means(u: UnionResults, name: str) -> dict[int, float]:
+    """Per finished seed of student ``name``: its selected epoch's valid NDCG@10, mean over the
+    plan's domains (collect's ``valid.mean``); a seed without one is left out."""
+    out = {}
+    for rec in u.students[name].get("seeds") or []:
+        v = ((rec.get("valid") or {}).get(MEAN) or {}).get(SELECT)
+        if isinstance(v, (int, float)):
+            out[int(rec["seed"])] = float(v)
+    return out
+
+
+def adoption_section(u: UnionResults) -> list[str]:
+    """§2.5: each student whose plan entry has ``adopt_over`` (a rule fixed before its runs): it
+    replaces that student as the shipped recipe only if its seed mean of valid NDCG@10 (mean over
+    domains, the selected epoch) is above the other's. Judged once both rows have every planned seed;
+    until then the verdict is *open* with the values so far. The test NDCG@10 of both is shown
+    either way, for information only: the rule never looks at test."""
+    rules = [(n, str(e["adopt_over"])) for n, e in u.students.items() if e.get("adopt_over")]
+    if not rules:
+        return []
+    for cand, base in rules:
+        if base not in u.students:
+            raise ReportError(f"{u.source}: student {cand!r}: adopt_over {base!r} is not a student of the file")
+    out = ["### 2.5 Rules fixed before the runs", "",
+           "A row with a rule replaces the named row as the shipped recipe only if its seed mean of valid "
+           f"{METRIC_LABELS[SELECT]} (the selected epoch, mean over {', '.join(u.domains)}) is above that row's. "
+           "Test is shown beside it for information; the rule does not look at it.", ""]
+    headers = ["Row", "Valid NDCG@10 per seed (mean over domains)", "Seed mean"] + \
+              [f"{d}: test NDCG@10" for d in u.domains]
+    for cand, base in rules:
+        rows, means, missing = [], {}, []
+        for name in (cand, base):
+            r, vals = u.row(name), _valid_means(u, name)
+            means[name] = statistics.fmean(vals.values()) if vals else None
+            missing += [f"{r.label} seed {s}" for s in r.planned if s not in vals]
+            per_seed = ", ".join(f"{s}: {vals[s]:.4f}" if s in vals else f"{s}: {PENDING}" for s in r.planned)
+            rows.append([r.label, per_seed, DASH if means[name] is None else f"{means[name]:.4f}"]
+                        + [fmt_stat(r.stat(d)) for d in u.domains])
+        c, b = means[cand], means[base]
+        if missing:
+            so_far = "" if c is None or b is None else f"; so far {c:.4f} against {b:.4f}"
+            verdict = f"**open** (pending: {', '.join(missing)}{so_far})"
+        else:
+            verdict = ("**adopted**" if c > b else "**not adopted**") + f" ({c:.4f} against {b:.4f})"
+        out += [f"{u.row(cand).label} over {u.row(base).label}: {verdict}", "",
+                markdown_table(headers, rows, align=["l", "l", "r"] + ["r"] * len(u.domains)), ""]
+    return out
 
 
 def _caps(sizing: dict[str, Any]) -> str:
@@ -754,6 +806,7 @@ def render_union_page(u: UnionResults, eff: Efficiency | None = None, generated_
         out += ["Not beating per-domain SASRec alone: " + "; ".join(failing) + ".", ""]
     out += ["### 2.4 FM, DeepFM and LightGCN: distilled vs alone", "",
             "Gain = (distilled − alone) / alone; each row trained on the joint set.", "", t4, ""]
+    out += adoption_section(u)
 
     rt = u.retrain
     n_teachers, finished = len(rt.get("teachers") or u.teachers), int(rt.get("finished") or 0)

@@ -50,7 +50,7 @@ PLAN = "configs/union/plan.yaml"
 DEFAULT_OUT = "results/experiments_union.json"
 SCHEMA = 1
 TEACHER_KEYS = {"name", "label", "config", "run_dir", "row", "served", "note"}
-STUDENT_KEYS = {"name", "label", "group", "model", "variant", "teachers", "seeds", "runs", "note"}
+STUDENT_KEYS = {"name", "label", "group", "model", "variant", "teachers", "seeds", "runs", "note", "adopt_over"}
 
 
 
@@ -79,6 +79,10 @@ class StudentPlan:
     seeds: tuple[int, ...]
     runs: tuple[tuple[str, str], ...]  # (config, run_dir); the seed's directory is <run_dir>/seed<N>
     note: str = ""
+    # A rule fixed before the runs: this row replaces the student named here as the shipped recipe
+    # only if its seed mean of the selected epochs' valid NDCG@10 (mean over the plan's domains) is
+    # above that student's (judged by ckd.union_report.adoption_section once both have every seed).
+    adopt_over: str = ""
 
 
 @dataclass(frozen=True)
@@ -153,11 +157,16 @@ def parse_plan(raw: Any, source: str = PLAN) -> Plan:
         sp = StudentPlan(name=name, label=need(s, "label", where), group=need(s, "group", where),
                          model=need(s, "model", where), variant=need(s, "variant", where),
                          teachers_none=teachers_value == "none", seeds=tuple(seeds), runs=tuple(pairs),
-                         note=str(s.get("note", "")))
+                         note=str(s.get("note", "")), adopt_over=str(s.get("adopt_over") or ""))
         claim(name, [r for _, r in pairs], where)
         students.append(sp)
     if not teachers and not students:
         raise PlanError(f"{source}: no teachers and no students")
+    student_names = [sp.name for sp in students]
+    for sp in students:
+        if sp.adopt_over and (sp.adopt_over == sp.name or sp.adopt_over not in student_names):
+            raise PlanError(f"{source}: student {sp.name}: adopt_over {sp.adopt_over!r} is not another student "
+                            f"of the plan ({', '.join(n for n in student_names if n != sp.name)})")
     checks = []
     for i, c in enumerate(raw.get("retrain_checks") or []):
         where = f"{source}: retrain_checks[{i}]"
@@ -818,6 +827,8 @@ def collect_student(s: StudentPlan, plan: Plan, root: Path,
                              "commands": [], "seeds": []}
     if s.note:
         entry["note"] = s.note
+    if s.adopt_over:
+        entry["adopt_over"] = s.adopt_over
     prev_entry = ((previous or {}).get("students") or {}).get(s.name) or {}
     prev_seeds = {r.get("seed"): r for r in prev_entry.get("seeds") or []}
     for seed in s.seeds:

@@ -282,6 +282,52 @@ def test_bad_union_files_are_named_errors():
     assert fmt_duration(42) == "42 s" and fmt_duration(738) == "12.3 min" and fmt_duration(11100) == "3 h 05 min"
 
 
+def test_adoption_rule_is_judged_on_valid_once_every_seed_is_in():
+    """A plan rule ``adopt_over``: the candidate replaces the named row only if its seed mean of valid
+    NDCG@10 (mean over domains) is higher; open while a planned seed of either row is missing; test
+    never decides it (here the candidate's test is far higher while its valid is lower)."""
+    def with_valid(rec: dict, v: float) -> dict:
+        rec["valid"] = {**split(v, v, v), "mean": m(v)}
+        return rec
+
+    def judged(data: dict) -> str:
+        md = render_union_page(parse_union(data, "u.json"))
+        lines = [ln for ln in md.splitlines() if ln.startswith("Gated over SASRec distilled: ")]
+        assert len(lines) == 1, md
+        return lines[0].split(": ", 1)[1]
+
+    data = fixture()
+    base = data["students"]["sasrec_joint_distilled"]
+    base["seeds"] = [with_valid(base["seeds"][0], 0.09), with_valid(base["seeds"][1], 0.13)]  # seed mean .11
+    gated = student("Gated", "ablation", "sasrec", "distilled, gated",
+                    [with_valid(seed(1, split(0.5, 0.5, 0.5)), 0.10), seed(2, None)])
+    data["students"]["gated"] = {**gated, "adopt_over": "sasrec_joint_distilled"}
+    assert judged(data) == "**open** (pending: Gated seed 2; so far 0.1000 against 0.1100)"
+
+    lower = copy.deepcopy(data)  # seed 2 in: (.10 + .11) / 2 = .105 < .11, whatever test says
+    lower["students"]["gated"]["seeds"][1] = with_valid(seed(2, split(0.5, 0.5, 0.5)), 0.11)
+    assert judged(lower) == "**not adopted** (0.1050 against 0.1100)"
+    higher = copy.deepcopy(data)  # (.10 + .13) / 2 = .115 > .11
+    higher["students"]["gated"]["seeds"][1] = with_valid(seed(2, split(0.01, 0.01, 0.01)), 0.13)
+    assert judged(higher) == "**adopted** (0.1150 against 0.1100)"
+    table = sections(render_union_page(parse_union(higher, "u.json")))["2.5 Rules fixed before the runs"][0]
+    assert row(table, "Row", "Gated")["Valid NDCG@10 per seed (mean over domains)"] == "1: 0.1000, 2: 0.1300"
+    assert row(table, "Row", "SASRec distilled")["Seed mean"] == "0.1100"
+    assert "2.5 Rules fixed before the runs" not in render_union_page(parse_union(fixture(), "u.json"))
+
+    bad = copy.deepcopy(data)
+    bad["students"]["gated"]["adopt_over"] = "nobody"
+    with pytest.raises(ReportError, match="adopt_over 'nobody' is not a student"):
+        render_union_page(parse_union(bad, "u.json"))
+    raw = yaml.safe_load((union.REPO / union.PLAN).read_text())
+    raw["students"][0]["adopt_over"] = raw["students"][0]["name"]
+    with pytest.raises(union.PlanError, match="is not another student of the plan"):
+        union.parse_plan(raw)
+    committed = union.load_plan(union.REPO / union.PLAN, union.PLAN)
+    assert {s.name: s.adopt_over for s in committed.students if s.adopt_over} == {
+        "sasrec_joint_distilled_gated": "sasrec_joint_distilled"}
+
+
 def test_manifest_accepts_a_union_page_and_refuses_mixed_keys():
     spec = parse_results_manifest({"pages": [{"page": "docs/results_union.md",
                                               "union": "results/experiments_union.json"}]}).pages[0]
