@@ -416,8 +416,10 @@ def adoption_section(u: UnionResults) -> list[str]:
         for name in (cand, base):
             r, vals = u.row(name), _valid_means(u, name)
             means[name] = statistics.fmean(vals.values()) if vals else None
-            missing += [f"{r.label} seed {s}" for s in r.planned if s not in vals]
-            per_seed = ", ".join(f"{s}: {vals[s]:.4f}" if s in vals else f"{s}: {PENDING}" for s in r.planned)
+            # a finished seed without a valid mean (an older record) cannot be judged either; say which
+            why = {s: PENDING if s not in r.results else "no valid recorded" for s in r.planned if s not in vals}
+            missing += [f"{r.label} seed {s}" + ("" if w == PENDING else f" ({w})") for s, w in why.items()]
+            per_seed = ", ".join(f"{s}: {vals[s]:.4f}" if s in vals else f"{s}: {why[s]}" for s in r.planned)
             rows.append([r.label, per_seed, DASH if means[name] is None else f"{means[name]:.4f}"]
                         + [fmt_stat(r.stat(d)) for d in u.domains])
         c, b = means[cand], means[base]

@@ -314,6 +314,10 @@ def test_adoption_rule_is_judged_on_valid_once_every_seed_is_in():
     assert row(table, "Row", "Gated")["Valid NDCG@10 per seed (mean over domains)"] == "1: 0.1000, 2: 0.1300"
     assert row(table, "Row", "SASRec distilled")["Seed mean"] == "0.1100"
     assert "2.5 Rules fixed before the runs" not in render_union_page(parse_union(fixture(), "u.json"))
+    no_valid = copy.deepcopy(higher)  # a finished seed whose record has no valid split is not "pending"
+    no_valid["students"]["sasrec_joint_distilled"]["seeds"][1]["valid"] = {}
+    assert judged(no_valid) == ("**open** (pending: SASRec distilled seed 2 (no valid recorded); "
+                                "so far 0.1150 against 0.0900)")
 
     bad = copy.deepcopy(data)
     bad["students"]["gated"]["adopt_over"] = "nobody"
