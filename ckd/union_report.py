@@ -114,6 +114,8 @@ class Row:
     variant: str
     planned: tuple[int, ...]  # the student's planned seeds; () for a teacher
     results: dict[int | None, dict[str, dict[str, float]]]  # seed (None: a teacher) -> test split
+    valid: dict[int, dict[str, dict[str, float]]] = field(default_factory=dict)  # student seed -> valid split
+    adopt_over: str = ""  # a student: the row it replaces only on a higher valid seed mean (§2.5)
 
     def values(self, domain: str, metric: str) -> list[float]:
         return [split[domain][metric] for split in self.results.values() if domain in split]
@@ -218,7 +220,7 @@ def parse_union(raw: Any, source: str) -> UnionResults:
             rows.append(Row(name, str(_require(t, "label", where)), "teacher", "teacher", name, "teacher", (), results))
     for name, s in students.items():
         where = f"{source}: student {name!r}"
-        results = {}
+        results, valid = {}, {}
         planned = []
         for i, rec in enumerate(_require(s, "seeds", where)):
             seed = _require(rec, "seed", f"{where} seeds[{i}]")
@@ -226,8 +228,15 @@ def parse_union(raw: Any, source: str) -> UnionResults:
             test = _check_split(rec.get("test") or {}, domains, f"{where} seed {seed} test", complete=False)
             if test:
                 results[seed] = test
+            val = _check_split(rec.get("valid") or {}, domains, f"{where} seed {seed} valid", complete=False)
+            if val:
+                valid[seed] = val
+        adopt_over = str(s.get("adopt_over") or "")
+        if adopt_over and (adopt_over == name or adopt_over not in students):
+            raise ReportError(f"{where}: adopt_over {adopt_over!r} is not another student of the file")
         rows.append(Row(name, str(_require(s, "label", where)), "student", str(_require(s, "group", where)),
-                        str(_require(s, "model", where)), str(_require(s, "variant", where)), tuple(planned), results))
+                        str(_require(s, "model", where)), str(_require(s, "variant", where)), tuple(planned), results,
+                        valid, adopt_over))
     return UnionResults(domains=list(domains), rows=rows, teachers=teachers, students=students,
                         commit=str(raw.get("commit", "unknown")), created=str(raw.get("created", "")),
                         machine=str(raw.get("machine", "unknown")), command=str(raw.get("command", "")),
@@ -382,29 +391,15 @@ def target_universality(u: UnionResults) -> tuple[str, dict[str, Verdict]]:
     return markdown_table(headers, rows, align=["l", "l", "r", "r", "r", "l"]), verdicts
 
 
-def _valid_means(u: UnionResults, name: str) -> dict[int, float]:
-    """Per finished seed of student ``name``: its selected epoch's valid NDCG@10, mean over the
-    plan's domains (collect's ``valid.mean``); a seed without one is left out."""
-    out = {}
-    for rec in u.students[name].get("seeds") or []:
-        v = ((rec.get("valid") or {}).get(MEAN) or {}).get(SELECT)
-        if isinstance(v, (int, float)):
-            out[int(rec["seed"])] = float(v)
-    return out
-
-
 def adoption_section(u: UnionResults) -> list[str]:
     """§2.5: each student whose plan entry has ``adopt_over`` (a rule fixed before its runs): it
     replaces that student as the shipped recipe only if its seed mean of valid NDCG@10 (mean over
     domains, the selected epoch) is above the other's. Judged once both rows have every planned seed;
     until then the verdict is *open* with the values so far. The test NDCG@10 of both is shown
     either way, for information only: the rule never looks at test."""
-    rules = [(n, str(e["adopt_over"])) for n, e in u.students.items() if e.get("adopt_over")]
+    rules = [(r, u.row(r.adopt_over)) for r in u.rows if r.adopt_over]
     if not rules:
         return []
-    for cand, base in rules:
-        if base not in u.students:
-            raise ReportError(f"{u.source}: student {cand!r}: adopt_over {base!r} is not a student of the file")
     out = ["### 2.5 Rules fixed before the runs", "",
            "A row with a rule replaces the named row as the shipped recipe only if its seed mean of valid "
            f"{METRIC_LABELS[SELECT]} (the selected epoch, mean over {', '.join(u.domains)}) is above that row's. "
@@ -413,22 +408,22 @@ def adoption_section(u: UnionResults) -> list[str]:
               [f"{d}: test NDCG@10" for d in u.domains]
     for cand, base in rules:
         rows, means, missing = [], {}, []
-        for name in (cand, base):
-            r, vals = u.row(name), _valid_means(u, name)
-            means[name] = statistics.fmean(vals.values()) if vals else None
+        for r in (cand, base):
+            vals = {seed: split[MEAN][SELECT] for seed, split in r.valid.items() if MEAN in split}
+            means[r.name] = statistics.fmean(vals.values()) if vals else None
             # a finished seed without a valid mean (an older record) cannot be judged either; say which
             why = {s: PENDING if s not in r.results else "no valid recorded" for s in r.planned if s not in vals}
             missing += [f"{r.label} seed {s}" + ("" if w == PENDING else f" ({w})") for s, w in why.items()]
             per_seed = ", ".join(f"{s}: {vals[s]:.4f}" if s in vals else f"{s}: {why[s]}" for s in r.planned)
-            rows.append([r.label, per_seed, DASH if means[name] is None else f"{means[name]:.4f}"]
+            rows.append([r.label, per_seed, DASH if means[r.name] is None else f"{means[r.name]:.4f}"]
                         + [fmt_stat(r.stat(d)) for d in u.domains])
-        c, b = means[cand], means[base]
+        c, b = means[cand.name], means[base.name]
         if missing:
             so_far = "" if c is None or b is None else f"; so far {c:.4f} against {b:.4f}"
             verdict = f"**open** (pending: {', '.join(missing)}{so_far})"
         else:
             verdict = ("**adopted**" if c > b else "**not adopted**") + f" ({c:.4f} against {b:.4f})"
-        out += [f"{u.row(cand).label} over {u.row(base).label}: {verdict}", "",
+        out += [f"{cand.label} over {base.label}: {verdict}", "",
                 markdown_table(headers, rows, align=["l", "l", "r"] + ["r"] * len(u.domains)), ""]
     return out
 

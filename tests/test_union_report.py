@@ -273,6 +273,9 @@ def test_bad_union_files_are_named_errors():
         (lambda d: d["students"]["fm_alone"]["seeds"][0]["test"].update(Books=m(0.1)), "not the plan's"),
         # a stored mean that is not the unweighted mean of the domains is refused, not shown
         (lambda d: d["students"]["fm_alone"]["seeds"][0]["test"].update(mean=m(0.5)), "not the unweighted mean"),
+        # valid splits are checked the same way (the adoption rules of §2.5 are judged on them)
+        (lambda d: d["students"]["fm_alone"]["seeds"][0].update(valid={**split(0.1, 0.1, 0.1), "mean": m(0.2)}),
+         "seed 1 valid: 'mean'"),
         (lambda d: d["teachers"]["good"].update(status="running"), "status 'running'"),
     ]:
         bad = copy.deepcopy(ok)
@@ -321,8 +324,8 @@ def test_adoption_rule_is_judged_on_valid_once_every_seed_is_in():
 
     bad = copy.deepcopy(data)
     bad["students"]["gated"]["adopt_over"] = "nobody"
-    with pytest.raises(ReportError, match="adopt_over 'nobody' is not a student"):
-        render_union_page(parse_union(bad, "u.json"))
+    with pytest.raises(ReportError, match="student 'gated': adopt_over 'nobody' is not another student"):
+        parse_union(bad, "u.json")
     raw = yaml.safe_load((union.REPO / union.PLAN).read_text())
     raw["students"][0]["adopt_over"] = raw["students"][0]["name"]
     with pytest.raises(union.PlanError, match="is not another student of the plan"):
