@@ -431,22 +431,43 @@ def _script(name: str) -> list[str]:
 
 @dataclass
 class Estimator:
-    """Expected wall time of a step from steps already finished: the same run at another seed, else
-    the same student entry, else unknown (teachers differ too much for one to predict another)."""
+    """Expected wall time of a step: from steps finished here (the same run at another seed, else the
+    same student entry), else from the times the committed results JSON recorded for the same run
+    directory or another seed of it (maybe on another machine: what a fresh clone has), else unknown
+    (teachers differ too much for one to predict another)."""
 
     seconds: dict[Step, float] = field(default_factory=dict)
+    recorded: dict[str, float] = field(default_factory=dict)  # run_dir -> seconds in the results JSON
 
     def record(self, step: Step, seconds: float | None) -> None:
         if seconds is not None and seconds > 0:
             self.seconds[step] = seconds
 
+    def record_previous(self, previous: dict[str, Any] | None) -> None:
+        """Take each run's recorded time from a results JSON (collect's format): a teacher's
+        ``train_s``, a student run's ``wall_s``. Entries without a usable time are skipped."""
+        def keep(run_dir: Any, seconds: Any) -> None:
+            if isinstance(run_dir, str) and isinstance(seconds, (int, float)) and seconds > 0:
+                self.recorded[run_dir] = float(seconds)
+
+        for t in _values(previous, "teachers"):
+            keep(t.get("run_dir"), t.get("train_s"))
+        for s in _values(previous, "students"):
+            for rec in s.get("seeds") or []:
+                for r in (rec.get("runs") or []) if isinstance(rec, dict) else []:
+                    if isinstance(r, dict):
+                        keep(r.get("run_dir"), r.get("wall_s"))
+
     def estimate(self, step: Step) -> float | None:
+        here = [s for k, s in self.seconds.items() if k.run_dir == step.run_dir]
         if step.kind == "teacher":
-            return None
+            return here[0] if here else self.recorded.get(step.run_dir)
         base = str(Path(step.run_dir).parent)
         same_run = [s for k, s in self.seconds.items() if k.kind == "student" and str(Path(k.run_dir).parent) == base]
         same_entry = [s for k, s in self.seconds.items() if k.kind == "student" and k.name == step.name]
-        for pool in (same_run, same_entry):
+        exact = [self.recorded[step.run_dir]] if step.run_dir in self.recorded else []
+        recorded_run = [s for d, s in self.recorded.items() if str(Path(d).parent) == base]
+        for pool in (same_run, same_entry, exact, recorded_run):
             if pool:
                 return statistics.median(pool)
         return None
@@ -460,6 +481,12 @@ class Estimator:
         if unknown:
             text += (" + " if text else "") + f"{unknown} step(s) without an estimate yet"
         return text
+
+
+def _values(data: dict[str, Any] | None, key: str) -> list[dict[str, Any]]:
+    """The mapping entries of ``data[key]`` (a results JSON section), or none."""
+    section = (data or {}).get(key)
+    return [v for v in section.values() if isinstance(v, dict)] if isinstance(section, dict) else []
 
 
 def _last_log_line(run_dir: Path) -> str:
@@ -560,6 +587,10 @@ def cmd_run(args: argparse.Namespace, root: Path) -> int:
         recorded -= needed_teachers(plan, pending_here, root)
     logs = root / (args.logs or plan.logs_dir)
     est = Estimator()
+    try:  # a fresh clone's estimates: the times the committed JSON recorded
+        est.record_previous(load_previous(root / args.results))
+    except PlanError:
+        pass  # an unreadable JSON only costs the estimates; collect names the problem
     for s in plan_steps(plan):  # what has finished already informs the estimates
         if is_done(root, s.run_dir):
             m = json.loads((root / s.run_dir / "metrics.json").read_text())

@@ -283,3 +283,29 @@ def test_a_teacher_retrained_here_keeps_the_recorded_run_it_replaces(tmp_path):
     older = next(ln for ln in text.splitlines() if ln.startswith("- Text+ID (an earlier retrain):"))
     assert f"(checkpoint `{'b' * 16}`), retrained in its run directory on" in older  # the first run ...
     assert f"at `{'e' * 40}` in " in older and older.endswith("That run was replaced in turn (above).")  # ... by the second
+
+
+def test_estimates_on_a_fresh_machine_come_from_the_recorded_times():
+    """With nothing finished here, a step's expected time is what the committed JSON recorded for its
+    run directory, else the median over the other seeds of the same run; a time measured here wins."""
+    previous = {
+        "teachers": {"pre": {"run_dir": "runs/t/pre", "train_s": 600.0},
+                     "late": {"run_dir": "runs/t/late", "train_s": None}},
+        "students": {"alone": {"seeds": [{"seed": 1, "runs": [{"run_dir": "runs/a/seed1", "wall_s": 100.0}]},
+                                         {"seed": 2, "runs": [{"run_dir": "runs/a/seed2", "wall_s": 400.0}]},
+                                         "not a seed record"]}},
+    }
+    est = union.Estimator()
+    est.record_previous(previous)
+    teacher = union.Step("teacher", "pre", "configs/pre.yaml", "runs/t/pre")
+    seed = {s: union.Step("student", "alone", "configs/a.yaml", f"runs/a/seed{s}", seed=s) for s in (1, 2, 3)}
+    assert est.estimate(teacher) == 600.0
+    assert est.estimate(union.Step("teacher", "late", "configs/late.yaml", "runs/t/late")) is None
+    assert est.estimate(seed[1]) == 100.0  # its own recorded time
+    assert est.estimate(seed[3]) == 250.0  # (100 + 400) / 2: the other seeds of the same run
+    assert est.estimate(union.Step("student", "dist", "configs/d.yaml", "runs/d/seed1", seed=1)) is None
+    assert est.eta([teacher, seed[3]]) == "~14.2 min for 2 step(s)"
+    est.record(seed[2], 50.0)  # measured here: this machine's pace beats another machine's record
+    assert est.estimate(seed[3]) == 50.0 and est.estimate(seed[1]) == 50.0
+    for junk in (None, {}, {"teachers": [1], "students": {"x": {"seeds": None}}}):
+        union.Estimator().record_previous(junk)  # nothing usable: no estimate, no error
