@@ -753,9 +753,10 @@ def _source_block(commit: str, machine: str, created: str, commands: Iterable[st
 
 def render_report(exp: Experiments, eff: Efficiency | None, domain: str = "Scientific",
                   figure_link: str | None = None, generated_by: str = "ckd-report",
-                  generated_at: str = "", draft: bool = False) -> str:
+                  generated_at: str = "", draft: bool = False, see_first: tuple[str, str] | None = None) -> str:
     """The whole results page. ``generated_at``: the commit the page is generated at (named in the
-    header when given); ``draft``: the tree had uncommitted changes, which the header says."""
+    header when given); ``draft``: the tree had uncommitted changes, which the header says;
+    ``see_first``: (link relative to this page, why) of a page to read before this one."""
     domains = domains_of(exp)
     if domain not in domains:
         raise ReportError(f"figure/efficiency domain {domain!r} has no test results; domains: {domains}")
@@ -770,6 +771,9 @@ def render_report(exp: Experiments, eff: Efficiency | None, domain: str = "Scien
             + (f" and `{eff.source}`" if eff else "") + ". Do not edit by hand: rerun the command.",
            "All metrics: test split, leave-one-out, full ranking over the user's domain "
            "(UniSRec/RecBole protocol); model selection on valid NDCG@10.", ""]
+    if see_first:
+        link, why = see_first
+        out += [f"**Read first:** [{Path(link).name}]({link}): {why}", ""]
     if figure_link:
         out += ["## Figure 1: accuracy, inference time and memory", "",
                 f"![Figure 1: test NDCG@10 on {domain} vs inference ms per 1,000 users; circle area = peak "
@@ -827,7 +831,7 @@ def render_report(exp: Experiments, eff: Efficiency | None, domain: str = "Scien
 # ----------------------------------------------------------------------------- results manifest
 
 MANIFEST = "results/MANIFEST.yaml"
-PAGE_KEYS = {"page", "experiments", "efficiency", "figure", "domain", "union", "mechanisms"}
+PAGE_KEYS = {"page", "experiments", "efficiency", "figure", "domain", "union", "mechanisms", "see_first"}
 
 
 @dataclass(frozen=True)
@@ -847,6 +851,9 @@ class PageSpec:
     # A page of its own kind (ckd.mechanisms_report) from this JSON; its ``figure`` is the anytime
     # curves' PNG (no efficiency).
     mechanisms: str | None = None
+    # Another page of the manifest that this one points to before anything else, and why
+    # (``see_first: {page: docs/results_union.md, why: ...}``): e.g. the page that supersedes it.
+    see_first: tuple[str, str] | None = None
 
     @property
     def inputs(self) -> list[str]:
@@ -943,12 +950,16 @@ def parse_results_manifest(raw: Any, source: str = MANIFEST) -> ResultsManifest:
         domain = entry.get("domain", "Scientific")
         if not isinstance(domain, str) or not domain:
             raise ReportError(f"{where}: 'domain' must be a domain name")
+        see_first = _see_first(entry.get("see_first"), where) if "see_first" in entry else None
+        if see_first and (union or mechanisms):
+            raise ReportError(f"{where}: 'see_first' is for an experiments page")
         spec = PageSpec(page=page, experiments=tuple(_rel_path(e, f"{where}.experiments") for e in exps),
                         efficiency=_rel_path(eff, f"{where}.efficiency") if eff else None,
                         figure=_rel_path(fig, f"{where}.figure") if fig else None, domain=domain,
                         union=_rel_path(union, f"{where}.union") if union else None,
                         efficiency_by_domain=by_domain,
-                        mechanisms=_rel_path(mechanisms, f"{where}.mechanisms") if mechanisms else None)
+                        mechanisms=_rel_path(mechanisms, f"{where}.mechanisms") if mechanisms else None,
+                        see_first=see_first)
         if spec.figure and not spec.figure.endswith(".png"):
             raise ReportError(f"{where}: the figure is a .png file")
         if len(set(spec.experiments)) != len(spec.experiments):
@@ -959,6 +970,11 @@ def parse_results_manifest(raw: Any, source: str = MANIFEST) -> ResultsManifest:
             if spec.figure and other.figure == spec.figure:
                 raise ReportError(f"{where}: figure {spec.figure} is also {other.page}'s")
         pages.append(spec)
+    names = {p.page for p in pages}
+    for spec in pages:
+        if spec.see_first and (spec.see_first[0] not in names or spec.see_first[0] == spec.page):
+            raise ReportError(f"{source}: page {spec.page}: see_first names {spec.see_first[0]}, which is not "
+                              "another page of the manifest")
     cited_raw = raw.get("cited") or {}
     if not isinstance(cited_raw, dict):
         raise ReportError(f"{source}: 'cited' must map a JSON file to where it is cited")
@@ -972,6 +988,16 @@ def parse_results_manifest(raw: Any, source: str = MANIFEST) -> ResultsManifest:
             raise ReportError(f"{source}: cited {key}: say where it is cited")
         cited[key] = where_cited
     return ResultsManifest(pages=pages, cited=cited, source=source)
+
+
+def _see_first(raw: Any, where: str) -> tuple[str, str]:
+    """A page's ``see_first: {page, why}``: the page to read first (a root-relative path) and why."""
+    if not isinstance(raw, dict) or set(raw) != {"page", "why"}:
+        raise ReportError(f"{where}: 'see_first' must be a mapping with exactly 'page' and 'why'")
+    why = raw["why"]
+    if not isinstance(why, str) or not why.strip():
+        raise ReportError(f"{where}: see_first.why must say why the other page comes first")
+    return _rel_path(raw["page"], f"{where}.see_first.page"), " ".join(why.split())
 
 
 def load_results_manifest(path: str | os.PathLike[str], label: str = MANIFEST) -> ResultsManifest:

@@ -137,12 +137,12 @@ def _files(efficiency: Path | dict[str, Path] | None) -> list[Path]:
 def render_page(experiments: list[Path], efficiency: Path | dict[str, Path] | None, out: Path, figure: Path | None,
                 domain: str, command: str, root: Path = REPO, generated_at: str = "",
                 draft: bool = False, union: Path | None = None,
-                mechanisms: Path | None = None) -> tuple[str, dict | None]:
+                mechanisms: Path | None = None, see_first: tuple[Path, str] | None = None) -> tuple[str, dict | None]:
     """The page's text and the figure's sidecar dict (None without efficiency results or figure).
     ``union``: the page is the union experiment's (ckd.union_report) from that JSON instead; its
     ``efficiency`` may be {domain: path}, the panels of its figure. ``mechanisms``: the page is the
     mechanisms study's (ckd.mechanisms_report); its figure is the anytime curves (none while no
-    curriculum row has a curve)."""
+    curriculum row has a curve). ``see_first``: (page, why) of a page this one links before anything."""
     if mechanisms is not None:
         m = load_mechanisms(mechanisms, _label(mechanisms, root))
         sidecar = anytime_points(m) if figure else None
@@ -170,8 +170,12 @@ def render_page(experiments: list[Path], efficiency: Path | dict[str, Path] | No
     if eff is not None and figure:
         sidecar = figure_points(exp, eff, domain)
         link = os.path.relpath(Path(figure).resolve(), Path(out).resolve().parent).replace(os.sep, "/")
+    first = None
+    if see_first is not None:
+        first = (os.path.relpath(Path(see_first[0]).resolve(), Path(out).resolve().parent).replace(os.sep, "/"),
+                 see_first[1])
     text = render_report(exp, eff, domain=domain, figure_link=link, generated_by=command,
-                         generated_at=generated_at, draft=draft) + "\n"
+                         generated_at=generated_at, draft=draft, see_first=first) + "\n"
     return text, sidecar
 
 
@@ -179,7 +183,8 @@ def build_report(experiments: str | Path | list[str | Path], efficiency: str | P
                  out: str | Path,
                  figure: str | Path | None, domain: str = "Scientific", command: str = PROG,
                  root: Path = REPO, generated_at: str = "", draft: bool = False,
-                 union: str | Path | None = None, mechanisms: str | Path | None = None) -> dict[str, Path]:
+                 union: str | Path | None = None, mechanisms: str | Path | None = None,
+                 see_first: tuple[Path, str] | None = None) -> dict[str, Path]:
     """Write the page (and the figure with its sidecar when there are efficiency results);
     returns the paths written. No git check here: ``main`` decides whether writing is allowed."""
     paths = [Path(p) for p in (experiments if isinstance(experiments, list) else [experiments])]
@@ -189,7 +194,7 @@ def build_report(experiments: str | Path | list[str | Path], efficiency: str | P
         (Path(efficiency) if efficiency else None)
     text, sidecar = render_page(paths, eff, out, fig, domain, command,
                                 root, generated_at, draft, Path(union) if union else None,
-                                Path(mechanisms) if mechanisms else None)
+                                Path(mechanisms) if mechanisms else None, see_first)
     written = {"page": out}
     if sidecar is not None and fig is not None:
         fig.parent.mkdir(parents=True, exist_ok=True)
@@ -217,16 +222,31 @@ def _spec_paths(spec: PageSpec, root: Path) -> tuple[list[Path], Path | dict[str
     return exps, eff, root / spec.page, (root / spec.figure if spec.figure else None), union, mech
 
 
+def _see_first(spec: PageSpec, root: Path) -> tuple[Path, str] | None:
+    """The manifest's page-to-read-first of ``spec`` as (absolute path, why)."""
+    return (root / spec.see_first[0], spec.see_first[1]) if spec.see_first else None
+
+
+def _read_first_line(text: str) -> str | None:
+    """The header's '**Read first:**' line (ckd.reporting.render_report), or None."""
+    header = text.split("\n## ", 1)[0]
+    return next((line for line in header.splitlines() if line.startswith("**Read first:**")), None)
+
+
 def check_page(spec: PageSpec, root: Path) -> list[str]:
     """Differences between the page (and sidecar) on disk and what the JSON gives now, below the
     header; [] when they match."""
     exps, eff, out, fig, union, mech = _spec_paths(spec, root)
     text, sidecar = render_page(exps, eff, out, fig, spec.domain, f"{PROG} --page {spec.page}", root, union=union,
-                                mechanisms=mech)
+                                mechanisms=mech, see_first=_see_first(spec, root))
     if not out.is_file():
         return [f"{spec.page}: missing"]
     problems = []
     body_now, body_disk = page_body(text).splitlines(), page_body(out.read_text()).splitlines()
+    # The header is skipped (it names the commit), except the line that sends a reader elsewhere first.
+    first_now, first_disk = (_read_first_line(t) for t in (text, out.read_text()))
+    if first_now != first_disk:
+        problems.append(f"{spec.page}: its 'Read first' line is {first_disk!r} on disk, {first_now!r} from the manifest")
     if body_now != body_disk:
         diff = difflib.unified_diff(body_disk, body_now, f"{spec.page} (on disk)", f"{spec.page} (from JSON)",
                                     lineterm="", n=1)
@@ -267,7 +287,8 @@ def _run_manifest(args: argparse.Namespace, root: Path, state: TreeState | None)
         return 2
     for spec, exps, eff, out, fig, union, mech in resolved:
         written = build_report(exps, eff, out, fig, spec.domain, f"{PROG} --page {spec.page}", root,
-                               generated_at=state.commit, draft=not state.clean, union=union, mechanisms=mech)
+                               generated_at=state.commit, draft=not state.clean, union=union, mechanisms=mech,
+                               see_first=_see_first(spec, root))
         for what, path in written.items():
             print(f"written {what}: {_label(path, root)}" + (" (draft)" if what == "page" and not state.clean else ""))
     return 0

@@ -441,6 +441,30 @@ def test_manifest_pages_regenerated_by_default(results_repo, capsys):
 
 
 @pytest.mark.unit
+def test_a_page_links_the_page_to_read_first(results_repo, capsys):
+    """``see_first`` puts a link to another page of the manifest, relative to this page, with its
+    reason, at the top of the page, before the first section."""
+    repo = results_repo
+    manifest = yaml.safe_load((repo / MANIFEST).read_text())
+    manifest["pages"][1] = {"page": "docs/old/plain.md", "experiments": ["results/suite.json"],
+                            "see_first": {"page": "docs/results.md", "why": "it has\n every   domain."}}
+    (repo / MANIFEST).write_text(yaml.safe_dump(manifest, sort_keys=False))
+    _git(repo, "commit", "-q", "-am", "see first")
+    assert report.main(["--root", str(repo)]) == 0
+    header = (repo / "docs" / "old" / "plain.md").read_text().split("\n## ", 1)[0]
+    assert "**Read first:** [results.md](../results.md): it has every domain." in header
+    assert "Read first" not in (repo / "docs" / "results.md").read_text()
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-q", "-m", "pages")
+    assert report.main(["--root", str(repo), "--check"]) == 0
+    del manifest["pages"][1]["see_first"]  # the manifest drops it: --check says the page still has it
+    (repo / MANIFEST).write_text(yaml.safe_dump(manifest, sort_keys=False))
+    capsys.readouterr()
+    assert report.main(["--root", str(repo), "--check", "--page", "docs/old/plain.md"]) == 1
+    assert "its 'Read first' line is '**Read first:** [results.md]" in capsys.readouterr().out
+
+
+@pytest.mark.unit
 def test_dirty_tree_is_refused_unless_draft(results_repo, capsys):
     repo = results_repo
     head = _git(repo, "rev-parse", "HEAD")
@@ -552,7 +576,15 @@ def test_manifest_errors_are_named():
                        ({"pages": [dict(ok, experiments=[])]}, "non-empty list"),
                        ({"pages": [dict(ok, page="../r.md")]}, "inside the repository"),
                        ({"pages": [ok], "cited": {"results/a.json": "x"}}, "listed twice"),
-                       ({"page": [ok]}, "'pages' list")]:
+                       ({"page": [ok]}, "'pages' list"),
+                       ({"pages": [dict(ok, see_first={"page": "docs/other.md", "why": "x"})]},
+                        "not another page of the manifest"),
+                       ({"pages": [dict(ok, see_first={"page": "docs/r.md", "why": "x"})]},
+                        "not another page of the manifest"),
+                       ({"pages": [dict(ok, see_first={"page": "docs/r2.md"}), dict(ok, page="docs/r2.md")]},
+                        "exactly 'page' and 'why'"),
+                       ({"pages": [dict(ok, see_first={"page": "docs/r2.md", "why": " "}),
+                                   dict(ok, page="docs/r2.md")]}, "must say why")]:
         with pytest.raises(ReportError, match=match):
             parse_results_manifest(bad)
 
@@ -569,6 +601,9 @@ def test_repository_results_are_all_in_the_manifest_and_pages_match_their_json(c
     assert manifest.page("docs/results.md").figure == "docs/figure1.png"
     assert report.main(["--check"]) == 0, capsys.readouterr().out
     assert page_body((ROOT / "docs" / "results.md").read_text()).startswith("## Figure 1")
+    # the single-domain page sends a reader to the page of every domain first
+    assert "**Read first:** [results_union.md](results_union.md): one student for every domain." in \
+        (ROOT / "docs" / "results.md").read_text().split("\n## ", 1)[0]
 
 
 @pytest.mark.unit
