@@ -27,6 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]  # the checkout: configs and runs/ are relative to it
 
+from ckd.affinity import available_cpus, format_cpus
 from ckd.run_dir import git_sha
 
 # name -> (group, model, variant, overrides); "{all}" marks runs that use every teacher.
@@ -76,7 +77,16 @@ def cpu_name() -> str:
 
 
 def machine_description(device: str) -> str:
+    """"2 cores (AMD EPYC), Linux", plus the cores this process is pinned to when it may not use all
+    of them (a run started under taskset inherits them: its times are those of fewer cores), and
+    the GPU on a CUDA device."""
     desc = f"{os.cpu_count()} cores ({cpu_name()}), {platform.system()}"
+    try:
+        allowed = available_cpus()
+    except (AttributeError, OSError):  # no affinity on this OS: nothing to say
+        allowed = set()
+    if allowed and len(allowed) < (os.cpu_count() or 0):
+        desc += f", pinned to {len(allowed)} of them (cpus {format_cpus(allowed)})"
     if device.startswith("cuda"):
         import torch
 

@@ -169,3 +169,19 @@ def test_default_gpu_share_is_one_device_per_replica_where_there_are_enough():
     assert default_gpu_share(4, 3) == default_gpu_share(3, 3) == 1.0  # one GPU per teacher
     assert default_gpu_share(1, 3) == 0.33 and 3 * default_gpu_share(1, 3) <= 1.0  # packed onto one lent GPU
     assert default_gpu_share(2, 3) == 0.66 and default_gpu_share(8, 0) == 0.0
+
+
+@needs_two
+def test_a_run_started_on_fewer_cores_records_them_in_its_machine():
+    """A process started under taskset (as a run beside another is) says so in its machine line, so a
+    wall time measured on one core is not read as the whole box's; unpinned, the line is unchanged."""
+    code = "from research.experiments import machine_description as m; print(m('cpu'))"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    pinned = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO_ROOT,
+                            preexec_fn=lambda: os.sched_setaffinity(0, {1}), check=True).stdout.strip()
+    free = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO_ROOT,
+                          preexec_fn=lambda: os.sched_setaffinity(0, ALL), check=True).stdout.strip()
+    n = os.cpu_count()
+    assert pinned.startswith(f"{n} cores (") and pinned.endswith(f", pinned to 1 of them (cpus 1)")
+    if len(ALL) == n:  # this test may use every core: unpinned, nothing is added
+        assert "pinned" not in free and pinned == free + ", pinned to 1 of them (cpus 1)"
