@@ -222,7 +222,7 @@ def _spec_paths(spec: PageSpec, root: Path) -> tuple[list[Path], Path | dict[str
     return exps, eff, root / spec.page, (root / spec.figure if spec.figure else None), union, mech
 
 
-def _see_first(spec: PageSpec, root: Path) -> tuple[Path, str] | None:
+def _see_first_path(spec: PageSpec, root: Path) -> tuple[Path, str] | None:
     """The manifest's page-to-read-first of ``spec`` as (absolute path, why)."""
     return (root / spec.see_first[0], spec.see_first[1]) if spec.see_first else None
 
@@ -238,7 +238,7 @@ def check_page(spec: PageSpec, root: Path) -> list[str]:
     header; [] when they match."""
     exps, eff, out, fig, union, mech = _spec_paths(spec, root)
     text, sidecar = render_page(exps, eff, out, fig, spec.domain, f"{PROG} --page {spec.page}", root, union=union,
-                                mechanisms=mech, see_first=_see_first(spec, root))
+                                mechanisms=mech, see_first=_see_first_path(spec, root))
     if not out.is_file():
         return [f"{spec.page}: missing"]
     problems = []
@@ -288,7 +288,7 @@ def _run_manifest(args: argparse.Namespace, root: Path, state: TreeState | None)
     for spec, exps, eff, out, fig, union, mech in resolved:
         written = build_report(exps, eff, out, fig, spec.domain, f"{PROG} --page {spec.page}", root,
                                generated_at=state.commit, draft=not state.clean, union=union, mechanisms=mech,
-                               see_first=_see_first(spec, root))
+                               see_first=_see_first_path(spec, root))
         for what, path in written.items():
             print(f"written {what}: {_label(path, root)}" + (" (draft)" if what == "page" and not state.clean else ""))
     return 0
