@@ -773,7 +773,7 @@ def render_report(exp: Experiments, eff: Efficiency | None, domain: str = "Scien
            "(UniSRec/RecBole protocol); model selection on valid NDCG@10.", ""]
     if see_first:
         link, why = see_first
-        out += [f"**Read first:** [{Path(link).name}]({link}): {why}", ""]
+        out += [f"{READ_FIRST} [{Path(link).name}]({link}): {why}", ""]
     if figure_link:
         out += ["## Figure 1: accuracy, inference time and memory", "",
                 f"![Figure 1: test NDCG@10 on {domain} vs inference ms per 1,000 users; circle area = peak "
@@ -831,6 +831,7 @@ def render_report(exp: Experiments, eff: Efficiency | None, domain: str = "Scien
 # ----------------------------------------------------------------------------- results manifest
 
 MANIFEST = "results/MANIFEST.yaml"
+READ_FIRST = "**Read first:**"  # opens a page's link to the page to read before it (PageSpec.see_first)
 PAGE_KEYS = {"page", "experiments", "efficiency", "figure", "domain", "union", "mechanisms", "see_first"}
 
 
@@ -1006,10 +1007,11 @@ def load_results_manifest(path: str | os.PathLike[str], label: str = MANIFEST) -
 
 
 def page_body(text: str) -> str:
-    """A page without its header (everything above the first '## ' heading): what ``ckd-report
-    --check`` compares, since the header names the command and the commit it was generated at."""
+    """A page without its header (everything above the first '## ' heading, or above the line that
+    sends a reader to another page first): what ``ckd-report --check`` compares, since the header
+    names the command and the commit it was generated at."""
     lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.startswith("## ")), len(lines))
+    start = next((i for i, line in enumerate(lines) if line.startswith(("## ", READ_FIRST))), len(lines))
     return "\n".join(lines[start:])
 
 

@@ -134,6 +134,11 @@ def _files(efficiency: Path | dict[str, Path] | None) -> list[Path]:
     return [efficiency] if efficiency else []
 
 
+def _link(target: Path, page: Path) -> str:
+    """``target`` as a markdown link from ``page``: relative to its folder, '/'-separated."""
+    return os.path.relpath(Path(target).resolve(), Path(page).resolve().parent).replace(os.sep, "/")
+
+
 def render_page(experiments: list[Path], efficiency: Path | dict[str, Path] | None, out: Path, figure: Path | None,
                 domain: str, command: str, root: Path = REPO, generated_at: str = "",
                 draft: bool = False, union: Path | None = None,
@@ -146,7 +151,7 @@ def render_page(experiments: list[Path], efficiency: Path | dict[str, Path] | No
     if mechanisms is not None:
         m = load_mechanisms(mechanisms, _label(mechanisms, root))
         sidecar = anytime_points(m) if figure else None
-        link = os.path.relpath(Path(figure).resolve(), Path(out).resolve().parent).replace(os.sep, "/") \
+        link = _link(figure, out) \
             if sidecar is not None else None
         text = render_mechanisms_page(m, generated_by=command, generated_at=generated_at, draft=draft,
                                       figure_link=link) + "\n"
@@ -156,7 +161,7 @@ def render_page(experiments: list[Path], efficiency: Path | dict[str, Path] | No
         if isinstance(efficiency, dict):
             effs = {d: load_efficiency(p, _label(p, root)) for d, p in efficiency.items()}
             sidecar = union_figure_points(u, effs)  # its skipped rows are listed even without a figure
-            link = os.path.relpath(Path(figure).resolve(), Path(out).resolve().parent).replace(os.sep, "/") \
+            link = _link(figure, out) \
                 if figure else None
             text = render_union_page(u, None, generated_by=command, generated_at=generated_at, draft=draft,
                                      effs=effs, figure_link=link, sidecar=sidecar) + "\n"
@@ -169,11 +174,8 @@ def render_page(experiments: list[Path], efficiency: Path | dict[str, Path] | No
     sidecar, link = None, None
     if eff is not None and figure:
         sidecar = figure_points(exp, eff, domain)
-        link = os.path.relpath(Path(figure).resolve(), Path(out).resolve().parent).replace(os.sep, "/")
-    first = None
-    if see_first is not None:
-        first = (os.path.relpath(Path(see_first[0]).resolve(), Path(out).resolve().parent).replace(os.sep, "/"),
-                 see_first[1])
+        link = _link(figure, out)
+    first = (_link(see_first[0], out), see_first[1]) if see_first is not None else None
     text = render_report(exp, eff, domain=domain, figure_link=link, generated_by=command,
                          generated_at=generated_at, draft=draft, see_first=first) + "\n"
     return text, sidecar
@@ -227,12 +229,6 @@ def _see_first_path(spec: PageSpec, root: Path) -> tuple[Path, str] | None:
     return (root / spec.see_first[0], spec.see_first[1]) if spec.see_first else None
 
 
-def _read_first_line(text: str) -> str | None:
-    """The header's '**Read first:**' line (ckd.reporting.render_report), or None."""
-    header = text.split("\n## ", 1)[0]
-    return next((line for line in header.splitlines() if line.startswith("**Read first:**")), None)
-
-
 def check_page(spec: PageSpec, root: Path) -> list[str]:
     """Differences between the page (and sidecar) on disk and what the JSON gives now, below the
     header; [] when they match."""
@@ -243,10 +239,6 @@ def check_page(spec: PageSpec, root: Path) -> list[str]:
         return [f"{spec.page}: missing"]
     problems = []
     body_now, body_disk = page_body(text).splitlines(), page_body(out.read_text()).splitlines()
-    # The header is skipped (it names the commit), except the line that sends a reader elsewhere first.
-    first_now, first_disk = (_read_first_line(t) for t in (text, out.read_text()))
-    if first_now != first_disk:
-        problems.append(f"{spec.page}: its 'Read first' line is {first_disk!r} on disk, {first_now!r} from the manifest")
     if body_now != body_disk:
         diff = difflib.unified_diff(body_disk, body_now, f"{spec.page} (on disk)", f"{spec.page} (from JSON)",
                                     lineterm="", n=1)

@@ -459,9 +459,8 @@ class Estimator:
                         keep(r.get("run_dir"), r.get("wall_s"))
 
     def estimate(self, step: Step) -> float | None:
-        here = [s for k, s in self.seconds.items() if k.run_dir == step.run_dir]
-        if step.kind == "teacher":
-            return here[0] if here else self.recorded.get(step.run_dir)
+        if step.kind == "teacher":  # one finished here is skipped, never estimated
+            return self.recorded.get(step.run_dir)
         base = str(Path(step.run_dir).parent)
         same_run = [s for k, s in self.seconds.items() if k.kind == "student" and str(Path(k.run_dir).parent) == base]
         same_entry = [s for k, s in self.seconds.items() if k.kind == "student" and k.name == step.name]
@@ -547,10 +546,9 @@ def _result_line(root: Path, step: Step) -> str:
         return "no metrics.json"
 
 
-def recorded_elsewhere(plan: Plan, root: Path, results: Path) -> set[str]:
-    """Run directories of the plan not finished here whose results ``results`` (the committed JSON)
-    holds and a collect would carry (research.carry): finished work from another machine."""
-    previous = load_previous(results)
+def recorded_elsewhere(plan: Plan, root: Path, previous: dict[str, Any] | None) -> set[str]:
+    """Run directories of the plan not finished here whose results ``previous`` (the committed JSON,
+    research.carry.load_previous) holds and a collect would carry: finished work from another machine."""
     if previous is None:
         return set()
     data = collect(plan, root, previous=previous)
@@ -581,16 +579,19 @@ def cmd_run(args: argparse.Namespace, root: Path) -> int:
     # except the teachers that a step still to run is served or starts from: their checkpoints are
     # needed here. --only trains what it names.
     recorded: set[str] = set()
+    try:
+        previous = load_previous(root / args.results)
+    except PlanError:
+        if not only:
+            raise  # what is recorded elsewhere cannot be told: the user must fix the JSON first
+        previous = None  # --only needs the JSON for its estimates alone
     if not only:
-        recorded = recorded_elsewhere(plan, root, root / args.results)
+        recorded = recorded_elsewhere(plan, root, previous)
         pending_here = [s for s in steps if not is_done(root, s.run_dir) and s.run_dir not in recorded]
         recorded -= needed_teachers(plan, pending_here, root)
     logs = root / (args.logs or plan.logs_dir)
     est = Estimator()
-    try:  # a fresh clone's estimates: the times the committed JSON recorded
-        est.record_previous(load_previous(root / args.results))
-    except PlanError:
-        pass  # an unreadable JSON only costs the estimates; collect names the problem
+    est.record_previous(previous)  # a fresh clone's estimates: the times the committed JSON recorded
     for s in plan_steps(plan):  # what has finished already informs the estimates
         if is_done(root, s.run_dir):
             m = json.loads((root / s.run_dir / "metrics.json").read_text())

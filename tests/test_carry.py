@@ -234,6 +234,12 @@ def test_run_on_a_fresh_machine_skips_recorded_work_but_trains_the_teachers_stil
     assert "student dist seed 1 (dist): would run" in out
     assert union.main(base + ["--only", "alone"]) == 0
     assert "student alone seed 1 (a_sci): would run" in capsys.readouterr().out
+    # an unreadable results JSON: --only trains what it names without estimates; a plain run refuses
+    (tmp_path / "results" / "experiments_union.json").write_text("{not json")
+    assert union.main(base + ["--only", "alone"]) == 0
+    assert "(expected unknown)" in capsys.readouterr().out
+    assert union.main(base) != 0
+    assert "not valid JSON" in capsys.readouterr().err
 
 
 def test_a_teacher_retrained_here_keeps_the_recorded_run_it_replaces(tmp_path):
@@ -308,4 +314,6 @@ def test_estimates_on_a_fresh_machine_come_from_the_recorded_times():
     est.record(seed[2], 50.0)  # measured here: this machine's pace beats another machine's record
     assert est.estimate(seed[3]) == 50.0 and est.estimate(seed[1]) == 50.0
     for junk in (None, {}, {"teachers": [1], "students": {"x": {"seeds": None}}}):
-        union.Estimator().record_previous(junk)  # nothing usable: no estimate, no error
+        empty = union.Estimator()
+        empty.record_previous(junk)  # nothing usable: no estimate, no error
+        assert empty.recorded == {} and empty.estimate(seed[1]) is None
