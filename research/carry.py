@@ -5,7 +5,8 @@ JSON is the durable record. A session may start on a fresh machine, where a coll
 run directory and turn every finished row back into "pending". So a collect reads the JSON it is
 about to replace (``load_previous``) and keeps a finished entry whose run directory is not finished
 here (``carry``), marked with where it came from, as long as every committed file it depends on is
-unchanged since it was first recorded (``config_unchanged``). A finished run directory here always wins.
+unchanged since it was first recorded (``config_unchanged``; a YAML config compares by its parsed
+content, so comments may change). A finished run directory here always wins.
 """
 from __future__ import annotations
 
@@ -46,9 +47,25 @@ def config_unchanged(root: Path, commit: str | None, paths: list[str]) -> tuple[
         if at is None:
             return False, f"{rel} is not in commit {commit[:12]}"
         here = root / rel
-        if not here.is_file() or here.read_bytes() != at:
+        if not here.is_file() or not same_content(rel, here.read_bytes(), at):
             return False, f"{rel} changed since commit {commit[:12]}"
     return True, ""
+
+
+def same_content(rel: str, here: bytes, at: bytes) -> bool:
+    """Whether a committed input is unchanged: the same bytes, or for a YAML file the same parsed
+    document, so that a comment or layout edit of a config (what it is for, which file supersedes
+    it) does not throw away the results it produced. A file that no longer parses has changed."""
+    if here == at:
+        return True
+    if not rel.endswith((".yaml", ".yml")):
+        return False
+    import yaml
+
+    try:
+        return yaml.safe_load(here) == yaml.safe_load(at)
+    except yaml.YAMLError:
+        return False
 
 
 @functools.lru_cache(maxsize=1024)

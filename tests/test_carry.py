@@ -96,6 +96,19 @@ def test_config_unchanged_refuses_a_dirty_or_unknown_commit(tmp_path):
     assert not ok and "not in commit" in why
 
 
+def test_a_config_whose_comments_changed_is_unchanged_and_one_whose_values_changed_is_not(tmp_path):
+    commit = committed_tree(tmp_path)
+    pre = tmp_path / "configs" / "pre.yaml"
+    recorded = pre.read_text()
+    pre.write_text("# a comment added after the results were recorded\n" + recorded.replace(": ", ":   "))
+    assert pre.read_text() != recorded and config_unchanged(tmp_path, commit, ["configs/pre.yaml"]) == (True, "")
+    pre.write_text("train: {epochs: 9}\n")
+    ok, why = config_unchanged(tmp_path, commit, ["configs/pre.yaml"])
+    assert not ok and why == f"configs/pre.yaml changed since commit {commit[:12]}"
+    pre.write_text(recorded + "\n  bad: [unclosed\n")  # no longer parses: changed, not an error
+    assert not config_unchanged(tmp_path, commit, ["configs/pre.yaml"])[0]
+
+
 def test_parameter_points_are_carried_only_where_pending(tmp_path):
     commit = committed_tree(tmp_path)
     result = {"kd.lambda_kd": {"default": 1.0, "points": [
