@@ -369,13 +369,23 @@ def test_committed_plan_rows_resolve_to_their_settings():
     from research.seeds import distill_argv, resolved
 
     plan = load_plan(ROOT / "configs/mechanisms/scientific.yaml", "configs/mechanisms/scientific.yaml")
-    assert [r.name for r in plan.rows][:2] == ["clean_mean", "clean_confidence"] and len(plan.rows) == 17
+    assert [r.name for r in plan.rows][:2] == ["clean_mean", "clean_confidence"] and len(plan.rows) == 18
     assert plan.seeds == (2024, 7, 11) and plan.curriculum["reference"] == "curriculum_off"
+    cfgs = {}
     for row in plan.rows:
         args = mechanisms.seeds_parser().parse_args(shlex.split(row.command)[3:])
-        cfg = resolved(distill_argv(args, plan.seeds[0]))
+        cfg = cfgs[row.name] = resolved(distill_argv(args, plan.seeds[0]))
         for key, want in row.settings.items():
             assert mechanisms._dotted(cfg, key) == (True, want), (row.name, key)
+    # the shipped student differs from the paper's recipe (clean_both) in lambda and the curriculum only
+    shipped, paper = cfgs["shipped"], cfgs["clean_both"]
+    assert (shipped["kd"]["lambda_kd"], shipped["curriculum"]["enabled"]) == (3.0, False)
+    assert (paper["kd"]["lambda_kd"], paper["curriculum"]["enabled"]) == (1.0, True)
+    assert {k: v for k, v in shipped["kd"].items() if k != "lambda_kd"} == \
+        {k: v for k, v in paper["kd"].items() if k != "lambda_kd"}
+    for section in ("data", "model", "train", "service"):
+        assert {k: v for k, v in shipped[section].items() if k != "run_dir"} == \
+            {k: v for k, v in paper[section].items() if k != "run_dir"}, section
 
 
 def test_parameter_sweeps_on_the_page(repo):
