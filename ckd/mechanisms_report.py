@@ -599,7 +599,8 @@ def params_lines(m: dict[str, Any]) -> list[str]:
     out = ["One setting at a time, the others at the sweep's base config; one seed per point, so a difference "
            "smaller than the seed spread of the rows above "
            + (f"(sample sd {min(sds):.4f}–{max(sds):.4f} NDCG@10 over their seeds) " if sds else "")
-           + "is not a measured difference. Default = the shipped value (bold).", ""]
+           + "is not a measured difference. Default = the value of the sweep's base config (bold); the last "
+           "column is what a user tuning that one setting on valid would ship.", ""]
     for sw in m["params"]:
         rows = []
         for name, r in sw["params"].items():
