@@ -158,6 +158,24 @@ def test_deepfm_chunking_and_domain_blocks():
 
 
 @pytest.mark.unit
+def test_the_chunk_benchmark_compares_chunk_sizes_on_the_same_weights(tmp_path):
+    """benchmarks.deepfm_chunk at tiny shapes: every chunk size scores the batch identically (the
+    chunks split the candidate axis only), gradients agree to float rounding, the JSON says so."""
+    import json
+
+    from benchmarks import deepfm_chunk
+
+    out = tmp_path / "chunk.json"
+    assert deepfm_chunk.main(["--candidates", "300", "--rows", "16", "--max-len", "5", "--chunks", "64,7,300",
+                              "--repeats", "1", "--out", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert [r["chunk"] for r in got["rows"]] == [64, 7, 300] and got["shapes"]["candidates"] == 300
+    assert all(r["scores_max_abs_diff"] == 0.0 for r in got["rows"])
+    assert got["rows"][0]["grads_max_abs_diff"] == 0.0 and all(r["grads_max_abs_diff"] < 1e-6 for r in got["rows"])
+    assert got["rows"][0]["speedup"] == 1.0 and len({r["loss"] for r in got["rows"]}) == 1
+
+
+@pytest.mark.unit
 def test_lightgcn_propagation_matches_dense_reference():
     """2 users, items 1..3 (0 = PAD): u0-{1,2}, u1-{2,3}; dense D^-1/2 A D^-1/2, mean of 3 layers."""
     torch.manual_seed(4)
