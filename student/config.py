@@ -98,7 +98,8 @@ class StudentTrainConfig:
 class CurriculumConfig:
     # Off by default: on valid the parameter analysis picks the whole pool from the first step, and
     # the curricula of docs/results_mechanisms.md score below no curriculum or level with it. It stays
-    # a switch (the paper's method; configs/demo/student.yaml and the union configs turn it on).
+    # a switch (the paper's method: configs/demo/student.yaml, configs/distill_scientific.yaml and the
+    # union students turn it on).
     enabled: bool = False
     pacing: str = "root"
     start_fraction: float = 0.25
