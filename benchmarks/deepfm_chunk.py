@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+HIDDEN, MLP = 64, (32,)  # the union recipe's DeepFM (configs/union/deepfm_joint_*.yaml, the DeepFM default MLP)
 
 def _batch(vocab: int, rows: int, max_len: int, seed: int):
     from student.models.base import StudentBatch
@@ -35,14 +36,10 @@ def _batch(vocab: int, rows: int, max_len: int, seed: int):
                         targets=torch.randint(1, vocab, (rows,), generator=g))
 
 
-def measure(chunk: int, state: dict[str, torch.Tensor], batch, vocab: int, repeats: int) -> dict[str, Any]:
-    """Best-of-``repeats`` training step and one inference pass of DeepFM at this chunk size,
-    with the scores and the parameter gradients for the comparison across chunk sizes."""
-    from student.models.deepfm import DeepFM
-
-    model = DeepFM(vocab, 1, hidden=64, chunk=chunk)
-    model.load_state_dict(state)
-    candidates = torch.arange(1, vocab)
+def measure(model, batch, candidates: torch.Tensor, repeats: int) -> tuple[dict[str, Any], torch.Tensor,
+                                                                        dict[str, torch.Tensor]]:
+    """Best-of-``repeats`` training step and one inference pass of ``model`` at its current chunk
+    size: (the record, the scores, the parameter gradients), the last two for the comparison."""
     steps = []
     for _ in range(repeats):
         model.zero_grad(set_to_none=True)
@@ -55,8 +52,9 @@ def measure(chunk: int, state: dict[str, torch.Tensor], batch, vocab: int, repea
         t = time.perf_counter()
         scores = model.score(batch, candidates)
         infer = time.perf_counter() - t
-    return {"chunk": chunk, "train_step_s": min(steps), "train_steps_s": steps, "inference_s": infer,
-            "loss": loss.item(), "_scores": scores, "_grads": grads}
+    record = {"chunk": model.chunk, "train_step_s": min(steps), "train_steps_s": steps, "inference_s": infer,
+              "loss": loss.item()}
+    return record, scores, grads
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,12 +79,14 @@ def main(argv: list[str] | None = None) -> int:
 
     vocab = args.candidates + 1  # id 0 is PAD
     torch.manual_seed(args.seed)
-    state = DeepFM(vocab, 1, hidden=64).state_dict()
+    # One model, its chunk size changed between measurements: the same weights for every size.
+    model = DeepFM(vocab, 1, hidden=HIDDEN, mlp=MLP)
     batch = _batch(vocab, args.rows, args.max_len, args.seed)
+    candidates = torch.arange(1, vocab)
     rows, ref = [], None
     for chunk in chunks:
-        r = measure(chunk, state, batch, vocab, args.repeats)
-        scores, grads = r.pop("_scores"), r.pop("_grads")
+        model.chunk = chunk
+        r, scores, grads = measure(model, batch, candidates, args.repeats)
         if ref is None:
             ref = (scores, grads, r["train_step_s"])
         r["scores_max_abs_diff"] = float((scores - ref[0]).abs().max())
@@ -106,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps({
         "kind": "bench_deepfm_chunk", "git_sha": git_sha(), "machine": machine_description("cpu"),
         "command": " ".join(["python -m benchmarks.deepfm_chunk", *(argv if argv is not None else sys.argv[1:])]),
-        "shapes": {"rows": args.rows, "candidates": args.candidates, "max_len": args.max_len, "hidden": 64,
-                   "mlp": [32]}, "threads": args.threads, "rows": rows}, indent=2) + "\n")
+        "shapes": {"rows": args.rows, "candidates": args.candidates, "max_len": args.max_len, "hidden": HIDDEN,
+                   "mlp": list(MLP)}, "threads": args.threads, "rows": rows}, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
 

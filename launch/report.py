@@ -151,8 +151,7 @@ def render_page(experiments: list[Path], efficiency: Path | dict[str, Path] | No
     if mechanisms is not None:
         m = load_mechanisms(mechanisms, _label(mechanisms, root))
         sidecar = anytime_points(m) if figure else None
-        link = _link(figure, out) \
-            if sidecar is not None else None
+        link = _link(figure, out) if sidecar is not None else None
         text = render_mechanisms_page(m, generated_by=command, generated_at=generated_at, draft=draft,
                                       figure_link=link) + "\n"
         return text, sidecar
@@ -161,8 +160,7 @@ def render_page(experiments: list[Path], efficiency: Path | dict[str, Path] | No
         if isinstance(efficiency, dict):
             effs = {d: load_efficiency(p, _label(p, root)) for d, p in efficiency.items()}
             sidecar = union_figure_points(u, effs)  # its skipped rows are listed even without a figure
-            link = _link(figure, out) \
-                if figure else None
+            link = _link(figure, out) if figure else None
             text = render_union_page(u, None, generated_by=command, generated_at=generated_at, draft=draft,
                                      effs=effs, figure_link=link, sidecar=sidecar) + "\n"
             return text, sidecar if figure else None

@@ -170,9 +170,9 @@ def test_the_chunk_benchmark_compares_chunk_sizes_on_the_same_weights(tmp_path):
                               "--repeats", "1", "--out", str(out)]) == 0
     got = json.loads(out.read_text())
     assert [r["chunk"] for r in got["rows"]] == [64, 7, 300] and got["shapes"]["candidates"] == 300
-    assert all(r["scores_max_abs_diff"] == 0.0 for r in got["rows"])
-    assert got["rows"][0]["grads_max_abs_diff"] == 0.0 and all(r["grads_max_abs_diff"] < 1e-6 for r in got["rows"])
-    assert got["rows"][0]["speedup"] == 1.0 and len({r["loss"] for r in got["rows"]}) == 1
+    others = got["rows"][1:]  # each against the first size (the first against itself says nothing)
+    assert all(r["scores_max_abs_diff"] == 0.0 and r["grads_max_abs_diff"] < 1e-6 for r in others)
+    assert len({r["loss"] for r in got["rows"]}) == 1  # the same scores give the same CE
 
 
 @pytest.mark.unit
