@@ -798,7 +798,9 @@ def machine() -> dict[str, Any]:
         load = os.getloadavg()
     except OSError:
         load = (float("nan"),) * 3
-    desc = f"{os.cpu_count()} CPUs ({platform.machine()}), {ram:.0f} GiB RAM, load {load[0]:.2f} at start"
+    from research.experiments import machine_description
+
+    desc = f"{machine_description('cpu', memory=True)}, load {load[0]:.2f} at start"
     return {"cpus": os.cpu_count(), "available_cpus": sorted(os.sched_getaffinity(0)), "platform": platform.platform(),
             "processor": platform.processor(), "ram_gib": ram, "loadavg_start": list(load), "description": desc}
 

@@ -27,7 +27,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import resource
 import shlex
 import statistics
@@ -289,20 +288,6 @@ def run_worker(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     return result
 
 
-def machine_description(device: str) -> str:
-    """CPU count, architecture, RAM and GPU (if used), for the report's headers."""
-    try:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
-    except (ValueError, OSError, AttributeError):
-        ram = float("nan")
-    desc = f"{os.cpu_count()} CPUs ({platform.machine()}), {ram:.0f} GiB RAM, {platform.system()} {platform.release()}"
-    if device.startswith("cuda"):
-        import torch
-
-        desc += f", GPU {torch.cuda.get_device_name(0)}"
-    return desc
-
-
 def format_table(models: dict[str, dict[str, Any]]) -> str:
     head = f"{'model':<24} {'kind':<8} {'params':>12} {'peak MB':>9} {'ms/1k users':>12} {'ms/1k pairs':>12}"
     rows = [head, "-" * len(head)]
@@ -345,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ckd.config import default_data_dir, json_dump
     from ckd.run_dir import git_sha
+    from research.experiments import machine_description
 
     try:
         named = ([("student", n, p) for n, p in parse_named(args.student, "student")]
@@ -372,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    result = {"machine": machine_description(args.device), "commit": git_sha(),
+    result = {"machine": machine_description(args.device, memory=True), "commit": git_sha(),
               "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "device": args.device,
               "command": "python -m benchmarks.inference " + " ".join(shlex.quote(a) for a in argv),
               "domain": args.domain, "users": args.users, "batch_size": args.batch_size, "repeats": args.repeats,

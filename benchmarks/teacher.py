@@ -173,17 +173,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     data_dir = args.data_dir or default_data_dir()
-    import platform
-
     from ckd.run_dir import git_sha
+    from research.experiments import machine_description
 
     precisions = tuple(x.strip() for x in args.precisions.split(",") if x.strip())
     results = [bench_checkpoint(c, data_dir, args.domain or ["Scientific"], args.batch, args.candidates,
                                 args.repeats, args.device, precisions, args.ndcg, args.memo_mib << 20)
                for c in args.checkpoints]
-    where = {"git_sha": git_sha(), "machine": f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
-                                              f"{platform.system()}", "command": " ".join(["python -m benchmarks.teacher",
-                                                                                          *(argv or sys.argv[1:])])}
+    where = {"git_sha": git_sha(), "machine": machine_description(args.device),
+             "command": " ".join(["python -m benchmarks.teacher", *(argv or sys.argv[1:])])}
     results = [{**r, **where} for r in results]
     hdr = (f"{'checkpoint':<40} {'kind':<9} {'precision':<9} {'ms/1k rows':>10} {'ms/1k pairs':>11} "
            f"{'top10 same':>10} {'test N@10':>9} {'params':>10} {'peak MiB':>8} {'memo cold':>9} {'memo warm':>9}")

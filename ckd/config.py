@@ -178,6 +178,18 @@ def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
+def content_key(name: str, data: bytes) -> bytes:
+    """What a file's content means, as bytes to compare or hash: for a YAML file (by ``name``) its
+    parsed document with keys sorted, so a comment, layout or key-order edit of a config keeps the
+    results it produced; any other file, or YAML that does not parse, is its bytes."""
+    if not name.endswith((".yaml", ".yml")):
+        return data
+    try:
+        return b"yaml:" + json.dumps(yaml.safe_load(data), sort_keys=True, default=str).encode()
+    except (yaml.YAMLError, TypeError):  # unparseable, or keys of mixed types that cannot be sorted
+        return data
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """Turn ``["train.epochs=3", "model.hidden=64"]`` into a nested mapping (values YAML-parsed)."""
     tree: dict[str, Any] = {}

@@ -56,11 +56,15 @@ class Step:
 
     def fingerprint(self, data_dir: str) -> str:
         """Digest of everything the step's result depends on (the command, the content of its input
-        files and the data folder): a finished run with the same digest is reused as it is."""
+        files and the data folder): a finished run with the same digest is reused as it is. A YAML
+        input counts by its parsed document, as research.carry compares it: a comment edit of a
+        config does not retrain the demo."""
+        from ckd.config import content_key
+
         h = hashlib.sha256(json.dumps({"argv": self.argv, "data_dir": str(Path(data_dir).resolve())}).encode())
         for p in self.inputs:
             h.update(str(p).encode())
-            h.update(p.read_bytes() if p.is_file() else b"<missing>")
+            h.update(content_key(p.name, p.read_bytes()) if p.is_file() else b"<missing>")
         return h.hexdigest()
 
     @property

@@ -54,18 +54,11 @@ def config_unchanged(root: Path, commit: str | None, paths: list[str]) -> tuple[
 
 def same_content(rel: str, here: bytes, at: bytes) -> bool:
     """Whether a committed input is unchanged: the same bytes, or for a YAML file the same parsed
-    document, so that a comment or layout edit of a config (what it is for, which file supersedes
-    it) does not throw away the results it produced. A file that no longer parses has changed."""
-    if here == at:
-        return True
-    if not rel.endswith((".yaml", ".yml")):
-        return False
-    import yaml
+    document (ckd.config.content_key), so that a comment or layout edit of a config (what it is
+    for, which file supersedes it) does not throw away the results it produced."""
+    from ckd.config import content_key
 
-    try:
-        return yaml.safe_load(here) == yaml.safe_load(at)
-    except yaml.YAMLError:
-        return False
+    return here == at or content_key(rel, here) == content_key(rel, at)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -76,10 +76,10 @@ def cpu_name() -> str:
     return platform.processor() or "unknown cpu"
 
 
-def machine_description(device: str) -> str:
+def machine_description(device: str, memory: bool = False) -> str:
     """"2 cores (AMD EPYC), Linux", plus the cores this process is pinned to when it may not use all
-    of them (a run started under taskset inherits them: its times are those of fewer cores), and
-    the GPU on a CUDA device."""
+    of them (a run started under taskset inherits them: its times are those of fewer cores), the
+    machine's RAM when ``memory`` (for a page about memory), and the GPU on a CUDA device."""
     desc = f"{os.cpu_count()} cores ({cpu_name()}), {platform.system()}"
     try:
         allowed = available_cpus()
@@ -87,6 +87,11 @@ def machine_description(device: str) -> str:
         allowed = set()
     if allowed and len(allowed) < (os.cpu_count() or 0):
         desc += f", pinned to {len(allowed)} of them (cpus {format_cpus(allowed)})"
+    if memory:
+        try:
+            desc += f", {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / (1 << 30):.0f} GiB RAM"
+        except (ValueError, OSError, AttributeError):  # no sysconf on this OS: nothing to say
+            pass
     if device.startswith("cuda"):
         import torch
 

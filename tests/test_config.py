@@ -1,7 +1,7 @@
 """Typed config: unknown keys, strict booleans, precedence CLI > file > defaults."""
 import pytest
 
-from ckd.config import ConfigError, load_config
+from ckd.config import ConfigError, content_key, load_config
 from student.config import DistillConfig
 
 pytestmark = pytest.mark.unit
@@ -108,3 +108,15 @@ def test_teacher_names_outside_the_spec_are_refused_before_anything_starts(tmp_p
     assert code == 2
     assert f"config error: service.teachers names ['zeta'], not in the deploy spec {spec}" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # no run directory, accelerator or Ray yet
+
+
+def test_content_key_reads_a_yaml_file_by_its_document_and_anything_else_by_its_bytes():
+    a = b"train:\n  epochs: 3\n  lr: 0.001\nmodel: {hidden: 64}\n"
+    reordered = b"# why this config exists\nmodel:\n  hidden: 64\ntrain: {lr: 0.001, epochs: 3}\n"
+    assert content_key("x.yaml", a) == content_key("x.yml", reordered)
+    assert content_key("x.yaml", a) != content_key("x.yaml", a.replace(b"epochs: 3", b"epochs: 4"))
+    assert content_key("x.json", a) == a and content_key("x.json", reordered) != content_key("x.json", a)
+    broken = b"a: [unclosed\n"
+    assert content_key("x.yaml", broken) == broken  # does not parse: compared as bytes, never an error
+    mixed = b"1: one\nb: two\n"  # keys that cannot be sorted together: compared as bytes
+    assert content_key("x.yaml", mixed) == mixed

@@ -63,6 +63,8 @@ def test_a_step_is_reused_only_while_its_inputs_are_unchanged(tmp_path):
     assert qs.prepare_run_dir(step, stamp, fresh=False) == "resume"  # no metrics.json yet
     (step.run_dir / "metrics.json").write_text("{}")
     assert qs.prepare_run_dir(step, stamp, fresh=False) == "reuse"
+    step.inputs[0].write_text("# what this config is for\na:   1   # unchanged value\n")
+    assert step.fingerprint(str(tmp_path)) == stamp  # a comment or layout edit keeps the finished run
     step.inputs[0].write_text("a: 2\n")  # the config changed: the old run is stale and goes
     assert step.fingerprint(str(tmp_path)) != stamp
     assert qs.prepare_run_dir(step, step.fingerprint(str(tmp_path)), fresh=False) == "train"
