@@ -790,16 +790,13 @@ def print_table(rows: list[dict[str, Any]], res: dict[str, Any]) -> None:
 
 
 def machine() -> dict[str, Any]:
-    try:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
-    except (ValueError, OSError, AttributeError):
-        ram = float("nan")
+    from research.experiments import machine_description, ram_gib
+
+    ram = ram_gib()
     try:
         load = os.getloadavg()
     except OSError:
         load = (float("nan"),) * 3
-    from research.experiments import machine_description
-
     desc = f"{machine_description('cpu', memory=True)}, load {load[0]:.2f} at start"
     return {"cpus": os.cpu_count(), "available_cpus": sorted(os.sched_getaffinity(0)), "platform": platform.platform(),
             "processor": platform.processor(), "ram_gib": ram, "loadavg_start": list(load), "description": desc}

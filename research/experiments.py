@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -76,6 +77,14 @@ def cpu_name() -> str:
     return platform.processor() or "unknown cpu"
 
 
+def ram_gib() -> float:
+    """The machine's physical memory in GiB; NaN where the OS does not say (no sysconf)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
+    except (ValueError, OSError, AttributeError):
+        return float("nan")
+
+
 def machine_description(device: str, memory: bool = False) -> str:
     """"2 cores (AMD EPYC), Linux", plus the cores this process is pinned to when it may not use all
     of them (a run started under taskset inherits them: its times are those of fewer cores), the
@@ -87,11 +96,9 @@ def machine_description(device: str, memory: bool = False) -> str:
         allowed = set()
     if allowed and len(allowed) < (os.cpu_count() or 0):
         desc += f", pinned to {len(allowed)} of them (cpus {format_cpus(allowed)})"
-    if memory:
-        try:
-            desc += f", {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / (1 << 30):.0f} GiB RAM"
-        except (ValueError, OSError, AttributeError):  # no sysconf on this OS: nothing to say
-            pass
+    ram = ram_gib() if memory else float("nan")
+    if not math.isnan(ram):  # unknown: nothing to say
+        desc += f", {ram:.0f} GiB RAM"
     if device.startswith("cuda"):
         import torch
 
