@@ -726,10 +726,12 @@ def _with_superseded(entry: dict[str, Any], prev: dict[str, Any] | None, t: Teac
     """A teacher finished here that replaces another recorded run of the same step (e.g. one trained on
     another machine, whose students' results the page still shows) keeps that run's facts under
     ``supersedes``, with the retrain check of the two (research.retrain_check.compare_to_entry), and
-    that run's own ``supersedes`` nested inside. The same run collected again keeps what it superseded."""
+    that run's own ``supersedes`` nested inside. The same run collected again keeps what it superseded;
+    a rebuild that gave the same checkpoint bytes is another run (``_same_run``), recorded as a retrain
+    (same_checkpoint_bytes true) rather than merged into the run it reproduced."""
     if not prev or prev.get("status") != "done" or (prev.get("config"), prev.get("run_dir")) != (t.config, t.run_dir):
         return entry
-    if prev.get("checkpoint_sha256") == entry.get("checkpoint_sha256"):
+    if _same_run(prev, entry):
         return {**entry, **({"supersedes": prev["supersedes"]} if prev.get("supersedes") else {})}
     from research.retrain_check import RetrainCheckError, compare_to_entry
 
@@ -751,6 +753,15 @@ def _with_superseded(entry: dict[str, Any], prev: dict[str, Any] | None, t: Teac
         "per_domain": {d: {"recorded": v[SELECT]["recorded"], "retrained": v[SELECT]["retrained"],
                            "abs_diff": v[SELECT]["abs_diff"], "within_tolerance": v["within_tolerance"]}
                        for d, v in r["per_domain"].items()}}}
+
+
+def _same_run(prev: dict[str, Any], entry: dict[str, Any]) -> bool:
+    """Whether a recorded teacher entry and one collected here are the same training run: the same
+    checkpoint bytes from the same commit, time and invocations. Equal bytes alone are not enough:
+    a seeded rebuild on the same machine can reproduce a checkpoint bit for bit, and that rebuild is
+    the strongest retrain check there is, so it is kept, not folded into the run it reproduced."""
+    keys = ("checkpoint_sha256", "trained_commit", "train_s", "invocations")
+    return all(prev.get(k) == entry.get(k) for k in keys)
 
 
 def _same_plan(previous: dict[str, Any] | None, plan: Plan) -> str:

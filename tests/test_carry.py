@@ -303,6 +303,21 @@ def test_a_teacher_retrained_here_keeps_the_recorded_run_it_replaces(tmp_path):
     assert f"(checkpoint `{'b' * 16}`), retrained in its run directory on" in older  # the first run ...
     assert f"at `{'e' * 40}` in " in older and older.endswith("That run was replaced in turn (above).")  # ... by the second
 
+    # Rebuilt once more from a clean commit, and the seeded rebuild gave the same checkpoint bytes:
+    # another run (its commit and time differ), recorded as a retrain with the same bytes, not merged
+    # into the run it reproduced; collecting that again changes nothing.
+    (tmp_path / "runs/t/tid/run.json").write_text(json.dumps({"git_sha": "a" * 40}))
+    fourth = collect_at(tmp_path, commit)["teachers"]["tid"]
+    check = fourth["supersedes"]
+    assert (fourth["checkpoint_sha256"], fourth["trained_commit"]) == ("d" * 64, "a" * 40)
+    assert (check["checkpoint_sha256"], check["trained_commit"]) == ("d" * 64, "f" * 40)
+    assert check["same_checkpoint_bytes"] and check["within_tolerance"]
+    assert check["per_domain"]["Scientific"]["abs_diff"] == 0.0
+    assert check["supersedes"]["checkpoint_sha256"] == "c" * 64
+    assert collect_at(tmp_path, commit)["teachers"]["tid"] == fourth
+    text = render_union_page(load_union(tmp_path / "results" / "experiments_union.json"))
+    assert "same checkpoint bytes: yes" in text
+
 
 def test_estimates_on_a_fresh_machine_come_from_the_recorded_times():
     """With nothing finished here, a step's expected time is what the committed JSON recorded for its
