@@ -105,7 +105,9 @@ def test_restarted_and_rescaled_replicas_keep_their_cores(deployed):
     (rid, actor), = dep.replica_handles("pinned")
     old_pid = dep.infos("pinned")[0]["pid"]
     ray.kill(actor, no_restart=False)  # a crash: Ray runs __init__ again in a new process
-    wait_until(lambda: _alive_pid(dep, "pinned") not in (None, old_pid), what="restart")
+    # generous: the restarted replica loads its model on core 1 alone, which a busy box (a training
+    # pinned there) can slow past a minute; what is asserted is the restart and its cores, not speed
+    wait_until(lambda: _alive_pid(dep, "pinned") not in (None, old_pid), timeout=240, what="restart")
     new_pid = dep.infos("pinned")[0]["pid"]
     assert process_cpus(new_pid) == {1} and all(c == {1} for c in thread_cpus(new_pid).values())
     # Scale split 2 -> 1 -> 2: the replica started again takes the core the removed one left.
