@@ -332,7 +332,8 @@ def test_adoption_rule_is_judged_on_valid_once_every_seed_is_in():
         union.parse_plan(raw)
     committed = union.load_plan(union.REPO / union.PLAN, union.PLAN)
     assert {s.name: s.adopt_over for s in committed.students if s.adopt_over} == {
-        "sasrec_joint_distilled_gated": "sasrec_joint_distilled"}
+        "sasrec_joint_distilled_gated": "sasrec_joint_distilled",
+        "sasrec_joint_distilled_games_whole": "sasrec_joint_distilled"}
 
 
 def test_manifest_accepts_a_union_page_and_refuses_mixed_keys():
