@@ -59,7 +59,9 @@ class TeacherTrainConfig:
     batch_size: int = 1024
     lr: float = 1e-3
     weight_decay: float = 0.0
-    patience: int = 5  # epochs without a better valid NDCG@10 (mean over domains) before stopping
+    # stop once MORE than this many epochs in a row had no better valid NDCG@10 (mean over domains):
+    # patience 2 runs a third bad epoch, unlike the student's train.patience (stops at that many)
+    patience: int = 5
     seed: int = 2022
     device: str = "cpu"
     eval_batch_size: int = 1024
