@@ -761,7 +761,13 @@ def _same_run(prev: dict[str, Any], entry: dict[str, Any]) -> bool:
     a seeded rebuild on the same machine can reproduce a checkpoint bit for bit, and that rebuild is
     the strongest retrain check there is, so it is kept, not folded into the run it reproduced."""
     keys = ("checkpoint_sha256", "trained_commit", "train_s", "invocations")
-    return all(prev.get(k) == entry.get(k) for k in keys)
+    if all(prev.get(k) == entry.get(k) for k in keys):
+        return True
+    # A clean-tree rebuild with the same bytes as a run recorded from a dirty tree verifies that
+    # unverifiable record: it takes the record's place instead of sitting above it as a retrain.
+    return (prev.get("checkpoint_sha256") == entry.get("checkpoint_sha256")
+            and str(prev.get("trained_commit") or "").endswith("-dirty")
+            and not str(entry.get("trained_commit") or "").endswith("-dirty"))
 
 
 def _same_plan(previous: dict[str, Any] | None, plan: Plan) -> str:

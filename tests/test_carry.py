@@ -318,6 +318,15 @@ def test_a_teacher_retrained_here_keeps_the_recorded_run_it_replaces(tmp_path):
     text = render_union_page(load_union(tmp_path / "results" / "experiments_union.json"))
     assert "same checkpoint bytes: yes" in text
 
+    # A run recorded from a dirty tree, rebuilt from a clean one with the same bytes: the clean run
+    # takes its place (it verifies it), keeping what it had superseded; no retrain link to the dirty one.
+    (tmp_path / "runs/t/tid/run.json").write_text(json.dumps({"git_sha": "b" * 40 + "-dirty"}))
+    dirty = collect_at(tmp_path, commit)["teachers"]["tid"]
+    assert dirty["supersedes"]["trained_commit"] == "a" * 40
+    (tmp_path / "runs/t/tid/run.json").write_text(json.dumps({"git_sha": "9" * 40}))
+    clean = collect_at(tmp_path, commit)["teachers"]["tid"]
+    assert clean["trained_commit"] == "9" * 40 and clean["supersedes"] == dirty["supersedes"]
+
 
 def test_estimates_on_a_fresh_machine_come_from_the_recorded_times():
     """With nothing finished here, a step's expected time is what the committed JSON recorded for its
