@@ -307,10 +307,19 @@ def fmt_sd(x: float | None) -> str:
     return DASH if x is None else f"{x:.4f}"
 
 
+def shipped_line(u: UnionResults) -> list[str]:
+    """The sentence naming the row targets 1 and 2 judge, when a rule of §2.5 adopted one."""
+    plan_row, row = u.student(*DISTILLED), shipped_distilled(u)
+    if row is None or plan_row is None or row is plan_row:
+        return []
+    return [f"Targets 1 and 2 judge the shipped distilled recipe, *{row.label}*: its rule adopted it over "
+            f"*{plan_row.label}* (§2.5).", ""]
+
+
 def target_vs_baselines(u: UnionResults) -> tuple[str, dict[str, Verdict]]:
     """Target 1: the distilled joint SASRec vs per-domain SASRec alone and vs the joint SASRec
     without teachers, test NDCG@10 per domain, by more than the seed spread."""
-    dist = u.student(*DISTILLED)
+    dist = shipped_distilled(u)
     bases = [b for b in (u.student(*ALONE_PER_DOMAIN), u.student(*JOINT_ALONE)) if b is not None]
     headers = ["Domain", "Baseline", "Distilled", "Baseline NDCG@10", "Δ", "Spread",
                "Beats it by more than the spread"]
@@ -327,7 +336,7 @@ def target_vs_baselines(u: UnionResults) -> tuple[str, dict[str, Verdict]]:
 def target_vs_best_teacher(u: UnionResults) -> tuple[str, dict[str, Verdict]]:
     """Target 2: the distilled joint SASRec reaches or beats the best teacher's test NDCG@10 on
     each domain (its mean over seeds ≥ the best finished teacher row)."""
-    dist = u.student(*DISTILLED)
+    dist = shipped_distilled(u)
     teachers = [r for r in u.rows if r.kind == "teacher"]
     unfinished = [r.label for r in teachers if not r.results]
     headers = ["Domain", "Distilled", "Best teacher", "Its NDCG@10", "Δ", "Reaches or beats it"]
@@ -391,6 +400,47 @@ def target_universality(u: UnionResults) -> tuple[str, dict[str, Verdict]]:
     return markdown_table(headers, rows, align=["l", "l", "r", "r", "r", "l"]), verdicts
 
 
+@dataclass(frozen=True)
+class Adoption:
+    """The verdict of one ``adopt_over`` rule (§2.5): ``adopted`` is None while a seed is missing."""
+
+    adopted: bool | None
+    cand_mean: float | None  # seed mean of valid NDCG@10 (mean over domains)
+    base_mean: float | None
+    missing: tuple[str, ...]  # "<label> seed <n>[ (why)]" for each planned seed without a valid mean
+    per_seed: dict[str, str]  # row name -> "seed: value, ..." for the table
+
+
+def adoption(cand: Row, base: Row) -> Adoption:
+    """Judge ``cand``'s rule over ``base``: adopted only if its seed mean of valid NDCG@10 (mean over
+    domains, the selected epoch) is above ``base``'s, once both rows have every planned seed."""
+    means, missing, per_seed = {}, [], {}
+    for r in (cand, base):
+        vals = {seed: split[MEAN][SELECT] for seed, split in r.valid.items() if MEAN in split}
+        means[r.name] = statistics.fmean(vals.values()) if vals else None
+        # a finished seed without a valid mean (an older record) cannot be judged either; say which
+        why = {s: PENDING if s not in r.results else "no valid recorded" for s in r.planned if s not in vals}
+        missing += [f"{r.label} seed {s}" + ("" if w == PENDING else f" ({w})") for s, w in why.items()]
+        per_seed[r.name] = ", ".join(f"{s}: {vals[s]:.4f}" if s in vals else f"{s}: {why[s]}" for s in r.planned)
+    c, b = means[cand.name], means[base.name]
+    adopted = None if missing or c is None or b is None else c > b
+    return Adoption(adopted, c, b, tuple(missing), per_seed)
+
+
+def shipped_distilled(u: UnionResults) -> Row | None:
+    """The shipped distilled joint SASRec: the plan's distilled row, or the row a rule of §2.5 adopted
+    over it (followed again if another rule adopted a row over that one; the higher valid seed mean
+    wins if two were adopted over the same row). Targets 1 and 2 judge this row."""
+    row = u.student(*DISTILLED)
+    while row is not None:
+        adopted = [(a.cand_mean, r) for r in u.rows if r.adopt_over == row.name
+                   and (a := adoption(r, row)).adopted]
+        if not adopted:
+            return row
+        row = max(adopted, key=lambda x: x[0])[1]
+    return row
+
+
 def adoption_section(u: UnionResults) -> list[str]:
     """§2.5: each student whose plan entry has ``adopt_over`` (a rule fixed before its runs): it
     replaces that student as the shipped recipe only if its seed mean of valid NDCG@10 (mean over
@@ -403,26 +453,21 @@ def adoption_section(u: UnionResults) -> list[str]:
     out = ["### 2.5 Rules fixed before the runs", "",
            "A row with a rule replaces the named row as the shipped recipe only if its seed mean of valid "
            f"{METRIC_LABELS[SELECT]} (the selected epoch, mean over {', '.join(u.domains)}) is above that row's. "
-           "Test is shown beside it for information; the rule does not look at it.", ""]
+           "Test is shown beside it for information; the rule does not look at it. Targets 1 and 2 judge the "
+           "shipped recipe.", ""]
     headers = ["Row", "Valid NDCG@10 per seed (mean over domains)", "Seed mean"] + \
               [f"{d}: test NDCG@10" for d in u.domains]
     for cand, base in rules:
-        rows, means, missing = [], {}, []
-        for r in (cand, base):
-            vals = {seed: split[MEAN][SELECT] for seed, split in r.valid.items() if MEAN in split}
-            means[r.name] = statistics.fmean(vals.values()) if vals else None
-            # a finished seed without a valid mean (an older record) cannot be judged either; say which
-            why = {s: PENDING if s not in r.results else "no valid recorded" for s in r.planned if s not in vals}
-            missing += [f"{r.label} seed {s}" + ("" if w == PENDING else f" ({w})") for s, w in why.items()]
-            per_seed = ", ".join(f"{s}: {vals[s]:.4f}" if s in vals else f"{s}: {why[s]}" for s in r.planned)
-            rows.append([r.label, per_seed, DASH if means[r.name] is None else f"{means[r.name]:.4f}"]
-                        + [fmt_stat(r.stat(d)) for d in u.domains])
-        c, b = means[cand.name], means[base.name]
-        if missing:
+        a = adoption(cand, base)
+        means = {cand.name: a.cand_mean, base.name: a.base_mean}
+        rows = [[r.label, a.per_seed[r.name], DASH if means[r.name] is None else f"{means[r.name]:.4f}"]
+                + [fmt_stat(r.stat(d)) for d in u.domains] for r in (cand, base)]
+        c, b = a.cand_mean, a.base_mean
+        if a.adopted is None:
             so_far = "" if c is None or b is None else f"; so far {c:.4f} against {b:.4f}"
-            verdict = f"**open** (pending: {', '.join(missing)}{so_far})"
+            verdict = f"**open** (pending: {', '.join(a.missing)}{so_far})"
         else:
-            verdict = ("**adopted**" if c > b else "**not adopted**") + f" ({c:.4f} against {b:.4f})"
+            verdict = ("**adopted**" if a.adopted else "**not adopted**") + f" ({c:.4f} against {b:.4f})"
         out += [f"{cand.label} over {base.label}: {verdict}", "",
                 markdown_table(headers, rows, align=["l", "l", "r"] + ["r"] * len(u.domains)), ""]
     return out
@@ -787,6 +832,7 @@ def render_union_page(u: UnionResults, eff: Efficiency | None = None, generated_
     out += ["## 2. Targets", "",
             f"Every verdict below is computed from the tables above (test {METRIC_LABELS[SELECT]}); *open* means "
             "a row it needs is pending, or has too few seeds to judge.", "",
+            *shipped_line(u),
             f"1. The distilled joint SASRec beats per-domain SASRec alone and the joint SASRec without teachers on "
             f"every domain, by more than the seed spread: {overall(v1)}",
             f"2. It reaches or beats the best teacher on every domain: {overall(v2)}",

@@ -316,6 +316,16 @@ def test_adoption_rule_is_judged_on_valid_once_every_seed_is_in():
     table = sections(render_union_page(parse_union(higher, "u.json")))["2.5 Rules fixed before the runs"][0]
     assert row(table, "Row", "Gated")["Valid NDCG@10 per seed (mean over domains)"] == "1: 0.1000, 2: 0.1300"
     assert row(table, "Row", "SASRec distilled")["Seed mean"] == "0.1100"
+    # targets 1 and 2 judge the shipped recipe: the adopted row (test .5 and .01: mean .255, sd .3465),
+    # and the plan's distilled row (.10 and .20: mean .15, sd .0707) while its rule has not adopted another
+    for data_, shown, named in ((higher, "0.2550 ± 0.3465", True), (lower, "0.1500 ± 0.0707", False)):
+        md = render_union_page(parse_union(data_, "u.json"))
+        t2 = sections(md)["2.2 Distilled joint SASRec vs the best teacher"][0]
+        assert row(t2, "Domain", "Scientific")["Distilled"] == shown
+        t1 = sections(md)["2.1 Distilled joint SASRec vs the students without teachers"][0]
+        assert {r["Distilled"] for r in t1 if r["Domain"] == "Scientific"} == {shown}
+        assert ("Targets 1 and 2 judge the shipped distilled recipe, *Gated*: its rule adopted it over "
+                "*SASRec distilled* (§2.5)." in md) is named
     assert "2.5 Rules fixed before the runs" not in render_union_page(parse_union(fixture(), "u.json"))
     no_valid = copy.deepcopy(higher)  # a finished seed whose record has no valid split is not "pending"
     no_valid["students"]["sasrec_joint_distilled"]["seeds"][1]["valid"] = {}
