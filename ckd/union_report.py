@@ -308,12 +308,20 @@ def fmt_sd(x: float | None) -> str:
 
 
 def shipped_line(u: UnionResults) -> list[str]:
-    """The sentence naming the row targets 1 and 2 judge, when a rule of §2.5 adopted one."""
+    """The sentences naming the rows the targets judge where a rule of §2.5 adopted one: targets 1 and
+    2 for the distilled joint SASRec, target 4 for FM, DeepFM and LightGCN."""
+    out = []
     plan_row, row = u.student(*DISTILLED), shipped_distilled(u)
-    if row is None or plan_row is None or row is plan_row:
-        return []
-    return [f"Targets 1 and 2 judge the shipped distilled recipe, *{row.label}*: its rule adopted it over "
-            f"*{plan_row.label}* (§2.5).", ""]
+    if row is not None and plan_row is not None and row is not plan_row:
+        out.append(f"Targets 1 and 2 judge the shipped distilled recipe, *{row.label}*: its rule adopted it over "
+                   f"*{plan_row.label}* (§2.5).")
+    for m in dict.fromkeys(r.model for r in u.rows if r.kind == "student" and r.model != "sasrec"):
+        plan_row = u.student(m, "distilled")
+        row = shipped(u, plan_row)
+        if row is not None and row is not plan_row:
+            out.append(f"Target 4 judges *{row.label}* for {FAMILY_LABELS.get(m, m)}: its rule adopted it over "
+                       f"*{plan_row.label}* (§2.5).")
+    return [" ".join(out), ""] if out else []
 
 
 def target_vs_baselines(u: UnionResults) -> tuple[str, dict[str, Verdict]]:
@@ -388,7 +396,7 @@ def target_universality(u: UnionResults) -> tuple[str, dict[str, Verdict]]:
     headers = ["Student", "Domain", "NDCG@10 alone", "NDCG@10 distilled", "Gain", "Gains"]
     rows, verdicts = [], {}
     for m in models:
-        a, dist = u.student(m, "alone"), u.student(m, "distilled")
+        a, dist = u.student(m, "alone"), shipped(u, u.student(m, "distilled"))
         for d in u.domains:
             sa = a.stat(d) if a else None
             sd = dist.stat(d) if dist else None
@@ -427,11 +435,10 @@ def adoption(cand: Row, base: Row) -> Adoption:
     return Adoption(adopted, c, b, tuple(missing), per_seed)
 
 
-def shipped_distilled(u: UnionResults) -> Row | None:
-    """The shipped distilled joint SASRec: the plan's distilled row, or the row a rule of §2.5 adopted
-    over it (followed again if another rule adopted a row over that one; the higher valid seed mean
-    wins if two were adopted over the same row). Targets 1 and 2 judge this row."""
-    row = u.student(*DISTILLED)
+def shipped(u: UnionResults, row: Row | None) -> Row | None:
+    """The shipped recipe of ``row``: itself, or the row a rule of §2.5 adopted over it (followed again
+    if another rule adopted a row over that one; the higher valid seed mean wins if two were adopted
+    over the same row)."""
     while row is not None:
         adopted = [(a.cand_mean, r) for r in u.rows if r.adopt_over == row.name
                    and (a := adoption(r, row)).adopted]
@@ -439,6 +446,12 @@ def shipped_distilled(u: UnionResults) -> Row | None:
             return row
         row = max(adopted, key=lambda x: x[0])[1]
     return row
+
+
+def shipped_distilled(u: UnionResults) -> Row | None:
+    """The shipped distilled joint SASRec (targets 1 and 2 judge it): the plan's distilled row or the
+    row adopted over it."""
+    return shipped(u, u.student(*DISTILLED))
 
 
 def adoption_section(u: UnionResults) -> list[str]:
@@ -453,8 +466,8 @@ def adoption_section(u: UnionResults) -> list[str]:
     out = ["### 2.5 Rules fixed before the runs", "",
            "A row with a rule replaces the named row as the shipped recipe only if its seed mean of valid "
            f"{METRIC_LABELS[SELECT]} (the selected epoch, mean over {', '.join(u.domains)}) is above that row's. "
-           "Test is shown beside it for information; the rule does not look at it. Targets 1 and 2 judge the "
-           "shipped recipe.", ""]
+           "Test is shown beside it for information; the rule does not look at it. The targets of §2 judge "
+           "the shipped recipe.", ""]
     headers = ["Row", "Valid NDCG@10 per seed (mean over domains)", "Seed mean"] + \
               [f"{d}: test NDCG@10" for d in u.domains]
     for cand, base in rules:

@@ -343,7 +343,34 @@ def test_adoption_rule_is_judged_on_valid_once_every_seed_is_in():
     committed = union.load_plan(union.REPO / union.PLAN, union.PLAN)
     assert {s.name: s.adopt_over for s in committed.students if s.adopt_over} == {
         "sasrec_joint_distilled_gated": "sasrec_joint_distilled",
-        "sasrec_joint_distilled_games_whole": "sasrec_joint_distilled"}
+        "sasrec_joint_distilled_games_whole": "sasrec_joint_distilled",
+        "fm_joint_distilled_games_whole": "fm_joint_distilled"}
+
+
+def test_target_4_judges_the_fm_row_a_rule_adopted():
+    """A rule over FM distilled (one seed each): once adopted on valid, target 4 judges the adopted row
+    (test .05 .04 .01: a loss on Games against FM alone's .02); not adopted, the plan's row
+    (.04 .03 .025: gains everywhere)."""
+    def with_valid(rec: dict, v: float) -> dict:
+        rec["valid"] = {**split(v, v, v), "mean": m(v)}
+        return rec
+
+    def fm_games(data: dict) -> tuple[str, str, bool]:
+        md = render_union_page(parse_union(data, "u.json"))
+        t4 = sections(md)["2.4 FM, DeepFM and LightGCN: distilled vs alone"][0]
+        r = [x for x in t4 if x["Student"] == "FM" and x["Domain"] == "Games"]
+        assert len(r) == 1, t4
+        named = ("Target 4 judges *FM whole* for FM: its rule adopted it over *FM distilled* (§2.5)." in md)
+        return r[0]["NDCG@10 distilled"], r[0]["Gains"], named
+
+    data = fixture()
+    data["students"]["fm_distilled"]["seeds"] = [with_valid(seed(1, split(0.04, 0.03, 0.025)), 0.03)]
+    for valid, expect in ((0.04, ("0.0100", "no", True)), (0.02, ("0.0250", "yes", False))):
+        d = copy.deepcopy(data)
+        d["students"]["fm_whole"] = {**student("FM whole", "universality", "fm", "distilled, whole",
+                                               [with_valid(seed(1, split(0.05, 0.04, 0.01)), valid)]),
+                                     "adopt_over": "fm_distilled"}
+        assert fm_games(d) == expect
 
 
 def test_manifest_accepts_a_union_page_and_refuses_mixed_keys():
