@@ -344,7 +344,8 @@ def test_adoption_rule_is_judged_on_valid_once_every_seed_is_in():
     assert {s.name: s.adopt_over for s in committed.students if s.adopt_over} == {
         "sasrec_joint_distilled_gated": "sasrec_joint_distilled",
         "sasrec_joint_distilled_games_whole": "sasrec_joint_distilled",
-        "fm_joint_distilled_games_whole": "fm_joint_distilled"}
+        "fm_joint_distilled_games_whole": "fm_joint_distilled",
+        "sasrec_joint_distilled_games_whole_lambda3": "sasrec_joint_distilled_games_whole"}
 
 
 def test_target_4_judges_the_fm_row_a_rule_adopted():
