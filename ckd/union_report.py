@@ -550,11 +550,11 @@ def student_runs_table(u: UnionResults) -> str:
 
 def figure_role(r: Row) -> str | None:
     """A row's style on Figure 1 (ckd.reporting.ROLE_STYLE): teachers, SASRec alone (per domain or
-    joint) and every distilled student; None for the other rows (FM/DeepFM/LightGCN alone), which
+    joint) and every distilled student (variant "distilled" or "distilled, <what changed>"); None for the other rows (FM/DeepFM/LightGCN alone), which
     stay in the tables, as on docs/figure1.png."""
     if r.kind == "teacher":
         return "teacher"
-    if r.variant == "distilled":
+    if r.variant == "distilled" or r.variant.startswith("distilled,"):  # also an ablation that may be adopted
         return "distilled"
     if r.model == "sasrec" and r.variant in (ALONE_PER_DOMAIN[1], JOINT_ALONE[1]):
         return "alone"

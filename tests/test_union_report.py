@@ -15,7 +15,8 @@ import yaml
 from ckd.reporting import (Efficiency, ModelEfficiency, ReportError, load_efficiency, parse_markdown_tables,
                            parse_results_manifest, png_size)
 from ckd.reporting import fmt_duration
-from ckd.union_report import load_union, parse_union, render_union_page, union_figure_points, union_png_size
+from ckd.union_report import (figure_role, load_union, parse_union, render_union_page, union_figure_points,
+                              union_png_size)
 from launch import report
 from research import union
 
@@ -372,6 +373,21 @@ def test_target_4_judges_the_fm_row_a_rule_adopted():
                                                [with_valid(seed(1, split(0.05, 0.04, 0.01)), valid)]),
                                      "adopt_over": "fm_distilled"}
         assert fm_games(d) == expect
+
+
+def test_a_distilled_ablation_is_a_figure_row(tmp_path):
+    """A distilled row with a changed recipe (variant "distilled, <change>", which a rule may adopt)
+    is drawn as a distilled student, and listed as not on the figure while it has no measurement."""
+    data = fixture()
+    data["students"]["whole"] = student("Whole", "ablation", "sasrec", "distilled, whole",
+                                        [seed(1, split(0.2, 0.2, 0.2))])
+    u = parse_union(data, "u.json")
+    assert figure_role(u.row("whole")) == "distilled" and figure_role(u.row("fm_alone")) is None
+    sci = tmp_path / "es.json"
+    write_json(sci, SCI)
+    side = union_figure_points(u, {"Scientific": load_efficiency(sci, str(sci))})
+    skipped = {s["name"]: s["why"] for s in side["panels"][0]["skipped"]}
+    assert skipped["whole"] == f"no inference measurement named so in {sci}"
 
 
 def test_manifest_accepts_a_union_page_and_refuses_mixed_keys():
