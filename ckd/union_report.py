@@ -313,8 +313,9 @@ def shipped_line(u: UnionResults) -> list[str]:
     out = []
     plan_row, row = u.student(*DISTILLED), shipped_distilled(u)
     if row is not None and plan_row is not None and row is not plan_row:
+        chain = [] if row.adopt_over == plan_row.name else [f"in place of *{plan_row.label}*"]
         out.append(f"Targets 1 and 2 judge the shipped distilled recipe, *{row.label}*: its rule adopted it over "
-                   f"*{plan_row.label}* (§2.5).")
+                   f"*{u.row(row.adopt_over).label}*{(', ' + chain[0]) if chain else ''} (§2.5).")
     for m in dict.fromkeys(r.model for r in u.rows if r.kind == "student" and r.model != "sasrec"):
         plan_row = u.student(m, "distilled")
         row = shipped(u, plan_row)
