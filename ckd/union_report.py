@@ -310,18 +310,16 @@ def fmt_sd(x: float | None) -> str:
 def shipped_line(u: UnionResults) -> list[str]:
     """The sentences naming the rows the targets judge where a rule of §2.5 adopted one: targets 1 and
     2 for the distilled joint SASRec, target 4 for FM, DeepFM and LightGCN."""
+    families = dict.fromkeys(r.model for r in u.rows if r.kind == "student" and r.model != "sasrec")
+    judged = [(u.student(*DISTILLED), "Targets 1 and 2 judge the shipped distilled recipe")] + \
+             [(u.student(m, "distilled"), f"Target 4 judges for {FAMILY_LABELS.get(m, m)}") for m in families]
     out = []
-    plan_row, row = u.student(*DISTILLED), shipped_distilled(u)
-    if row is not None and plan_row is not None and row is not plan_row:
-        chain = [] if row.adopt_over == plan_row.name else [f"in place of *{plan_row.label}*"]
-        out.append(f"Targets 1 and 2 judge the shipped distilled recipe, *{row.label}*: its rule adopted it over "
-                   f"*{u.row(row.adopt_over).label}*{(', ' + chain[0]) if chain else ''} (§2.5).")
-    for m in dict.fromkeys(r.model for r in u.rows if r.kind == "student" and r.model != "sasrec"):
-        plan_row = u.student(m, "distilled")
+    for plan_row, what in judged:
         row = shipped(u, plan_row)
-        if row is not None and row is not plan_row:
-            out.append(f"Target 4 judges *{row.label}* for {FAMILY_LABELS.get(m, m)}: its rule adopted it over "
-                       f"*{plan_row.label}* (§2.5).")
+        if row is None or row is plan_row:
+            continue
+        chain = "" if row.adopt_over == plan_row.name else f", in place of *{plan_row.label}*"
+        out.append(f"{what}, *{row.label}*: its rule adopted it over *{u.row(row.adopt_over).label}*{chain} (§2.5).")
     return [" ".join(out), ""] if out else []
 
 
@@ -473,10 +471,9 @@ def adoption_section(u: UnionResults) -> list[str]:
               [f"{d}: test NDCG@10" for d in u.domains]
     for cand, base in rules:
         a = adoption(cand, base)
-        means = {cand.name: a.cand_mean, base.name: a.base_mean}
-        rows = [[r.label, a.per_seed[r.name], DASH if means[r.name] is None else f"{means[r.name]:.4f}"]
-                + [fmt_stat(r.stat(d)) for d in u.domains] for r in (cand, base)]
         c, b = a.cand_mean, a.base_mean
+        rows = [[r.label, a.per_seed[r.name], DASH if mean is None else f"{mean:.4f}"]
+                + [fmt_stat(r.stat(d)) for d in u.domains] for r, mean in ((cand, c), (base, b))]
         if a.adopted is None:
             so_far = "" if c is None or b is None else f"; so far {c:.4f} against {b:.4f}"
             verdict = f"**open** (pending: {', '.join(a.missing)}{so_far})"
@@ -551,8 +548,8 @@ def student_runs_table(u: UnionResults) -> str:
 
 def figure_role(r: Row) -> str | None:
     """A row's style on Figure 1 (ckd.reporting.ROLE_STYLE): teachers, SASRec alone (per domain or
-    joint) and every distilled student (variant "distilled" or "distilled, <what changed>"); None for the other rows (FM/DeepFM/LightGCN alone), which
-    stay in the tables, as on docs/figure1.png."""
+    joint) and every distilled student (variant "distilled" or "distilled, <what changed>"); None for
+    the other rows (FM/DeepFM/LightGCN alone), which stay in the tables, as on docs/figure1.png."""
     if r.kind == "teacher":
         return "teacher"
     if r.variant == "distilled" or r.variant.startswith("distilled,"):  # also an ablation that may be adopted

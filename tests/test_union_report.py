@@ -33,6 +33,12 @@ def split(sci: float, off: float, games: float) -> dict[str, dict[str, float]]:
     return {"Scientific": m(sci), "Office14": m(off), "Games": m(games)}
 
 
+def with_valid(rec: dict, v: float) -> dict:
+    """A seed record whose valid NDCG@10 is ``v`` on every domain and their mean (what §2.5 judges)."""
+    rec["valid"] = {**split(v, v, v), "mean": m(v)}
+    return rec
+
+
 def teacher(label: str, test: dict | None, row: bool = True, served: bool = True, note: str = "") -> dict:
     t = {"label": label, "config": f"configs/union/{label.lower().replace(' ', '_')}.yaml",
          "command": f"ckd-train-teacher --config configs/union/{label}.yaml --run-dir runs/union/teachers/{label}",
@@ -290,10 +296,6 @@ def test_adoption_rule_is_judged_on_valid_once_every_seed_is_in():
     """A plan rule ``adopt_over``: the candidate replaces the named row only if its seed mean of valid
     NDCG@10 (mean over domains) is higher; open while a planned seed of either row is missing; test
     never decides it (here the candidate's test is far higher while its valid is lower)."""
-    def with_valid(rec: dict, v: float) -> dict:
-        rec["valid"] = {**split(v, v, v), "mean": m(v)}
-        return rec
-
     def judged(data: dict) -> str:
         md = render_union_page(parse_union(data, "u.json"))
         lines = [ln for ln in md.splitlines() if ln.startswith("Gated over SASRec distilled: ")]
@@ -327,6 +329,17 @@ def test_adoption_rule_is_judged_on_valid_once_every_seed_is_in():
         assert {r["Distilled"] for r in t1 if r["Domain"] == "Scientific"} == {shown}
         assert ("Targets 1 and 2 judge the shipped distilled recipe, *Gated*: its rule adopted it over "
                 "*SASRec distilled* (§2.5)." in md) is named
+    # a chain: a row adopted over the adopted one (valid .12 > .115) is judged, named with both it replaced
+    chained = copy.deepcopy(higher)
+    chained["students"]["third"] = {**student("Third", "ablation", "sasrec", "distilled, third",
+                                              [with_valid(seed(1, split(0.3, 0.3, 0.3)), 0.12),
+                                               with_valid(seed(2, split(0.3, 0.3, 0.3)), 0.12)]),
+                                    "adopt_over": "gated"}
+    md = render_union_page(parse_union(chained, "u.json"))
+    assert row(sections(md)["2.2 Distilled joint SASRec vs the best teacher"][0], "Domain",
+               "Scientific")["Distilled"] == "0.3000 ± 0.0000"
+    assert ("Targets 1 and 2 judge the shipped distilled recipe, *Third*: its rule adopted it over *Gated*, "
+            "in place of *SASRec distilled* (§2.5)." in md)
     assert "2.5 Rules fixed before the runs" not in render_union_page(parse_union(fixture(), "u.json"))
     no_valid = copy.deepcopy(higher)  # a finished seed whose record has no valid split is not "pending"
     no_valid["students"]["sasrec_joint_distilled"]["seeds"][1]["valid"] = {}
@@ -353,16 +366,12 @@ def test_target_4_judges_the_fm_row_a_rule_adopted():
     """A rule over FM distilled (one seed each): once adopted on valid, target 4 judges the adopted row
     (test .05 .04 .01: a loss on Games against FM alone's .02); not adopted, the plan's row
     (.04 .03 .025: gains everywhere)."""
-    def with_valid(rec: dict, v: float) -> dict:
-        rec["valid"] = {**split(v, v, v), "mean": m(v)}
-        return rec
-
     def fm_games(data: dict) -> tuple[str, str, bool]:
         md = render_union_page(parse_union(data, "u.json"))
         t4 = sections(md)["2.4 FM, DeepFM and LightGCN: distilled vs alone"][0]
         r = [x for x in t4 if x["Student"] == "FM" and x["Domain"] == "Games"]
         assert len(r) == 1, t4
-        named = ("Target 4 judges *FM whole* for FM: its rule adopted it over *FM distilled* (§2.5)." in md)
+        named = ("Target 4 judges for FM, *FM whole*: its rule adopted it over *FM distilled* (§2.5)." in md)
         return r[0]["NDCG@10 distilled"], r[0]["Gains"], named
 
     data = fixture()
