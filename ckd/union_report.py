@@ -604,9 +604,32 @@ def union_figure_points(u: UnionResults, effs: dict[str, Efficiency]) -> dict[st
             "union": u.source, "union_commit": u.commit, "panels": panels}
 
 
-def union_png_size(panels: int) -> tuple[int, int]:
-    """(width, height) in pixels of the union Figure 1 with ``panels`` panels side by side."""
-    return round(FIGURE_SIZE_IN[0] * panels * FIGURE_DPI), round(FIGURE_SIZE_IN[1] * FIGURE_DPI)
+# The union panels hold up to a dozen points, several within a few percent of each other on both
+# axes (the Games-whole teachers and the students), where no placement fits full captions. So each
+# point carries its number (1 = highest NDCG@10 of its panel) and the captions are a key under it.
+KEY_LINE_IN = 0.15     # height of one key line (fontsize 7)
+KEY_PAD_IN = 0.25      # between the x-axis label and the key
+
+
+def union_png_size(panels: int, key_lines: int = 0) -> tuple[int, int]:
+    """(width, height) in pixels of the union Figure 1 with ``panels`` panels side by side and a key
+    of ``key_lines`` lines (the most points of any panel) under them."""
+    key_in = KEY_PAD_IN + KEY_LINE_IN * key_lines if key_lines else 0.0
+    return round(FIGURE_SIZE_IN[0] * panels * FIGURE_DPI), round((FIGURE_SIZE_IN[1] + key_in) * FIGURE_DPI)
+
+
+def key_order(points: list[dict[str, Any]]) -> list[int]:
+    """Indices of ``points`` in key order: highest test NDCG@10 first (ties by name), so the numbers
+    on a panel read as a ranking."""
+    return sorted(range(len(points)), key=lambda i: (-points[i]["ndcg@10"], points[i]["name"]))
+
+
+def key_line(n: int, p: dict[str, Any]) -> str:
+    """One line of a panel's key: number, row label, test NDCG@10 (± sd over seeds where there are
+    several), peak memory and inference time."""
+    sd = f" ± {fmt_metric(p['ndcg@10_sd'])}" if (p.get("seeds") or 0) > 1 and p.get("ndcg@10_sd") is not None else ""
+    return (f"{n:>2}  {p['label']}: {fmt_metric(p['ndcg@10'])}{sd}, {fmt_mb(p['peak_memory_mb'])} MB, "
+            f"{fmt_ms(p['infer_ms_per_1000_users'])} ms")
 
 
 def draw_union_figure(sidecar: dict[str, Any], path: str | Path) -> list[list[tuple[float, ...]]]:
@@ -623,8 +646,10 @@ def draw_union_figure(sidecar: dict[str, Any], path: str | Path) -> list[list[tu
     if not every:
         raise ReportError(f"union figure: nothing to plot ({[pn['skipped'] for pn in panels]})")
     scale = MAX_AREA_PT2 / (max(p["peak_memory_mb"] for p in every) or 1.0)
+    key_lines = max(len(panel["points"]) for panel in panels)
+    width_px, height_px = union_png_size(len(panels), key_lines)
     fig, axes = plt.subplots(1, len(panels), dpi=FIGURE_DPI, squeeze=False,
-                             figsize=(FIGURE_SIZE_IN[0] * len(panels), FIGURE_SIZE_IN[1]))
+                             figsize=(width_px / FIGURE_DPI, height_px / FIGURE_DPI))
     legends = []
     for ax, panel in zip(axes[0], panels):
         if panel["points"]:
@@ -636,9 +661,17 @@ def draw_union_figure(sidecar: dict[str, Any], path: str | Path) -> list[list[tu
             legends.append(None)
     where = sorted({f"device: {pn['device']} · machine: {pn['machine']}" for pn in panels})
     fig.text(0.01, 0.01, "  |  ".join(where)[:240], fontsize=6, color="0.4")
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    boxes = [place_labels(fig, ax, panel["points"], avoid=[leg] if leg else [])
-             for ax, panel, leg in zip(axes[0], panels, legends)]
+    key_frac = (KEY_PAD_IN + KEY_LINE_IN * key_lines) / (height_px / FIGURE_DPI)
+    fig.tight_layout(rect=(0, 0.03 + key_frac, 1, 1))
+    boxes = []
+    for ax, panel, leg in zip(axes[0], panels, legends):
+        order = key_order(panel["points"])
+        number = {i: n for n, i in enumerate(order, start=1)}
+        texts = [str(number[i]) for i in range(len(panel["points"]))]
+        boxes.append(place_labels(fig, ax, panel["points"], avoid=[leg] if leg else [], texts=texts))
+        lines = [key_line(n, panel["points"][i]) for n, i in enumerate(order, start=1)]
+        fig.text(ax.get_position().x0, 0.03 + key_frac - KEY_PAD_IN / 2 / (height_px / FIGURE_DPI),
+                 "\n".join(lines), fontsize=7, va="top", ha="left", linespacing=1.25)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=FIGURE_DPI, metadata={"Software": None})
     plt.close(fig)
@@ -722,7 +755,8 @@ def efficiency_section(u: UnionResults, eff: Efficiency | None = None, effs: dic
                     "One panel per domain: x = inference ms per 1,000 users (full ranking of the domain's catalogue, "
                     "log scale), y = test NDCG@10 on that domain (students: mean over their finished seeds), circle "
                     "area = peak memory (one scale for both panels). Red: teachers; grey: SASRec alone; blue: "
-                    "distilled students. Plotted values: the sidecar JSON beside the PNG.", ""]
+                    "distilled students. Each point carries its number in the key under its panel (1 = highest "
+                    "NDCG@10 there). Plotted values: the sidecar JSON beside the PNG.", ""]
         else:
             out += ["No figure file is set for this page (`figure:`); the measurements per domain:", ""]
         skipped = {pn["domain"]: pn["skipped"] for pn in (sidecar or {}).get("panels", [])}

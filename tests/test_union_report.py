@@ -15,7 +15,8 @@ import yaml
 from ckd.reporting import (Efficiency, ModelEfficiency, ReportError, load_efficiency, parse_markdown_tables,
                            parse_results_manifest, png_size)
 from ckd.reporting import fmt_duration
-from ckd.union_report import (figure_role, load_union, parse_union, render_union_page, union_figure_points,
+from ckd.union_report import (draw_union_figure, figure_role, key_line, key_order, load_union, parse_union,
+                              render_union_page, union_figure_points,
                               union_png_size)
 from launch import report
 from research import union
@@ -458,7 +459,8 @@ def test_union_figure_two_domains_sidecar_png_and_page(tmp_path):
     assert report.main(["--union", str(u_path), "--domain-efficiency", f"Scientific={sci}",
                         "--domain-efficiency", f"Games={games}", "--figure", str(fig), "--out", str(out),
                         "--draft"]) == 0
-    assert png_size(fig) == union_png_size(2) == (2400, 825)
+    # (5.5 in + 0.25 in pad + 4 key lines x 0.15 in) x 150 dpi = 952.5
+    assert png_size(fig) == union_png_size(2, key_lines=4) == (2400, 952)
     side = json.loads(fig.with_suffix(".json").read_text())
     assert [p["domain"] for p in side["panels"]] == ["Scientific", "Games"]
     got = {p["domain"]: {q["name"]: (q["role"], round(q["ndcg@10"], 6), q["infer_ms_per_1000_users"],
@@ -752,3 +754,27 @@ def test_collect_refuses_a_run_directory_that_trained_another_config(tmp_path, c
     write_resolved(tmp_path, "configs/a_off.yaml", "runs/a_off/seed1", 1)
     assert union.main(argv) == 2
     assert "runs/t/tid/config.yaml not found beside metrics.json" in capsys.readouterr().err
+
+
+def test_union_figure_numbers_crowded_points_and_keys_them_by_rank(tmp_path):
+    """Nine points, five within a few percent of each other on both axes (as the Games-whole teachers
+    and the students sit on the real Games panel): each gets its rank as a tag (1 = highest NDCG@10),
+    no two tags overlap, and the key lines read in rank order with mean ± sd only for several seeds."""
+    pts = [{"name": f"m{i}", "label": f"model {i}", "role": "teacher" if i % 2 else "distilled",
+            "ndcg@10": 0.0480 + 0.0002 * i, "ndcg@10_sd": 0.0001, "seeds": 2 if i == 0 else None,
+            "infer_ms_per_1000_users": 320.0 * (1 + 0.04 * i), "peak_memory_mb": 110.0 + 20 * i}
+           for i in range(5)]
+    pts += [{"name": f"far{i}", "label": f"far {i}", "role": "teacher", "ndcg@10": 0.030 - 0.002 * i,
+             "ndcg@10_sd": None, "seeds": None, "infer_ms_per_1000_users": 400.0 + 100 * i,
+             "peak_memory_mb": 200.0} for i in range(4)]
+    order = key_order(pts)
+    assert [pts[i]["name"] for i in order] == ["m4", "m3", "m2", "m1", "m0", "far0", "far1", "far2", "far3"]
+    assert key_line(5, pts[0]) == " 5  model 0: 0.0480 ± 0.0001, 110.0 MB, 320.00 ms"
+    assert key_line(1, pts[4]) == " 1  model 4: 0.0488, 190.0 MB, 371.20 ms"
+    side = {"panels": [{"domain": "Games", "points": pts, "device": "cpu", "machine": "test box"}]}
+    (boxes,) = draw_union_figure(side, tmp_path / "f.png")
+    assert png_size(tmp_path / "f.png") == union_png_size(1, key_lines=9)
+    for i in range(len(boxes)):
+        for j in range(i + 1, len(boxes)):
+            (a0, b0, a1, b1), (c0, d0, c1, d1) = boxes[i], boxes[j]
+            assert a1 <= c0 or c1 <= a0 or b1 <= d0 or d1 <= b0, (pts[i]["name"], pts[j]["name"])
