@@ -590,6 +590,8 @@ def union_figure_points(u: UnionResults, effs: dict[str, Efficiency]) -> dict[st
                            "infer_ms_per_1000_users": m.infer_ms_per_1000_users, "ndcg@10": st.mean,
                            "ndcg@10_sd": st.sd, "seeds": st.n if r.kind == "student" else None,
                            "peak_memory_mb": m.peak_memory_mb, "params": m.params, "checkpoint": m.checkpoint})
+        for n, i in enumerate(key_order(points), start=1):
+            points[i]["number"] = n  # the point's tag on the panel and its line in the key under it
         rows = {r.name: r for r in u.rows}
         for m in eff.models:
             r = rows.get(m.name)
@@ -665,7 +667,7 @@ def draw_union_figure(sidecar: dict[str, Any], path: str | Path) -> list[list[tu
     fig.tight_layout(rect=(0, 0.03 + key_frac, 1, 1))
     boxes = []
     for ax, panel, leg in zip(axes[0], panels, legends):
-        order = key_order(panel["points"])
+        order = key_order(panel["points"])  # the sidecar's "number" of each point, recomputed
         number = {i: n for n, i in enumerate(order, start=1)}
         texts = [str(number[i]) for i in range(len(panel["points"]))]
         boxes.append(place_labels(fig, ax, panel["points"], avoid=[leg] if leg else [], texts=texts))

@@ -463,6 +463,8 @@ def test_union_figure_two_domains_sidecar_png_and_page(tmp_path):
     assert png_size(fig) == union_png_size(2, key_lines=4) == (2400, 952)
     side = json.loads(fig.with_suffix(".json").read_text())
     assert [p["domain"] for p in side["panels"]] == ["Scientific", "Games"]
+    assert [q["name"] for q in sorted(side["panels"][0]["points"], key=lambda q: q["number"])] == \
+        ["sasrec_joint_distilled", "good", "weak", "sasrec_alone"]  # numbered by NDCG@10, highest first
     got = {p["domain"]: {q["name"]: (q["role"], round(q["ndcg@10"], 6), q["infer_ms_per_1000_users"],
                                      q["peak_memory_mb"], q["seeds"]) for q in p["points"]} for p in side["panels"]}
     assert got == {
