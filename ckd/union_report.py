@@ -636,8 +636,9 @@ def key_line(n: int, p: dict[str, Any]) -> str:
 
 def draw_union_figure(sidecar: dict[str, Any], path: str | Path) -> list[list[tuple[float, ...]]]:
     """Draw ``union_figure_points``' panels side by side in one PNG (each as docs/figure1.png's
-    single panel; one circle-area scale for all). A panel with nothing measured says so. Returns
-    the label boxes per panel (pixels)."""
+    single panel; one circle-area scale for all), each point tagged with its number (``key_order``)
+    and the captions in a key under its panel. A panel with nothing measured says so. Returns the
+    tag boxes per panel (pixels)."""
     import matplotlib
 
     matplotlib.use("Agg")
