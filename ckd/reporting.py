@@ -672,46 +672,45 @@ def point_caption(p: dict[str, Any]) -> str:
 
 
 # Offsets for short tags (a point's number): a tight ring first, so a tag sits by its own point;
-# tags further out get a thin leader line to it.
+# tags from TAG_LEADER_FROM on are further out and get a thin leader line to their point.
 TAG_OFFSETS = [(5, 3), (5, -13), (-5, 3), (-5, -13), (9, -5), (-9, -5), (0, 9), (0, -19),
                (14, 12), (-14, 12), (14, -24), (-14, -24), (20, -5), (-20, -5)]
-TAG_LEADER_FROM = 8   # tags at a later offset than this index are joined to their point
+TAG_LEADER_FROM = 8
 
 
 def place_labels(fig: Any, ax: Any, pts: list[dict[str, Any]], avoid: Sequence[Any] = (),
-                 texts: Sequence[str] | None = None) -> list[tuple[float, ...]]:
-    """Annotate each point at the first offset whose text box stays inside the axes and overlaps
-    neither an earlier label nor an ``avoid`` artist (the legend); the first offset when none fits.
-    With ``texts`` (short tags such as a point's number) each point gets ``texts[i]`` tried at
-    ``TAG_OFFSETS``; else its ``point_caption`` at ``LABEL_OFFSETS``. Returns the label boxes in
-    pixels, (x0, y0, x1, y1), in ``pts`` order."""
+                 texts: Sequence[str] | None = None, offsets: Sequence[tuple[int, int]] = LABEL_OFFSETS,
+                 leader_from: int | None = None) -> list[tuple[float, ...]]:
+    """Annotate each point with ``texts[i]`` (default its ``point_caption``) at the first of
+    ``offsets`` whose text box stays inside the axes and overlaps neither an earlier label nor an
+    ``avoid`` artist (the legend); the first offset when none fits. Offsets from index
+    ``leader_from`` on draw a leader line to the point. Returns the label boxes in pixels,
+    (x0, y0, x1, y1), in ``pts`` order."""
     renderer = fig.canvas.get_renderer()
     frame = ax.get_window_extent(renderer)
     taken = [a.get_window_extent(renderer) for a in avoid]
-    offsets = LABEL_OFFSETS if texts is None else TAG_OFFSETS
     texts = [point_caption(p) for p in pts] if texts is None else list(texts)
-    leader_from = len(offsets) if offsets is LABEL_OFFSETS else TAG_LEADER_FROM
+    leader_from = len(offsets) if leader_from is None else leader_from
 
-    def annotate(i: int, dx: int, dy: int) -> Any:
-        p = pts[i]
-        far = offsets.index((dx, dy)) >= leader_from
+    def annotate(i: int, k: int) -> Any:
+        p, (dx, dy) = pts[i], offsets[k]
         return ax.annotate(texts[i], (p["infer_ms_per_1000_users"], p["ndcg@10"]), xytext=(dx, dy),
                            textcoords="offset points", fontsize=8, zorder=4,
                            ha="left" if dx >= 0 else "right", va="bottom",
-                           arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.4"} if far else None)
+                           arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.4"} if k >= leader_from else None)
 
     boxes = []
     # Highest-scoring points first: they are the ones a reader looks for.
     for i in sorted(range(len(pts)), key=lambda i: -pts[i]["ndcg@10"]):
-        for dx, dy in offsets:
-            ann = annotate(i, dx, dy)
+        for k in range(len(offsets)):
+            ann = annotate(i, k)
             bb = ann.get_window_extent(renderer)
             inside = frame.x0 <= bb.x0 and bb.x1 <= frame.x1 and frame.y0 <= bb.y0 and bb.y1 <= frame.y1
             if inside and not any(bb.overlaps(t) for t in taken):
                 break
             ann.remove()
         else:
-            bb = annotate(i, *offsets[0]).get_window_extent(renderer)
+            bb = annotate(i, 0).get_window_extent(renderer)
         taken.append(bb)
         boxes.append((i, tuple(float(v) for v in bb.extents)))
     return [b for _, b in sorted(boxes)]

@@ -62,7 +62,8 @@ from typing import Any, Iterable
 
 from ckd.reporting import (DASH, FIGURE_DPI, FIGURE_SIZE_IN, MAX_AREA_PT2, MEAN, METRIC_LABELS, METRICS, Efficiency,
                            ReportError, _read_file, _require, _source_block, carried_note, fmt_duration, fmt_int,
-                           fmt_mb, fmt_metric, fmt_ms, markdown_table, place_labels, plot_panel)
+                           TAG_LEADER_FROM, TAG_OFFSETS, fmt_mb, fmt_metric, fmt_ms, markdown_table, place_labels,
+                           plot_panel)
 
 FORMAT = "union"
 PENDING = "pending"
@@ -590,8 +591,7 @@ def union_figure_points(u: UnionResults, effs: dict[str, Efficiency]) -> dict[st
                            "infer_ms_per_1000_users": m.infer_ms_per_1000_users, "ndcg@10": st.mean,
                            "ndcg@10_sd": st.sd, "seeds": st.n if r.kind == "student" else None,
                            "peak_memory_mb": m.peak_memory_mb, "params": m.params, "checkpoint": m.checkpoint})
-        for n, i in enumerate(key_order(points), start=1):
-            points[i]["number"] = n  # the point's tag on the panel and its line in the key under it
+        number_points(points)
         rows = {r.name: r for r in u.rows}
         for m in eff.models:
             r = rows.get(m.name)
@@ -613,31 +613,38 @@ KEY_LINE_IN = 0.15     # height of one key line (fontsize 7)
 KEY_PAD_IN = 0.25      # between the x-axis label and the key
 
 
-def union_png_size(panels: int, key_lines: int = 0) -> tuple[int, int]:
+def key_height_in(lines: int) -> float:
+    """Inches under the panels for a key of ``lines`` lines."""
+    return KEY_PAD_IN + KEY_LINE_IN * lines
+
+
+def union_png_size(panels: int, key_lines: int) -> tuple[int, int]:
     """(width, height) in pixels of the union Figure 1 with ``panels`` panels side by side and a key
     of ``key_lines`` lines (the most points of any panel) under them."""
-    key_in = KEY_PAD_IN + KEY_LINE_IN * key_lines if key_lines else 0.0
-    return round(FIGURE_SIZE_IN[0] * panels * FIGURE_DPI), round((FIGURE_SIZE_IN[1] + key_in) * FIGURE_DPI)
+    return (round(FIGURE_SIZE_IN[0] * panels * FIGURE_DPI),
+            round((FIGURE_SIZE_IN[1] + key_height_in(key_lines)) * FIGURE_DPI))
 
 
-def key_order(points: list[dict[str, Any]]) -> list[int]:
-    """Indices of ``points`` in key order: highest test NDCG@10 first (ties by name), so the numbers
-    on a panel read as a ranking."""
-    return sorted(range(len(points)), key=lambda i: (-points[i]["ndcg@10"], points[i]["name"]))
+def number_points(points: list[dict[str, Any]]) -> None:
+    """Give each point of a panel its ``number``, the tag on the panel and its line in the key:
+    1 = highest test NDCG@10 (ties by name), so the numbers read as a ranking."""
+    order = sorted(range(len(points)), key=lambda i: (-points[i]["ndcg@10"], points[i]["name"]))
+    for n, i in enumerate(order, start=1):
+        points[i]["number"] = n
 
 
-def key_line(n: int, p: dict[str, Any]) -> str:
+def key_line(p: dict[str, Any]) -> str:
     """One line of a panel's key: number, row label, test NDCG@10 (± sd over seeds where there are
     several), peak memory and inference time."""
-    sd = f" ± {fmt_metric(p['ndcg@10_sd'])}" if (p.get("seeds") or 0) > 1 and p.get("ndcg@10_sd") is not None else ""
-    return (f"{n:>2}  {p['label']}: {fmt_metric(p['ndcg@10'])}{sd}, {fmt_mb(p['peak_memory_mb'])} MB, "
+    ndcg = fmt_stat(Stat(p["ndcg@10"], p.get("ndcg@10_sd"), p.get("seeds") or 1))
+    return (f"{p['number']:>2}  {p['label']}: {ndcg}, {fmt_mb(p['peak_memory_mb'])} MB, "
             f"{fmt_ms(p['infer_ms_per_1000_users'])} ms")
 
 
 def draw_union_figure(sidecar: dict[str, Any], path: str | Path) -> list[list[tuple[float, ...]]]:
     """Draw ``union_figure_points``' panels side by side in one PNG (each as docs/figure1.png's
-    single panel; one circle-area scale for all), each point tagged with its number (``key_order``)
-    and the captions in a key under its panel. A panel with nothing measured says so. Returns the
+    single panel; one circle-area scale for all), each point tagged with its ``number``
+    (``number_points``) and the captions in a key under its panel. A panel with nothing measured says so. Returns the
     tag boxes per panel (pixels)."""
     import matplotlib
 
@@ -664,16 +671,16 @@ def draw_union_figure(sidecar: dict[str, Any], path: str | Path) -> list[list[tu
             legends.append(None)
     where = sorted({f"device: {pn['device']} · machine: {pn['machine']}" for pn in panels})
     fig.text(0.01, 0.01, "  |  ".join(where)[:240], fontsize=6, color="0.4")
-    key_frac = (KEY_PAD_IN + KEY_LINE_IN * key_lines) / (height_px / FIGURE_DPI)
+    height_in = height_px / FIGURE_DPI
+    key_frac = key_height_in(key_lines) / height_in
     fig.tight_layout(rect=(0, 0.03 + key_frac, 1, 1))
     boxes = []
     for ax, panel, leg in zip(axes[0], panels, legends):
-        order = key_order(panel["points"])  # the sidecar's "number" of each point, recomputed
-        number = {i: n for n, i in enumerate(order, start=1)}
-        texts = [str(number[i]) for i in range(len(panel["points"]))]
-        boxes.append(place_labels(fig, ax, panel["points"], avoid=[leg] if leg else [], texts=texts))
-        lines = [key_line(n, panel["points"][i]) for n, i in enumerate(order, start=1)]
-        fig.text(ax.get_position().x0, 0.03 + key_frac - KEY_PAD_IN / 2 / (height_px / FIGURE_DPI),
+        pts = panel["points"]
+        boxes.append(place_labels(fig, ax, pts, avoid=[leg] if leg else [], texts=[str(p["number"]) for p in pts],
+                                  offsets=TAG_OFFSETS, leader_from=TAG_LEADER_FROM))
+        lines = [key_line(p) for p in sorted(pts, key=lambda p: p["number"])]
+        fig.text(ax.get_position().x0, 0.03 + key_frac - KEY_PAD_IN / 2 / height_in,
                  "\n".join(lines), fontsize=7, va="top", ha="left", linespacing=1.25)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=FIGURE_DPI, metadata={"Software": None})
