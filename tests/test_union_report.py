@@ -360,6 +360,7 @@ def test_adoption_rule_is_judged_on_valid_once_every_seed_is_in():
         "sasrec_joint_distilled_games_whole": "sasrec_joint_distilled",
         "fm_joint_distilled_games_whole": "fm_joint_distilled",
         "lightgcn_joint_distilled_games_whole": "lightgcn_joint_distilled",
+        "deepfm_joint_distilled_games_whole": "deepfm_joint_distilled",
         "sasrec_joint_distilled_games_whole_lambda3": "sasrec_joint_distilled_games_whole"}
 
 
