@@ -12,7 +12,7 @@ import os
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 import yaml
 
@@ -164,29 +164,86 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a YAML mapping safely; a missing or malformed file is a ConfigError naming it."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
+BASE_KEY = "base"
+
+
+def _parse_mapping(name: str, text: str | bytes) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+        raise ConfigError(f"config file {name} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        raise ConfigError(f"config file {name} must hold a mapping at the top level")
     return data
 
 
-def content_key(name: str, data: bytes) -> bytes:
+def with_base(doc: dict[str, Any], name: str, read: Callable[[str], dict[str, Any]],
+              _chain: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``doc`` (the mapping of config file ``name``) over the config its top-level ``base:`` names,
+    that one resolved the same way: a config states only what it changes. ``base`` is a path relative
+    to the directory of the file that names it; ``read(path)`` returns that file's mapping. Sections
+    merge key by key; any other value, a list included, replaces the base's. A cycle or a base that
+    is not a path is a ConfigError naming the files."""
+    base = doc.get(BASE_KEY)
+    if base is None:
+        return doc
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"config file {name}: {BASE_KEY} must be the path of another config, got {base!r}")
+    chain = _chain or (os.path.normpath(name),)
+    target = os.path.normpath(os.path.join(os.path.dirname(name), base))
+    if target in chain:
+        raise ConfigError("config files name each other as base: " + " -> ".join((*chain, target)))
+    parent = with_base(read(target), target, read, (*chain, target))
+    return _merge(parent, {k: v for k, v in doc.items() if k != BASE_KEY})
+
+
+def _read_file_mapping(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    return _parse_mapping(str(p), p.read_text())
+
+
+def read_file_bytes(path: str) -> bytes | None:
+    """A file's bytes, None when there is no such file: the ``read`` of ``content_key`` for files on disk."""
+    p = Path(path)
+    return p.read_bytes() if p.is_file() else None
+
+
+def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a YAML mapping safely, over its ``base:`` config when it names one (``with_base``); a
+    missing or malformed file is a ConfigError naming it."""
+    name = str(Path(path))
+    return with_base(_read_file_mapping(name), name, _read_file_mapping)
+
+
+def content_key(name: str, data: bytes, read: Callable[[str], bytes | None] | None = None) -> bytes:
     """What a file's content means, as bytes to compare or hash: for a YAML file (by ``name``) its
     parsed document with keys sorted, so a comment, layout or key-order edit of a config keeps the
-    results it produced; any other file, or YAML that does not parse, is its bytes."""
+    results it produced; any other file, or YAML that does not parse, is its bytes. With ``read``
+    (the bytes of a file by path, None when absent) a config's ``base:`` is resolved first
+    (``with_base``), so a config and the copy it became by naming a base compare equal, and an edit
+    of the base changes every config over it; a base that cannot be resolved keeps the bytes,
+    marked, so it never compares equal to a resolved document."""
     if not name.endswith((".yaml", ".yml")):
         return data
     try:
-        return b"yaml:" + json.dumps(yaml.safe_load(data), sort_keys=True, default=str).encode()
-    except (yaml.YAMLError, TypeError):  # unparseable, or keys of mixed types that cannot be sorted
+        doc = yaml.safe_load(data)
+    except yaml.YAMLError:
+        return data
+    if read is not None and isinstance(doc, dict) and BASE_KEY in doc:
+        def read_mapping(path: str) -> dict[str, Any]:
+            raw = read(path)
+            if raw is None:
+                raise ConfigError(f"config file not found: {path}")
+            return _parse_mapping(path, raw)
+        try:
+            doc = with_base(doc, name, read_mapping)
+        except ConfigError:
+            return b"unresolved base:" + data
+    try:
+        return b"yaml:" + json.dumps(doc, sort_keys=True, default=str).encode()
+    except TypeError:  # keys of mixed types that cannot be sorted
         return data
 
 

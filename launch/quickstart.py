@@ -59,12 +59,12 @@ class Step:
         files and the data folder): a finished run with the same digest is reused as it is. A YAML
         input counts by its parsed document, as research.carry compares it: a comment edit of a
         config does not retrain the demo."""
-        from ckd.config import content_key
+        from ckd.config import content_key, read_file_bytes
 
         h = hashlib.sha256(json.dumps({"argv": self.argv, "data_dir": str(Path(data_dir).resolve())}).encode())
         for p in self.inputs:
             h.update(str(p).encode())
-            h.update(content_key(p.name, p.read_bytes()) if p.is_file() else b"<missing>")
+            h.update(content_key(str(p), p.read_bytes(), read_file_bytes) if p.is_file() else b"<missing>")
         return h.hexdigest()
 
     @property

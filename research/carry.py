@@ -16,7 +16,7 @@ import json
 import re
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from research.plan_schema import PlanError
 
@@ -42,23 +42,33 @@ def config_unchanged(root: Path, commit: str | None, paths: list[str]) -> tuple[
         return False, f"the recorded results came from commit {commit!r}, which is not a clean commit"
     if _git(str(root), "cat-file", "-e", f"{commit}^{{commit}}") is None:
         return False, f"commit {commit[:12]} is not in this clone (a shallow clone?): cannot compare the configs"
+    def read_here(rel: str) -> bytes | None:
+        return (root / rel).read_bytes() if (root / rel).is_file() else None
+
+    def read_at(rel: str) -> bytes | None:
+        return _git(str(root), "cat-file", "blob", f"{commit}:{rel}")
+
     for rel in paths:
-        at = _git(str(root), "cat-file", "blob", f"{commit}:{rel}")
+        at = read_at(rel)
         if at is None:
             return False, f"{rel} is not in commit {commit[:12]}"
-        here = root / rel
-        if not here.is_file() or not same_content(rel, here.read_bytes(), at):
+        here = read_here(rel)
+        if here is None or not same_content(rel, here, at, read_here, read_at):
             return False, f"{rel} changed since commit {commit[:12]}"
     return True, ""
 
 
-def same_content(rel: str, here: bytes, at: bytes) -> bool:
-    """Whether a committed input is unchanged: the same bytes, or for a YAML file the same parsed
-    document (ckd.config.content_key), so that a comment or layout edit of a config (what it is
-    for, which file supersedes it) does not throw away the results it produced."""
+def same_content(rel: str, here: bytes, at: bytes, read_here: Callable[[str], bytes | None] | None = None,
+                 read_at: Callable[[str], bytes | None] | None = None) -> bool:
+    """Whether a committed input is unchanged: for a YAML file the same parsed document
+    (ckd.config.content_key), so that a comment or layout edit of a config (what it is for, which
+    file supersedes it) does not throw away the results it produced; any other file, the same bytes.
+    With the readers (a file's bytes by path, here and at the recorded commit) a config's ``base:``
+    is resolved on each side, so moving settings into a base keeps the results, and editing the
+    base is a change of every config over it."""
     from ckd.config import content_key
 
-    return here == at or content_key(rel, here) == content_key(rel, at)
+    return content_key(rel, here, read_here) == content_key(rel, at, read_at)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -42,7 +42,7 @@ from typing import Any
 
 import yaml
 
-from ckd.config import ConfigError
+from ckd.config import ConfigError, load_yaml
 from ckd.mechanisms_report import value_label
 from ckd.reporting import overwrite_refusal
 
@@ -134,7 +134,7 @@ def sweep_inputs(sweep_path: str, sweep: dict[str, Any], root: Path) -> list[str
     the runs are served from (``--set service.spec=`` in its args, else the config's)."""
     spec = next((str(a).split("=", 1)[1] for a in sweep.get("args") or [] if str(a).startswith("service.spec=")), None)
     if spec is None:
-        cfg = yaml.safe_load((root / sweep["config"]).read_text()) or {} if (root / sweep["config"]).is_file() else {}
+        cfg = load_yaml(root / sweep["config"]) if (root / sweep["config"]).is_file() else {}
         spec = (cfg.get("service") or {}).get("spec")
     return [str(sweep_path), str(sweep["config"])] + ([str(spec)] if spec else [])
 

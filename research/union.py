@@ -845,10 +845,12 @@ def check_run_config(config: str, run_dir: str, root: Path, seed: int | None = N
     PlanError naming the run directory and the settings, so another run's numbers never reach the page."""
     import yaml
 
+    from ckd.config import load_yaml
+
     path = root / run_dir / "config.yaml"
     if not path.is_file():
         raise PlanError(f"{path} not found beside metrics.json: cannot tell which config the run trained")
-    raw = yaml.safe_load((root / config).read_text()) or {}
+    raw = load_yaml(root / config)  # over its base:, as the run resolved it
     if seed is not None:
         raw = {**raw, "train": {**(raw.get("train") or {}), "seed": seed}}
     bad = contradictions(raw, yaml.safe_load(path.read_text()) or {})

@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ckd.union_report import load_union, render_union_page
 from research import param_analysis, union
@@ -354,3 +355,18 @@ def test_estimates_on_a_fresh_machine_come_from_the_recorded_times():
         empty = union.Estimator()
         empty.record_previous(junk)  # nothing usable: no estimate, no error
         assert empty.recorded == {} and empty.estimate(seed[1]) is None
+
+
+def test_a_config_moved_onto_a_base_is_unchanged_until_its_base_changes(tmp_path):
+    """A copy rewritten as ``base:`` plus its one change keeps its recorded results; an edit of the
+    base it now names is a change of it, read from the recorded commit and the work tree alike."""
+    commit = committed_tree(tmp_path)
+    cfg = tmp_path / "configs"
+    recorded = yaml.safe_load((cfg / "pre.yaml").read_text())
+    assert recorded["train"]["epochs"] == 2 and recorded["train"]["batch_size"] == 64  # tiny_tree's
+    (cfg / "recipe.yaml").write_text(yaml.safe_dump({**recorded, "train": {**recorded["train"], "epochs": 5}}))
+    (cfg / "pre.yaml").write_text("# the recipe, two epochs\nbase: recipe.yaml\ntrain: {epochs: 2}\n")
+    assert config_unchanged(tmp_path, commit, ["configs/pre.yaml"]) == (True, "")
+    (cfg / "recipe.yaml").write_text(yaml.safe_dump({**recorded, "train": {**recorded["train"], "batch_size": 32}}))
+    ok, why = config_unchanged(tmp_path, commit, ["configs/pre.yaml"])
+    assert not ok and why == f"configs/pre.yaml changed since commit {commit[:12]}"

@@ -120,3 +120,70 @@ def test_content_key_reads_a_yaml_file_by_its_document_and_anything_else_by_its_
     assert content_key("x.yaml", broken) == broken  # does not parse: compared as bytes, never an error
     mixed = b"1: one\nb: two\n"  # keys that cannot be sorted together: compared as bytes
     assert content_key("x.yaml", mixed) == mixed
+
+
+def test_a_config_states_only_what_it_changes_over_its_base(tmp_path):
+    """``base:`` (relative to the naming file's folder, not the working directory): sections merge
+    key by key, a list replaces the base's whole, a base may have a base; the merged result is what
+    load_config trains."""
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "root.yaml").write_text(
+        "data: {domains: [Scientific], max_len: 50}\ntrain: {epochs: 40, lr: 0.002, seed: 2024}\n")
+    (tmp_path / "recipes" / "joint.yaml").write_text("base: root.yaml\ndata: {domains: [Scientific, Office14]}\n")
+    (tmp_path / "recipes" / "joint_short.yaml").write_text("base: joint.yaml\ntrain: {epochs: 3}\n")
+    from ckd.config import load_yaml
+
+    got = load_yaml(tmp_path / "recipes" / "joint_short.yaml")
+    assert got == {"data": {"domains": ["Scientific", "Office14"], "max_len": 50},
+                   "train": {"epochs": 3, "lr": 0.002, "seed": 2024}}
+    cfg = load_config(DistillConfig, tmp_path / "recipes" / "joint_short.yaml", overrides=["train.lr=0.01"])
+    assert (cfg.data.domains, cfg.data.max_len, cfg.train.epochs, cfg.train.lr, cfg.train.seed) == (
+        ["Scientific", "Office14"], 50, 3, 0.01, 2024)
+
+
+def test_a_broken_base_is_an_error_naming_the_files(tmp_path):
+    from ckd.config import load_yaml
+
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    b.write_text("base: a.yaml\n")
+    for text, error in (("base: b.yaml\n", r"name each other as base: .*a\.yaml -> .*b\.yaml -> .*a\.yaml"),
+                        ("base: missing.yaml\n", r"config file not found: .*missing\.yaml"),
+                        ("base: [b.yaml]\n", r"a\.yaml: base must be the path of another config, got \['b.yaml'\]")):
+        a.write_text(text)
+        with pytest.raises(ConfigError, match=error):
+            load_yaml(a)
+
+
+def test_content_key_resolves_a_base_so_a_copy_and_its_base_form_compare_equal():
+    files = {"c/root.yaml": b"train: {epochs: 40, lr: 0.002}\nkd: {lambda_kd: 1.0}\n",
+             "c/child.yaml": b"# kd weight 3\nbase: root.yaml\nkd: {lambda_kd: 3.0}\n"}
+    flat = b"train: {epochs: 40, lr: 0.002}\nkd: {lambda_kd: 3.0}\n"
+    key = content_key("c/child.yaml", files["c/child.yaml"], files.get)
+    assert key == content_key("c/flat.yaml", flat)
+    edited = {**files, "c/root.yaml": files["c/root.yaml"].replace(b"lr: 0.002", b"lr: 0.005")}
+    assert content_key("c/child.yaml", files["c/child.yaml"], edited.get) != key  # a base edit is a change
+    unresolved = content_key("c/child.yaml", files["c/child.yaml"], {}.get)
+    assert unresolved.startswith(b"unresolved base:") and unresolved != key
+
+
+def test_every_committed_config_resolves_and_the_union_plan_trains_what_it_names():
+    """Each YAML under configs/ loads over its base; every union student config is a DistillConfig
+    and every union teacher config a TeacherConfig (a wrong key or a broken base fails here, not
+    an hour into a run)."""
+    from pathlib import Path
+
+    from ckd.config import load_yaml
+    from research import union
+    from teachers.config import TeacherConfig
+
+    repo = Path(__file__).resolve().parents[1]
+    configs = sorted((repo / "configs").rglob("*.yaml"))
+    assert len(configs) > 40
+    for path in configs:
+        assert "base" not in load_yaml(path), path
+    plan = union.load_plan(repo / union.PLAN, union.PLAN)
+    for s in plan.students:
+        for config, _ in s.runs:
+            assert load_config(DistillConfig, repo / config).data.domains, config
+    for t in plan.teachers:
+        assert load_config(TeacherConfig, repo / t.config).data.domains == list(plan.domains), t.config
