@@ -37,6 +37,7 @@ from typing import Any
 
 import yaml
 
+from ckd.config import load_yaml
 from ckd.mechanisms_report import (ANYTIME_FRACTION, FORMAT, LEVEL, SCHEMA, SELECT, against_value,
                                    higher_by_spread_of, mean_interval, welch)
 from ckd.reporting import METRICS
@@ -411,7 +412,7 @@ def _pool_teachers(spec: str, root: Path) -> list[str]:
     path = root / spec
     if not path.is_file():
         return []
-    return [str(t.get("name")) for t in (yaml.safe_load(path.read_text()) or {}).get("teachers") or []]
+    return [str(t.get("name")) for t in load_yaml(path).get("teachers") or []]
 
 
 def collect_sweep(sw: dict[str, str], root: Path, previous: dict[str, Any] | None = None) -> dict[str, Any]:
