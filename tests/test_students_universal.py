@@ -158,6 +158,23 @@ def test_deepfm_chunking_and_domain_blocks():
 
 
 @pytest.mark.unit
+def test_deepfm_scores_without_autograd_equal_the_autograd_path_bit_for_bit():
+    """Ranking (no autograd) reuses one pair block and writes into the output; training checkpoints
+    each chunk and concatenates. Same numbers, for a catalogue that ends in a partial chunk and for
+    per-row candidates."""
+    torch.manual_seed(5)
+    model = DeepFM(40, 1, hidden=8, mlp=(16, 4), chunk=7).eval()
+    b = StudentBatch(torch.tensor([0, 1, 2]), torch.zeros(3, dtype=torch.long),
+                     torch.tensor([[1, 2, 3], [4, 0, 0], [9, 8, 0]]), torch.tensor([3, 1, 2]), torch.tensor([5, 6, 7]))
+    for candidates in (torch.arange(1, 40), torch.randint(1, 40, (3, 17))):
+        with torch.no_grad():
+            fast = model.score(b, candidates)
+        slow = model.score(b, candidates)  # grad on: the checkpointed, concatenated chunks
+        assert slow.requires_grad and fast.shape == slow.shape == (3, candidates.shape[-1])
+        assert torch.equal(fast, slow.detach())
+
+
+@pytest.mark.unit
 def test_the_chunk_benchmark_compares_chunk_sizes_on_the_same_weights(tmp_path):
     """benchmarks.deepfm_chunk at tiny shapes: every chunk size scores the batch identically (the
     chunks split the candidate axis only), gradients agree to float rounding, the JSON says so."""
