@@ -197,24 +197,28 @@ def with_base(doc: dict[str, Any], name: str, read: Callable[[str], dict[str, An
     return _merge(parent, {k: v for k, v in doc.items() if k != BASE_KEY})
 
 
-def _read_file_mapping(path: str) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
-    return _parse_mapping(str(p), p.read_text())
-
-
 def read_file_bytes(path: str) -> bytes | None:
     """A file's bytes, None when there is no such file: the ``read`` of ``content_key`` for files on disk."""
     p = Path(path)
     return p.read_bytes() if p.is_file() else None
 
 
+def mapping_reader(read: Callable[[str], bytes | None]) -> Callable[[str], dict[str, Any]]:
+    """``read`` (a file's bytes by path, None when absent) as the ``read`` of ``with_base``: a config's
+    mapping, a ConfigError naming the file when it is absent, not YAML or not a mapping."""
+    def read_mapping(path: str) -> dict[str, Any]:
+        raw = read(path)
+        if raw is None:
+            raise ConfigError(f"config file not found: {path}")
+        return _parse_mapping(path, raw)
+    return read_mapping
+
+
 def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a YAML mapping safely, over its ``base:`` config when it names one (``with_base``); a
     missing or malformed file is a ConfigError naming it."""
-    name = str(Path(path))
-    return with_base(_read_file_mapping(name), name, _read_file_mapping)
+    name, read = str(Path(path)), mapping_reader(read_file_bytes)
+    return with_base(read(name), name, read)
 
 
 def content_key(name: str, data: bytes, read: Callable[[str], bytes | None] | None = None) -> bytes:
@@ -232,13 +236,8 @@ def content_key(name: str, data: bytes, read: Callable[[str], bytes | None] | No
     except yaml.YAMLError:
         return data
     if read is not None and isinstance(doc, dict) and BASE_KEY in doc:
-        def read_mapping(path: str) -> dict[str, Any]:
-            raw = read(path)
-            if raw is None:
-                raise ConfigError(f"config file not found: {path}")
-            return _parse_mapping(path, raw)
         try:
-            doc = with_base(doc, name, read_mapping)
+            doc = with_base(doc, name, mapping_reader(read))
         except ConfigError:
             return b"unresolved base:" + data
     try:
