@@ -18,6 +18,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, Callable
 
+from ckd.config import content_key, read_file_bytes
 from research.plan_schema import PlanError
 
 
@@ -42,8 +43,9 @@ def config_unchanged(root: Path, commit: str | None, paths: list[str]) -> tuple[
         return False, f"the recorded results came from commit {commit!r}, which is not a clean commit"
     if _git(str(root), "cat-file", "-e", f"{commit}^{{commit}}") is None:
         return False, f"commit {commit[:12]} is not in this clone (a shallow clone?): cannot compare the configs"
+
     def read_here(rel: str) -> bytes | None:
-        return (root / rel).read_bytes() if (root / rel).is_file() else None
+        return read_file_bytes(str(root / rel))
 
     def read_at(rel: str) -> bytes | None:
         return _git(str(root), "cat-file", "blob", f"{commit}:{rel}")
@@ -66,8 +68,6 @@ def same_content(rel: str, here: bytes, at: bytes, read_here: Callable[[str], by
     With the readers (a file's bytes by path, here and at the recorded commit) a config's ``base:``
     is resolved on each side, so moving settings into a base keeps the results, and editing the
     base is a change of every config over it."""
-    from ckd.config import content_key
-
     return content_key(rel, here, read_here) == content_key(rel, at, read_at)
 
 
