@@ -671,13 +671,6 @@ def point_caption(p: dict[str, Any]) -> str:
     return f"{p['label']}\n{fmt_metric(p['ndcg@10'])} · {fmt_mb(p['peak_memory_mb'])} MB"
 
 
-# Offsets for short tags (a point's number): a tight ring first, so a tag sits by its own point;
-# tags from TAG_LEADER_FROM on are further out and get a thin leader line to their point.
-TAG_OFFSETS = [(5, 3), (5, -13), (-5, 3), (-5, -13), (9, -5), (-9, -5), (0, 9), (0, -19),
-               (14, 12), (-14, 12), (14, -24), (-14, -24), (20, -5), (-20, -5)]
-TAG_LEADER_FROM = 8
-
-
 def place_labels(fig: Any, ax: Any, pts: list[dict[str, Any]], avoid: Sequence[Any] = (),
                  texts: Sequence[str] | None = None, offsets: Sequence[tuple[int, int]] = LABEL_OFFSETS,
                  leader_from: int | None = None) -> list[tuple[float, ...]]:

@@ -62,8 +62,7 @@ from typing import Any, Iterable
 
 from ckd.reporting import (DASH, FIGURE_DPI, FIGURE_SIZE_IN, MAX_AREA_PT2, MEAN, METRIC_LABELS, METRICS, Efficiency,
                            ReportError, _read_file, _require, _source_block, carried_note, fmt_duration, fmt_int,
-                           TAG_LEADER_FROM, TAG_OFFSETS, fmt_mb, fmt_metric, fmt_ms, markdown_table, place_labels,
-                           plot_panel)
+                           fmt_mb, fmt_metric, fmt_ms, markdown_table, place_labels, plot_panel)
 
 FORMAT = "union"
 PENDING = "pending"
@@ -611,6 +610,13 @@ def union_figure_points(u: UnionResults, effs: dict[str, Efficiency]) -> dict[st
 # point carries its number (1 = highest NDCG@10 of its panel) and the captions are a key under it.
 KEY_LINE_IN = 0.15     # height of one key line (fontsize 7)
 KEY_PAD_IN = 0.25      # between the x-axis label and the key
+
+
+# Offsets for short tags (a point's number): a tight ring first, so a tag sits by its own point;
+# tags from TAG_LEADER_FROM on are further out and get a thin leader line to their point.
+TAG_OFFSETS = [(5, 3), (5, -13), (-5, 3), (-5, -13), (9, -5), (-9, -5), (0, 9), (0, -19),
+               (14, 12), (-14, 12), (14, -24), (-14, -24), (20, -5), (-20, -5)]
+TAG_LEADER_FROM = 8
 
 
 def key_height_in(lines: int) -> float:

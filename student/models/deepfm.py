@@ -54,10 +54,11 @@ class DeepFM(StudentModel):
         return cls(dataset.vocab_size, dataset.num_domains, item_domain=dataset.item_domain,
                    domain_ranges=ranges, **kwargs)
 
-    def _pairs(self, u: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
-        """Deep logits for user projections [B, H] and item projections [C, H] or [B, C, H]."""
-        x = u[:, None, :] + (i[None] if i.dim() == 2 else i)
-        # In place: x is a fresh [B, c, H] temporary, and the add's backward does not need it.
+    def _pairs(self, u: torch.Tensor, i: torch.Tensor, block: torch.Tensor | None = None) -> torch.Tensor:
+        """Deep logits for user projections [B, H] and item projections [C, H] or [B, C, H]; the
+        [B, C, H] pair sum goes into ``block`` when given (a buffer reused across chunks)."""
+        x = torch.add(u[:, None, :], i[None] if i.dim() == 2 else i, out=block)
+        # In place: x is a fresh (or reused) [B, c, H] temporary, and the add's backward does not need it.
         return self.head(self.drop(x.relu_())).squeeze(-1)
 
     def _deep(self, u: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
@@ -71,18 +72,17 @@ class DeepFM(StudentModel):
         return torch.cat(parts, dim=1)
 
     def _deep_no_grad(self, u: torch.Tensor, i: torch.Tensor, axis: int) -> torch.Tensor:
-        """``_deep`` without autograd (ranking, serving): the same per-chunk operations, bit for bit,
-        but the chunk's [B, c, H] pair block reuses one buffer and each chunk's logits go straight
-        into the [B, C] output. Ranking a catalogue is thousands of chunks; a fresh block and a list
-        to concatenate for each made the time and peak memory swing with the allocator's state."""
+        """``_deep`` without autograd (ranking, serving): the same ``_pairs`` per chunk, bit for bit,
+        with one [B, chunk, H] pair block reused for every full chunk and each chunk's logits written
+        straight into the [B, C] output, instead of a fresh block and a list to concatenate per chunk
+        (thousands of chunks per ranked catalogue): its peak memory no longer swings between runs
+        (docs/benchmarks.md §6)."""
         n = i.shape[axis]
         out = u.new_empty(u.shape[0], n)
         block = u.new_empty(u.shape[0], min(self.chunk, n), u.shape[1])
         for s in range(0, n, self.chunk):
             c = min(self.chunk, n - s)
-            ic = i.narrow(axis, s, c)
-            x = torch.add(u[:, None, :], ic[None] if ic.dim() == 2 else ic, out=block if c == block.shape[1] else None)
-            out[:, s:s + c] = self.head(self.drop(x.relu_())).squeeze(-1)
+            out[:, s:s + c] = self._pairs(u, i.narrow(axis, s, c), block if c == block.shape[1] else None)
         return out
 
     def score(self, batch: StudentBatch, candidates: torch.Tensor) -> torch.Tensor:
