@@ -527,7 +527,10 @@ def start_embedded(spec_path_or_dict: str | os.PathLike[str] | dict[str, Any] | 
         from ckd.ray_loopback import use_ray_loopback_mode
 
         use_ray_loopback_mode()
-        ray.init(num_cpus=num_cpus, include_dashboard=False, namespace=spec.namespace, logging_level="WARNING",
+        # address="local": always a new head. Without it Ray joins whatever /tmp/ray/ray_current_cluster
+        # names, and a stale file left by a killed head fails the start ("When connecting to an
+        # existing cluster, num_cpus ... must not be provided"), as two service tests did once.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, namespace=spec.namespace, logging_level="WARNING",
                  runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, _node_ip_address="127.0.0.1")
         owns = True
     try:
