@@ -48,7 +48,7 @@ PLAN = "configs/mechanisms/scientific.yaml"
 DEFAULT_OUT = "results/mechanisms_scientific.json"
 GROUPS = ("integration", "curriculum", "precision", "baseline")
 MODES = ("mean", "confidence", "consistency", "both", "reliability")
-TOP_KEYS = {"title", "description", "domain", "seeds", "runs_root", "pools", "teachers", "rows", "curriculum",
+TOP_KEYS = {"title", "description", "scale", "domain", "domains", "seeds", "runs_root", "pools", "teachers", "rows", "curriculum",
             "mechanisms", "params", "modality"}
 PARAMS_KEYS = {"sweep", "label", "png"}
 ROW_KEYS = {"name", "label", "group", "pool", "mode", "command", "note"}
@@ -102,7 +102,7 @@ class Row:
 
 @dataclass(frozen=True)
 class Plan:
-    domain: str
+    domain: str  # the metrics.json key every number is judged on: the one domain, or "mean" over `domains`
     seeds: tuple[int, ...]
     runs_root: str
     pools: dict[str, dict[str, str]]  # name -> {"label", "spec"}
@@ -114,6 +114,8 @@ class Plan:
     modality: str = ""  # a research.modality plan (UniM2Rec's image modality), or none
     title: str = ""
     description: str = ""
+    scale: str = ""  # the page's sentence on the study's scale (default: the Scientific demo scale's)
+    domains: tuple[str, ...] = ()  # the student's domains, in order (one: `domain` itself)
     source: str = PLAN
 
     def row(self, name: str) -> Row:
@@ -195,7 +197,7 @@ def parse_plan(raw: Any, source: str = PLAN) -> Plan:
         raise PlanError(f"{source}: expected a mapping")
     if set(raw) - TOP_KEYS:
         raise PlanError(f"{source}: unknown top-level keys {sorted(set(raw) - TOP_KEYS)}")
-    domain = need(raw, "domain", source)
+    domain, domains = plan_domains(raw, source)
     seeds = distinct_ints(need(raw, "seeds", source, list), "seeds", source)
     runs_root = need(raw, "runs_root", source).rstrip("/")
     pools_raw = need(raw, "pools", source, dict)
@@ -230,12 +232,15 @@ def parse_plan(raw: Any, source: str = PLAN) -> Plan:
             raise PlanError(f"{where}: {name!r} is not a row of the plan")
         return name
 
-    cur = need(raw, "curriculum", source, dict)
+    cur = raw.get("curriculum") or {"rows": [], "reference": None}  # a plan may study integration alone
+    if not isinstance(cur, dict):
+        raise PlanError(f"{source}: 'curriculum' must be a mapping with 'reference' and 'rows'")
     cur_rows = [{"row": known(need(c, "row", f"{source}: curriculum.rows[{i}]"), f"{source}: curriculum.rows[{i}]"),
                  "label": need(c, "label", f"{source}: curriculum.rows[{i}]")}
                 for i, c in enumerate(need(cur, "rows", f"{source}: curriculum", list))]
-    reference = known(need(cur, "reference", f"{source}: curriculum"), f"{source}: curriculum.reference")
-    if reference not in [c["row"] for c in cur_rows]:
+    reference = None if not cur_rows and cur.get("reference") is None else \
+        known(need(cur, "reference", f"{source}: curriculum"), f"{source}: curriculum.reference")
+    if cur_rows and reference not in [c["row"] for c in cur_rows]:
         raise PlanError(f"{source}: curriculum.reference {reference} must be one of curriculum.rows")
     by_name = {r.name: r for r in rows}
     for c in cur_rows:
@@ -266,7 +271,25 @@ def parse_plan(raw: Any, source: str = PLAN) -> Plan:
     return Plan(domain=domain, seeds=tuple(seeds), runs_root=runs_root, pools=pools, teachers=tuple(teachers),
                 rows=tuple(rows), curriculum={"reference": reference, "rows": cur_rows}, mechanisms=tuple(mechanisms),
                 params=tuple(params), modality=modality, title=str(raw.get("title", "")),
-                description=str(raw.get("description", "")), source=source)
+                description=str(raw.get("description", "")), scale=str(raw.get("scale", "")), domains=domains,
+                source=source)
+
+
+def plan_domains(raw: dict[str, Any], source: str) -> tuple[str, tuple[str, ...]]:
+    """(the metrics key judged, the student's domains) from a plan's `domain` (one domain) or
+    `domains` (a multi-domain student: judged on "mean", the mean over its domains that its runs
+    select on, with each domain shown beside it). Exactly one of the two."""
+    if ("domain" in raw) == ("domains" in raw):
+        raise PlanError(f"{source}: name either 'domain' (one) or 'domains' (a multi-domain student), not "
+                        + ("both" if "domain" in raw else "neither"))
+    if "domain" in raw:
+        domain = need(raw, "domain", source)
+        return domain, (domain,)
+    domains = raw["domains"]
+    if (not isinstance(domains, list) or not domains or len(set(map(str, domains))) != len(domains)
+            or not all(isinstance(d, str) and d for d in domains)):
+        raise PlanError(f"{source}: 'domains' must be a list of distinct domain names, got {domains!r}")
+    return ("mean" if len(domains) > 1 else domains[0]), tuple(domains)
 
 
 def load_plan(path: str | Path, label: str | None = None) -> Plan:
@@ -328,6 +351,13 @@ def domain_test(metrics: dict[str, Any], path: Path, domain: str) -> dict[str, f
     return {k: float(test[k]) for k in METRICS}
 
 
+def by_domain(metrics: dict[str, Any], path: Path, plan: Plan) -> dict[str, Any]:
+    """{"test_by_domain": {domain: test metrics}} for a multi-domain plan, else {}."""
+    if len(plan.domains) < 2:
+        return {}
+    return {"test_by_domain": {d: domain_test(metrics, path, d) for d in plan.domains}}
+
+
 def read_seed(plan: Plan, row: Row, seed: int, root: Path) -> dict[str, Any]:
     """One seed of a row: its test metrics and run facts when finished, else why it is pending."""
     from research.anytime import CurveError, read_curve
@@ -346,7 +376,7 @@ def read_seed(plan: Plan, row: Row, seed: int, root: Path) -> dict[str, Any]:
     header = read_run_header(run_dir)
     timing = measured_time(run_dir, metrics)
     client = metrics.get("teacher_client") or {}
-    rec.update(status="done", test=test,
+    rec.update(status="done", test=test, **by_domain(metrics, run_dir / "metrics.json", plan),
                valid={k: float(v) for k, v in ((metrics.get("valid") or {}).get(plan.domain) or {}).items()},
                best_epoch=metrics.get("best_epoch"), epochs_run=metrics.get("epochs_run"),
                epochs=(cfg.get("train") or {}).get("epochs"), global_step=metrics.get("global_step"),
@@ -393,7 +423,7 @@ def _compare(rows: dict[str, Any], name: str, against: str) -> dict[str, Any]:
     return {"row": name, "against": against, **welch(_values(rows, name), _values(rows, against), LEVEL)}
 
 
-def read_teacher(t: dict[str, Any], domain: str, root: Path) -> dict[str, Any]:
+def read_teacher(t: dict[str, Any], plan: Plan, root: Path) -> dict[str, Any]:
     entry = {k: t[k] for k in ("label", "metrics", "build", "corrupted")}
     if not t["metrics"]:
         return {**entry, "status": "not evaluated"}
@@ -401,10 +431,7 @@ def read_teacher(t: dict[str, Any], domain: str, root: Path) -> dict[str, Any]:
     if not path.is_file():
         return {**entry, "status": "pending"}
     m = json.loads(path.read_text())
-    test = (m.get("test") or {}).get(domain)
-    if not test:
-        raise PlanError(f"{path}: no test results for {domain}")
-    return {**entry, "status": "done", "test": {k: float(test[k]) for k in METRICS},
+    return {**entry, "status": "done", "test": domain_test(m, path, plan.domain), **by_domain(m, path, plan),
             "best_epoch": m.get("best_epoch"), "checkpoint_sha256": m.get("checkpoint_sha256")}
 
 
@@ -504,7 +531,7 @@ def collect(plan: Plan, root: Path, command: str = "", previous: dict[str, Any] 
     pools = {p: {**v, "teachers": _pool_teachers(v["spec"], root)} for p, v in plan.pools.items()}
     teachers = {}
     for t in plan.teachers:
-        got = read_teacher(t, plan.domain, root)
+        got = read_teacher(t, plan, root)
         prev = ((previous or {}).get("teachers") or {}).get(t["name"])
         if got["status"] == "pending" and prev and prev.get("status") == "done" and (
                 prev.get("metrics"), prev.get("build")) == (t["metrics"], t["build"]):
@@ -556,7 +583,7 @@ def collect(plan: Plan, root: Path, command: str = "", previous: dict[str, Any] 
                     "modes_meeting": [m for m, ok in within.items() if ok and m != "mean" and mean_loses]}
 
     # Curriculum: comparisons of the finals, and the anytime curves (mean over seeds).
-    ref = plan.curriculum["reference"]
+    ref = plan.curriculum["reference"]  # None: the plan has no curriculum rows
     cur_comps = {c["row"]: _compare(rows, c["row"], ref) for c in plan.curriculum["rows"] if c["row"] != ref}
     curves = {}
     for c in plan.curriculum["rows"]:
@@ -618,7 +645,8 @@ def collect(plan: Plan, root: Path, command: str = "", previous: dict[str, Any] 
                                (previous or {}).get("modality"), previous)
         pending += modality["pending"]
     return {"kind": FORMAT, "schema": SCHEMA, "plan": plan.source, "title": plan.title,
-            "description": plan.description, "domain": plan.domain, "seeds": list(plan.seeds), "confidence": LEVEL,
+            "description": plan.description, "scale": plan.scale, "domain": plan.domain,
+            "domains": list(plan.domains), "seeds": list(plan.seeds), "confidence": LEVEL,
             "commit": git_sha(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": _machine(rows, machine_for),
             "command": command, "configs": list(dict.fromkeys(r.config for r in plan.rows)),
             "epochs": sorted({s["epochs"] for r in rows.values() for s in r["seeds"] if s.get("epochs") is not None}),
@@ -627,7 +655,8 @@ def collect(plan: Plan, root: Path, command: str = "", previous: dict[str, Any] 
             "curriculum": {"reference": ref, "rows": plan.curriculum["rows"], "comparisons": cur_comps,
                            "anytime": {"curves": curves, "compare": steps}},
             "student_vs_teacher": vs_teacher, "mechanisms": mechanisms, "params": params, "modality": modality,
-            "targets": {"integration": integ_target, "curriculum": cur_target, "best_teacher": teacher_target},
+            "targets": {"integration": integ_target, "curriculum": cur_target if plan.curriculum["rows"] else {},
+                        "best_teacher": teacher_target},
             "pending": pending}
 
 

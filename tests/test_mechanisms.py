@@ -432,3 +432,84 @@ def test_parameter_sweeps_on_the_page(repo):
     assert rows["`kd.lambda_kd`"]["Picked on valid"] == "0.3 (valid 0.0660)"
     assert rows["`kd.temperature`"]["Picked on valid"] == "—"  # a point still pending: nothing picked yet
     assert "## 5. Parameter analysis" in page and "## 8. Pending" in page
+
+
+def test_multi_domain_plan_is_judged_on_the_mean_and_shows_each_domain(tmp_path):
+    """A plan over a multi-domain student (`domains`): every verdict and target is judged on the
+    runs' "mean" over the domains, each seed and teacher also carries each domain, the page has the
+    per-domain table with hand-computed means, and a plan without curriculum rows has no curriculum
+    section or target. Naming both `domain` and `domains`, or neither, is a named error."""
+    raw = _plan()
+    raw.pop("domain")
+    raw.pop("curriculum")
+    raw["domains"] = ["A", "B"]
+    raw["scale"] = "Reduced scale on A and B"
+    raw["rows"] = [r for r in raw["rows"] if r["name"] in ("clean_mean", "clean_both", "corrupted_mean",
+                                                           "corrupted_both")]
+    raw["mechanisms"] = raw["mechanisms"][:1]
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs/plan.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    (tmp_path / "configs/clean.yaml").write_text(yaml.safe_dump({"teachers": [{"name": "unisrec"}]}))
+    (tmp_path / "configs/corrupted.yaml").write_text(yaml.safe_dump(
+        {"teachers": [{"name": "unisrec"}, {"name": "permuted"}]}))
+    # domain A scores v, domain B scores v / 2: the mean over the domains is 0.75 v
+    _write_json(tmp_path / "runs/t/unisrec/metrics.json",
+                {"test": {"A": _metrics(0.08), "B": _metrics(0.04), "mean": _metrics(0.06)}})
+    _write_json(tmp_path / "runs/t/unim2rec/metrics.json",
+                {"test": {"A": _metrics(0.06), "B": _metrics(0.03), "mean": _metrics(0.045)}})
+    plan = parse_plan(raw, "configs/plan.yaml")
+    assert plan.domain == "mean" and plan.domains == ("A", "B") and plan.curriculum["rows"] == []
+    for row in plan.rows:
+        for seed, v in zip(SEEDS, NDCG[row.name]):
+            d = tmp_path / row.runs_root / f"seed{seed}"
+            _write_json(d / "metrics.json", {"test": {"A": _metrics(v), "B": _metrics(v / 2), "mean": _metrics(0.75 * v)},
+                                             "valid": {"mean": _metrics(v)}, "best_epoch": 1, "epochs_run": 2,
+                                             "global_step": 20, "history": []})
+            (d / "config.yaml").write_text(yaml.safe_dump(_nested({**row.settings, "train.seed": seed,
+                                                                   "train.epochs": 5})))
+            _write_json(d / "run.json", {"git_sha": "abc", "device": "cpu", "teachers": {"unisrec": {}}})
+    m = collect(load_plan(tmp_path / "configs/plan.yaml", "configs/plan.yaml"), tmp_path, "collect (test)")
+    assert m["domain"] == "mean" and m["domains"] == ["A", "B"]
+    seed = m["rows"]["clean_mean"]["seeds"][0]
+    assert seed["test"]["ndcg@10"] == pytest.approx(0.75 * 0.060)
+    assert seed["test_by_domain"]["B"]["ndcg@10"] == pytest.approx(0.030)
+    assert m["rows"]["clean_mean"]["stats"]["ndcg@10"]["mean"] == pytest.approx(0.75 * 0.062)
+    # corrupted_mean vs clean_mean on the mean: (0.056 - 0.062) / 0.062 = -9.68% (the scale cancels)
+    assert m["targets"]["integration"]["change_pct"]["mean"] == pytest.approx(-9.677, abs=1e-3)
+    assert m["best_teacher"] == "unisrec" and m["teachers"]["unisrec"]["test"]["ndcg@10"] == 0.06
+    assert m["targets"]["curriculum"] == {} and m["curriculum"]["reference"] is None
+    src = tmp_path / "m.json"
+    src.write_text(json.dumps(m))
+    page = render_mechanisms_page(load_mechanisms(src, "results/m.json"))
+    assert "Reduced scale on A and B: the student of `configs/demo/student.yaml` (train.epochs = 5" in page
+    assert "Curriculum" not in page and "## 3. Student against its teachers" in page
+    table = next(t for t in parse_markdown_tables(page) if t and "B" in t[0])
+    row = next(r for r in table if r["Row"] == "clean, mean")
+    assert (row["A"], row["B"], row["mean"]) == ("0.0620 ± 0.0020", "0.0310 ± 0.0010", "0.0465 ± 0.0015")
+    teacher = next(r for r in table if r["Row"] == "teacher: UniSRec")
+    assert (teacher["A"], teacher["B"], teacher["mean"]) == ("0.0800", "0.0400", "0.0600")
+    for mutate, match in [(lambda p: p.update(domain="A"), "not both"), (lambda p: p.pop("domains"), "not neither"),
+                          (lambda p: p.update(domains=["A", "A"]), "distinct domain names")]:
+        bad = json.loads(json.dumps(raw))
+        mutate(bad)
+        with pytest.raises(PlanError, match=match):
+            parse_plan(bad, "plan.yaml")
+
+
+def test_committed_union_plan_rows_resolve_to_their_settings():
+    """configs/mechanisms/union.yaml parses, and each row's command resolves to a config that holds
+    what collect checks, over the union's three domains (the served pools named by each row)."""
+    import shlex
+
+    from research.seeds import distill_argv, resolved
+
+    plan = load_plan(ROOT / "configs/mechanisms/union.yaml", "configs/mechanisms/union.yaml")
+    assert plan.domain == "mean" and plan.domains == ("Scientific", "Office14", "Games")
+    assert [(r.pool, r.mode) for r in plan.rows] == [("clean", "mean"), ("clean", "both"), ("corrupted", "mean"),
+                                                     ("corrupted", "both")]
+    for row in plan.rows:
+        cfg = resolved(distill_argv(mechanisms.seeds_parser().parse_args(shlex.split(row.command)[3:]), 2024))
+        assert cfg["data"]["domains"] == list(plan.domains)
+        assert (cfg["train"]["epochs"], cfg["train"]["max_steps_per_epoch"]) == (5, 80)
+        for key, want in row.settings.items():
+            assert mechanisms._dotted(cfg, key) == (True, want), (row.name, key)
