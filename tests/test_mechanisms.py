@@ -505,8 +505,9 @@ def test_committed_union_plan_rows_resolve_to_their_settings():
 
     plan = load_plan(ROOT / "configs/mechanisms/union.yaml", "configs/mechanisms/union.yaml")
     assert plan.domain == "mean" and plan.domains == ("Scientific", "Office14", "Games")
-    assert [(r.pool, r.mode) for r in plan.rows] == [("clean", "mean"), ("clean", "both"), ("corrupted", "mean"),
-                                                     ("corrupted", "both")]
+    assert [(r.pool, r.mode) for r in plan.rows] == [
+        ("clean", "mean"), ("clean", "both"), ("corrupted", "mean"), ("corrupted", "both"), ("clean", "confidence"),
+        ("clean", "consistency"), ("corrupted", "confidence"), ("corrupted", "consistency")]
     for row in plan.rows:
         cfg = resolved(distill_argv(mechanisms.seeds_parser().parse_args(shlex.split(row.command)[3:]), 2024))
         assert cfg["data"]["domains"] == list(plan.domains)
