@@ -48,8 +48,8 @@ PLAN = "configs/mechanisms/scientific.yaml"
 DEFAULT_OUT = "results/mechanisms_scientific.json"
 GROUPS = ("integration", "curriculum", "precision", "baseline")
 MODES = ("mean", "confidence", "consistency", "both", "reliability")
-TOP_KEYS = {"title", "description", "scale", "domain", "domains", "seeds", "runs_root", "pools", "teachers", "rows", "curriculum",
-            "mechanisms", "params", "modality"}
+TOP_KEYS = {"title", "description", "scale", "domain", "domains", "seeds", "runs_root", "pools", "teachers", "rows",
+            "curriculum", "mechanisms", "params", "modality"}
 PARAMS_KEYS = {"sweep", "label", "png"}
 ROW_KEYS = {"name", "label", "group", "pool", "mode", "command", "note"}
 TEACHER_KEYS = {"name", "label", "metrics", "build", "corrupted"}

@@ -462,7 +462,8 @@ def test_multi_domain_plan_is_judged_on_the_mean_and_shows_each_domain(tmp_path)
     for row in plan.rows:
         for seed, v in zip(SEEDS, NDCG[row.name]):
             d = tmp_path / row.runs_root / f"seed{seed}"
-            _write_json(d / "metrics.json", {"test": {"A": _metrics(v), "B": _metrics(v / 2), "mean": _metrics(0.75 * v)},
+            test = {"A": _metrics(v), "B": _metrics(v / 2), "mean": _metrics(0.75 * v)}
+            _write_json(d / "metrics.json", {"test": test,
                                              "valid": {"mean": _metrics(v)}, "best_epoch": 1, "epochs_run": 2,
                                              "global_step": 20, "history": []})
             (d / "config.yaml").write_text(yaml.safe_dump(_nested({**row.settings, "train.seed": seed,
