@@ -3,12 +3,16 @@ page (ckd/mechanisms_report.py) is rendered from.
 
     python -m research.mechanisms collect --plan configs/mechanisms/scientific.yaml \
         --out results/mechanisms_scientific.json [--overwrite]
+    python -m research.mechanisms collect --plan configs/mechanisms/union.yaml \
+        --out results/mechanisms_union.json [--overwrite]
     ckd-report --page <the page of results/MANIFEST.yaml>      # or, ad hoc:
     ckd-report --mechanisms results/mechanisms_scientific.json --out docs/X.md --figure docs/X.png --draft
 
 The plan names each row (name, label, group, the exact ``python -m research.seeds ...`` command that
 trains it, and for integration rows the teacher pool and integration mode), the teachers (their
-metrics.json), the curriculum rows and the mechanisms whose verdicts the page prints. Every seed's
+metrics.json), the curriculum rows (optional) and the mechanisms whose verdicts the page prints. A
+plan names one ``domain``, or the ``domains`` of a multi-domain student: every number is then judged on
+the unweighted mean over those domains (the union runs' selection metric), each domain kept beside it. Every seed's
 run directory is ``<runs_root>/<row>/seed<N>``; this script only reads them (train a row with its
 command). A finished seed (metrics.json) whose config.yaml contradicts its row's command (a
 ``--set`` value, ``--teachers none``, the seed) is an error naming the key, so a table never mixes
@@ -232,7 +236,7 @@ def parse_plan(raw: Any, source: str = PLAN) -> Plan:
             raise PlanError(f"{where}: {name!r} is not a row of the plan")
         return name
 
-    cur = raw.get("curriculum") or {"rows": [], "reference": None}  # a plan may study integration alone
+    cur = raw.get("curriculum", {"rows": [], "reference": None})  # a plan may study integration alone
     if not isinstance(cur, dict):
         raise PlanError(f"{source}: 'curriculum' must be a mapping with 'reference' and 'rows'")
     cur_rows = [{"row": known(need(c, "row", f"{source}: curriculum.rows[{i}]"), f"{source}: curriculum.rows[{i}]"),
@@ -240,7 +244,7 @@ def parse_plan(raw: Any, source: str = PLAN) -> Plan:
                 for i, c in enumerate(need(cur, "rows", f"{source}: curriculum", list))]
     reference = None if not cur_rows and cur.get("reference") is None else \
         known(need(cur, "reference", f"{source}: curriculum"), f"{source}: curriculum.reference")
-    if cur_rows and reference not in [c["row"] for c in cur_rows]:
+    if reference is not None and reference not in [c["row"] for c in cur_rows]:
         raise PlanError(f"{source}: curriculum.reference {reference} must be one of curriculum.rows")
     by_name = {r.name: r for r in rows}
     for c in cur_rows:
@@ -351,11 +355,30 @@ def domain_test(metrics: dict[str, Any], path: Path, domain: str) -> dict[str, f
     return {k: float(test[k]) for k in METRICS}
 
 
-def by_domain(metrics: dict[str, Any], path: Path, plan: Plan) -> dict[str, Any]:
-    """{"test_by_domain": {domain: test metrics}} for a multi-domain plan, else {}."""
+def plan_test(metrics: dict[str, Any], path: Path, plan: Plan) -> dict[str, Any]:
+    """{"test": the metrics judged} of a run's or teacher's metrics.json: the plan's one domain, or for
+    a multi-domain plan the unweighted mean over the plan's domains (computed here from each domain's,
+    not read from the file's own "mean", which covers whatever domains that run evaluated), plus
+    "test_by_domain": {domain: metrics}."""
     if len(plan.domains) < 2:
-        return {}
-    return {"test_by_domain": {d: domain_test(metrics, path, d) for d in plan.domains}}
+        return {"test": domain_test(metrics, path, plan.domain)}
+    from research.union import split_over_domains
+
+    by = split_over_domains(metrics, "test", plan.domains)
+    missing = [d for d in plan.domains if d not in by]
+    if missing or any(k not in by[d] for d in plan.domains for k in METRICS):
+        raise PlanError(f"{path}: no test {', '.join(METRICS)} for {', '.join(missing) or 'every domain'} "
+                        f"(the plan's domains: {', '.join(plan.domains)})")
+    return {"test": by.pop("mean"), "test_by_domain": by}
+
+
+def plan_valid(metrics: dict[str, Any], plan: Plan) -> dict[str, float]:
+    """The valid metrics of the selected epoch that the plan judges (as ``plan_test``; {} when absent)."""
+    if len(plan.domains) < 2:
+        return {k: float(v) for k, v in ((metrics.get("valid") or {}).get(plan.domain) or {}).items()}
+    from research.union import split_over_domains
+
+    return split_over_domains(metrics, "valid", plan.domains).get("mean") or {}
 
 
 def read_seed(plan: Plan, row: Row, seed: int, root: Path) -> dict[str, Any]:
@@ -370,14 +393,18 @@ def read_seed(plan: Plan, row: Row, seed: int, root: Path) -> dict[str, Any]:
     if metrics is None:
         return {**rec, "status": "pending", "detail": detail}
     cfg = check_run_config(row, seed, run_dir)
-    test = domain_test(metrics, run_dir / "metrics.json", plan.domain)
+    doms = (cfg.get("data") or {}).get("domains")
+    if len(plan.domains) > 1 and list(doms or []) != list(plan.domains):
+        raise PlanError(f"{run_dir}: config.yaml trains domains {doms}, the plan {list(plan.domains)}: another "
+                        "student's run is in its directory")
+    judged = plan_test(metrics, run_dir / "metrics.json", plan)
     from ckd.run_dir import read_run_header
 
     header = read_run_header(run_dir)
     timing = measured_time(run_dir, metrics)
     client = metrics.get("teacher_client") or {}
-    rec.update(status="done", test=test, **by_domain(metrics, run_dir / "metrics.json", plan),
-               valid={k: float(v) for k, v in ((metrics.get("valid") or {}).get(plan.domain) or {}).items()},
+    rec.update(status="done", **judged,
+               valid=plan_valid(metrics, plan),
                best_epoch=metrics.get("best_epoch"), epochs_run=metrics.get("epochs_run"),
                epochs=(cfg.get("train") or {}).get("epochs"), global_step=metrics.get("global_step"),
                wall_s=timing["seconds"], wall_s_source=timing["source"],
@@ -431,7 +458,7 @@ def read_teacher(t: dict[str, Any], plan: Plan, root: Path) -> dict[str, Any]:
     if not path.is_file():
         return {**entry, "status": "pending"}
     m = json.loads(path.read_text())
-    return {**entry, "status": "done", "test": domain_test(m, path, plan.domain), **by_domain(m, path, plan),
+    return {**entry, "status": "done", **plan_test(m, path, plan),
             "best_epoch": m.get("best_epoch"), "checkpoint_sha256": m.get("checkpoint_sha256")}
 
 

@@ -663,7 +663,7 @@ def _rel(path: str, root: Path) -> str:
     return p.as_posix()
 
 
-def _split(metrics: dict[str, Any], split: str, domains: tuple[str, ...]) -> dict[str, dict[str, float]]:
+def split_over_domains(metrics: dict[str, Any], split: str, domains: tuple[str, ...]) -> dict[str, dict[str, float]]:
     """The plan's domains of one split, with 'mean' = the unweighted mean over the plan's domains
     when every one is present (the page's "mean over domains")."""
     got = metrics.get(split) or {}
@@ -796,7 +796,7 @@ def _collect_teacher_here(t: TeacherPlan, plan: Plan, root: Path, here: str) -> 
         entry["detail"] = _pending_detail(run_dir, timing)
         return entry
     check_run_config(t.config, t.run_dir, root)
-    test = _split(metrics, "test", plan.domains)
+    test = split_over_domains(metrics, "test", plan.domains)
     missing = [d for d in plan.domains if d not in test]
     if missing:
         raise PlanError(f"{mpath}: no test results for {missing} (the plan's domains are {list(plan.domains)})")
@@ -813,7 +813,7 @@ def _collect_teacher_here(t: TeacherPlan, plan: Plan, root: Path, here: str) -> 
                        "train_s": round(sum(float(h.get("train_s", 0)) + float(h.get("eval_s", 0))
                                             for h in s.get("history") or []), 1)}
                    for n, s in (metrics.get("stages") or {}).items()},
-        "valid": _split(metrics, "valid", plan.domains), "test": test,
+        "valid": split_over_domains(metrics, "valid", plan.domains), "test": test,
     })
     return entry
 

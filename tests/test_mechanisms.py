@@ -452,37 +452,39 @@ def test_multi_domain_plan_is_judged_on_the_mean_and_shows_each_domain(tmp_path)
     (tmp_path / "configs/clean.yaml").write_text(yaml.safe_dump({"teachers": [{"name": "unisrec"}]}))
     (tmp_path / "configs/corrupted.yaml").write_text(yaml.safe_dump(
         {"teachers": [{"name": "unisrec"}, {"name": "permuted"}]}))
-    # domain A scores v, domain B scores v / 2: the mean over the domains is 0.75 v
-    _write_json(tmp_path / "runs/t/unisrec/metrics.json",
-                {"test": {"A": _metrics(0.08), "B": _metrics(0.04), "mean": _metrics(0.06)}})
-    _write_json(tmp_path / "runs/t/unim2rec/metrics.json",
-                {"test": {"A": _metrics(0.06), "B": _metrics(0.03), "mean": _metrics(0.045)}})
+    # Domain A scores v, domain B v / 2: the mean over the plan's domains is 0.75 v. Each file's own
+    # "mean" also covers a domain C outside the plan (0), so reading it would judge on v / 2 instead.
+    def three(v: float) -> dict:
+        return {"A": _metrics(v), "B": _metrics(v / 2), "C": _metrics(0.0), "mean": _metrics(v / 2)}
+
+    _write_json(tmp_path / "runs/t/unisrec/metrics.json", {"test": three(0.08)})
+    _write_json(tmp_path / "runs/t/unim2rec/metrics.json", {"test": three(0.06)})
     plan = parse_plan(raw, "configs/plan.yaml")
     assert plan.domain == "mean" and plan.domains == ("A", "B") and plan.curriculum["rows"] == []
     for row in plan.rows:
         for seed, v in zip(SEEDS, NDCG[row.name]):
             d = tmp_path / row.runs_root / f"seed{seed}"
-            test = {"A": _metrics(v), "B": _metrics(v / 2), "mean": _metrics(0.75 * v)}
-            _write_json(d / "metrics.json", {"test": test,
-                                             "valid": {"mean": _metrics(v)}, "best_epoch": 1, "epochs_run": 2,
-                                             "global_step": 20, "history": []})
+            _write_json(d / "metrics.json", {"test": three(v), "valid": three(2 * v), "best_epoch": 1,
+                                             "epochs_run": 2, "global_step": 20, "history": []})
             (d / "config.yaml").write_text(yaml.safe_dump(_nested({**row.settings, "train.seed": seed,
-                                                                   "train.epochs": 5})))
+                                                                   "train.epochs": 5, "data.domains": ["A", "B"]})))
             _write_json(d / "run.json", {"git_sha": "abc", "device": "cpu", "teachers": {"unisrec": {}}})
     m = collect(load_plan(tmp_path / "configs/plan.yaml", "configs/plan.yaml"), tmp_path, "collect (test)")
     assert m["domain"] == "mean" and m["domains"] == ["A", "B"]
     seed = m["rows"]["clean_mean"]["seeds"][0]
     assert seed["test"]["ndcg@10"] == pytest.approx(0.75 * 0.060)
-    assert seed["test_by_domain"]["B"]["ndcg@10"] == pytest.approx(0.030)
+    assert seed["valid"]["ndcg@10"] == pytest.approx(0.75 * 0.120)
+    assert set(seed["test_by_domain"]) == {"A", "B"} and seed["test_by_domain"]["B"]["ndcg@10"] == pytest.approx(0.030)
     assert m["rows"]["clean_mean"]["stats"]["ndcg@10"]["mean"] == pytest.approx(0.75 * 0.062)
     # corrupted_mean vs clean_mean on the mean: (0.056 - 0.062) / 0.062 = -9.68% (the scale cancels)
     assert m["targets"]["integration"]["change_pct"]["mean"] == pytest.approx(-9.677, abs=1e-3)
-    assert m["best_teacher"] == "unisrec" and m["teachers"]["unisrec"]["test"]["ndcg@10"] == 0.06
+    assert m["best_teacher"] == "unisrec" and m["teachers"]["unisrec"]["test"]["ndcg@10"] == pytest.approx(0.06)
     assert m["targets"]["curriculum"] == {} and m["curriculum"]["reference"] is None
     src = tmp_path / "m.json"
     src.write_text(json.dumps(m))
     page = render_mechanisms_page(load_mechanisms(src, "results/m.json"))
-    assert "Reduced scale on A and B: the student of `configs/demo/student.yaml` (train.epochs = 5" in page
+    assert "Reduced scale on A and B. Student: `configs/demo/student.yaml` (train.epochs = 5" in page
+    assert "All metrics: test split of each of A and B" in page and "(mean over the domains)" in page
     assert "Curriculum" not in page and "## 3. Student against its teachers" in page
     table = next(t for t in parse_markdown_tables(page) if t and "B" in t[0])
     row = next(r for r in table if r["Row"] == "clean, mean")
@@ -490,11 +492,21 @@ def test_multi_domain_plan_is_judged_on_the_mean_and_shows_each_domain(tmp_path)
     teacher = next(r for r in table if r["Row"] == "teacher: UniSRec")
     assert (teacher["A"], teacher["B"], teacher["mean"]) == ("0.0800", "0.0400", "0.0600")
     for mutate, match in [(lambda p: p.update(domain="A"), "not both"), (lambda p: p.pop("domains"), "not neither"),
-                          (lambda p: p.update(domains=["A", "A"]), "distinct domain names")]:
+                          (lambda p: p.update(domains=["A", "A"]), "distinct domain names"),
+                          (lambda p: p.update(curriculum=[]), "'curriculum' must be a mapping"),
+                          (lambda p: p.update(curriculum={"rows": [], "reference": "clean_mean"}),
+                           "curriculum.reference clean_mean must be one of curriculum.rows")]:
         bad = json.loads(json.dumps(raw))
         mutate(bad)
         with pytest.raises(PlanError, match=match):
             parse_plan(bad, "plan.yaml")
+    # a run of another student (other domains) in a row's directory is refused, naming both
+    cfg = tmp_path / "runs/mech/clean_both/seed2/config.yaml"
+    c = yaml.safe_load(cfg.read_text())
+    c["data"]["domains"] = ["A"]
+    cfg.write_text(yaml.safe_dump(c))
+    with pytest.raises(PlanError, match=r"seed2: config.yaml trains domains \['A'\], the plan \['A', 'B'\]"):
+        collect(load_plan(tmp_path / "configs/plan.yaml", "configs/plan.yaml"), tmp_path)
 
 
 def test_committed_union_plan_rows_resolve_to_their_settings():
