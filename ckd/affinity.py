@@ -87,6 +87,9 @@ def thread_cpus(pid: int) -> dict[int, set[int]]:
     return out
 
 
+PIN_PASSES = 20  # passes over a process's threads before pin_process gives up on late-starting ones
+
+
 def pin_process(cpus: str | Iterable[int], pid: int | None = None) -> list[int]:
     """Restrict every thread of process ``pid`` (default: this one) to ``cpus``; threads it starts
     later inherit the set. Returns the core list. AffinityError names cores beyond the machine or
@@ -98,15 +101,21 @@ def pin_process(cpus: str | Iterable[int], pid: int | None = None) -> list[int]:
         raise AffinityError(f"cores {format_cpus(beyond)} do not exist: this machine has {ncpu} "
                             f"(cores 0-{ncpu - 1})")
     target = os.getpid() if pid is None else int(pid)
-    for tid in sorted(thread_cpus(target)):
-        try:
-            os.sched_setaffinity(tid, wanted)
-        except ProcessLookupError:
-            pass  # the thread ended meanwhile
-        except OSError as exc:
-            raise AffinityError(f"cannot pin to cores {format_cpus(wanted)}: {exc.strerror} (this process may "
-                                f"use {format_cpus(available_cpus())}; a container's cpuset can forbid "
-                                f"the rest)") from None
+    # A thread that an unpinned thread starts while this loop runs inherits the old set, so pass over
+    # the threads again until none is left outside (seen under load: a Ray worker's gRPC threads).
+    for _ in range(PIN_PASSES):
+        stray = sorted(tid for tid, cores in thread_cpus(target).items() if cores != set(wanted))
+        if not stray:
+            break
+        for tid in stray:
+            try:
+                os.sched_setaffinity(tid, wanted)
+            except ProcessLookupError:
+                pass  # the thread ended meanwhile
+            except OSError as exc:
+                raise AffinityError(f"cannot pin to cores {format_cpus(wanted)}: {exc.strerror} (this process "
+                                    f"may use {format_cpus(available_cpus())}; a container's cpuset can forbid "
+                                    f"the rest)") from None
     return wanted
 
 

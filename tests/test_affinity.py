@@ -187,3 +187,34 @@ def test_a_run_started_on_fewer_cores_records_them_in_its_machine():
     assert pinned.startswith(f"{n} cores (") and pinned.endswith(f", pinned to 1 of them (cpus 1)")
     if len(ALL) == n:  # this test may use every core: unpinned, nothing is added
         assert "pinned" not in free and pinned == free + ", pinned to 1 of them (cpus 1)"
+
+
+@needs_two
+def test_pin_process_catches_threads_started_while_it_pins():
+    """Threads that still-unpinned threads start during the pinning pass inherit the old set;
+    pin_process passes again until none is left outside (the race a loaded box showed in a Ray worker)."""
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import threading, time
+        def sleeper():
+            threading.Thread(target=time.sleep, args=(30,), daemon=True).start()
+        def spawn():  # start long-lived threads as fast as possible for a while
+            end = time.monotonic() + 5.0
+            while time.monotonic() < end:
+                sleeper()
+        for _ in range(500):  # older threads (lower ids) that a pass pins before it reaches the spawners
+            sleeper()
+        for _ in range(4):
+            threading.Thread(target=spawn, daemon=True).start()
+        print("ready", flush=True)
+        time.sleep(30)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        pin_process([1], pid=child.pid)
+        threads = thread_cpus(child.pid)
+        assert len(threads) > 20
+        stray = {tid: c for tid, c in threads.items() if c != {1}}
+        assert not stray, f"{len(stray)} of {len(threads)} threads outside core 1"
+    finally:
+        child.kill()
+        child.wait()
