@@ -527,3 +527,11 @@ def test_committed_union_plan_rows_resolve_to_their_settings():
         assert (cfg["train"]["epochs"], cfg["train"]["max_steps_per_epoch"]) == (5, 80)
         for key, want in row.settings.items():
             assert mechanisms._dotted(cfg, key) == (True, want), (row.name, key)
+    # the corrupted pool is the clean one plus the permuted copy of its Games-whole text+ID UniSRec
+    from cluster.deploy import load_spec
+
+    clean, bad = (load_spec(ROOT / plan.pools[p]["spec"], check_checkpoints=False) for p in ("clean", "corrupted"))
+    assert [t.name for t in bad.teachers] == [t.name for t in clean.teachers] + ["unisrec_textid_full_permuted"]
+    assert all(t.precision == "bfloat16" for t in bad.teachers)
+    permuted = next(t for t in plan.teachers if t["name"] == "unisrec_textid_full_permuted")
+    assert permuted["corrupted"] and "--base runs/union/teachers/unisrec_textid_full/best" in permuted["build"]
