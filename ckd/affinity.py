@@ -103,8 +103,9 @@ def pin_process(cpus: str | Iterable[int], pid: int | None = None) -> list[int]:
     target = os.getpid() if pid is None else int(pid)
     # A thread that an unpinned thread starts while this loop runs inherits the old set, so pass over
     # the threads again until none is left outside (seen under load: a Ray worker's gRPC threads).
+    want = set(wanted)
     for _ in range(PIN_PASSES):
-        stray = sorted(tid for tid, cores in thread_cpus(target).items() if cores != set(wanted))
+        stray = sorted(tid for tid, cores in thread_cpus(target).items() if cores != want)
         if not stray:
             break
         for tid in stray:

@@ -530,8 +530,9 @@ def start_embedded(spec_path_or_dict: str | os.PathLike[str] | dict[str, Any] | 
         # address="local": always a new head. Without it Ray joins whatever /tmp/ray/ray_current_cluster
         # names, and a stale file left by a killed head fails the start ("When connecting to an
         # existing cluster, num_cpus ... must not be provided"), as two service tests did once.
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, namespace=spec.namespace, logging_level="WARNING",
-                 runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, _node_ip_address="127.0.0.1")
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, namespace=spec.namespace,
+                 logging_level="WARNING", runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+                 _node_ip_address="127.0.0.1")
         owns = True
     try:
         dep = TeacherDeployment(spec)

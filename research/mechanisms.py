@@ -11,9 +11,9 @@ page (ckd/mechanisms_report.py) is rendered from.
 The plan names each row (name, label, group, the exact ``python -m research.seeds ...`` command that
 trains it, and for integration rows the teacher pool and integration mode), the teachers (their
 metrics.json), the curriculum rows (optional) and the mechanisms whose verdicts the page prints. A
-plan names one ``domain``, or the ``domains`` of a multi-domain student: every number is then judged on
-the unweighted mean over those domains (the union runs' selection metric), each domain kept beside it. Every seed's
-run directory is ``<runs_root>/<row>/seed<N>``; this script only reads them (train a row with its
+plan names one ``domain``, or the ``domains`` of a multi-domain student: every number is then judged
+on the unweighted mean over those domains (the union runs' selection metric), each domain kept beside
+it. Every seed's run directory is ``<runs_root>/<row>/seed<N>``; this script only reads them (train a row with its
 command). A finished seed (metrics.json) whose config.yaml contradicts its row's command (a
 ``--set`` value, ``--teachers none``, the seed) is an error naming the key, so a table never mixes
 settings; the rest is listed as pending.
@@ -355,30 +355,28 @@ def domain_test(metrics: dict[str, Any], path: Path, domain: str) -> dict[str, f
     return {k: float(test[k]) for k in METRICS}
 
 
+def plan_split(metrics: dict[str, Any], split: str, plan: Plan) -> tuple[dict[str, float] | None,
+                                                                        dict[str, dict[str, float]]]:
+    """(the metrics the plan judges, {domain: metrics}) of one split of a run's or teacher's
+    metrics.json: the plan's one domain, or for a multi-domain plan the unweighted mean over the plan's
+    domains, computed from each domain's (research.union.split_over_domains), not read from the
+    file's own "mean", which covers whatever domains that run evaluated. None when incomplete."""
+    from research.union import split_over_domains
+
+    by = split_over_domains(metrics, split, plan.domains)
+    judged = by.pop("mean", None)
+    return (judged if len(plan.domains) > 1 else by.get(plan.domain)), by
+
+
 def plan_test(metrics: dict[str, Any], path: Path, plan: Plan) -> dict[str, Any]:
-    """{"test": the metrics judged} of a run's or teacher's metrics.json: the plan's one domain, or for
-    a multi-domain plan the unweighted mean over the plan's domains (computed here from each domain's,
-    not read from the file's own "mean", which covers whatever domains that run evaluated), plus
-    "test_by_domain": {domain: metrics}."""
-    if len(plan.domains) < 2:
-        return {"test": domain_test(metrics, path, plan.domain)}
-    from research.union import split_over_domains
-
-    by = split_over_domains(metrics, "test", plan.domains)
-    missing = [d for d in plan.domains if d not in by]
-    if missing or any(k not in by[d] for d in plan.domains for k in METRICS):
-        raise PlanError(f"{path}: no test {', '.join(METRICS)} for {', '.join(missing) or 'every domain'} "
+    """{"test": the metrics judged}, plus "test_by_domain" for a multi-domain plan; a PlanError
+    naming the file and the plan's domains when any of them lacks a metric."""
+    judged, by = plan_split(metrics, "test", plan)
+    if judged is None:
+        missing = [d for d in plan.domains if d not in by]
+        raise PlanError(f"{path}: no test {', '.join(METRICS)} for {', '.join(missing)} "
                         f"(the plan's domains: {', '.join(plan.domains)})")
-    return {"test": by.pop("mean"), "test_by_domain": by}
-
-
-def plan_valid(metrics: dict[str, Any], plan: Plan) -> dict[str, float]:
-    """The valid metrics of the selected epoch that the plan judges (as ``plan_test``; {} when absent)."""
-    if len(plan.domains) < 2:
-        return {k: float(v) for k, v in ((metrics.get("valid") or {}).get(plan.domain) or {}).items()}
-    from research.union import split_over_domains
-
-    return split_over_domains(metrics, "valid", plan.domains).get("mean") or {}
+    return {"test": judged, **({"test_by_domain": by} if len(plan.domains) > 1 else {})}
 
 
 def read_seed(plan: Plan, row: Row, seed: int, root: Path) -> dict[str, Any]:
@@ -394,7 +392,7 @@ def read_seed(plan: Plan, row: Row, seed: int, root: Path) -> dict[str, Any]:
         return {**rec, "status": "pending", "detail": detail}
     cfg = check_run_config(row, seed, run_dir)
     doms = (cfg.get("data") or {}).get("domains")
-    if len(plan.domains) > 1 and list(doms or []) != list(plan.domains):
+    if doms is not None and list(doms) != list(plan.domains):
         raise PlanError(f"{run_dir}: config.yaml trains domains {doms}, the plan {list(plan.domains)}: another "
                         "student's run is in its directory")
     judged = plan_test(metrics, run_dir / "metrics.json", plan)
@@ -404,7 +402,7 @@ def read_seed(plan: Plan, row: Row, seed: int, root: Path) -> dict[str, Any]:
     timing = measured_time(run_dir, metrics)
     client = metrics.get("teacher_client") or {}
     rec.update(status="done", **judged,
-               valid=plan_valid(metrics, plan),
+               valid=plan_split(metrics, "valid", plan)[0] or {},
                best_epoch=metrics.get("best_epoch"), epochs_run=metrics.get("epochs_run"),
                epochs=(cfg.get("train") or {}).get("epochs"), global_step=metrics.get("global_step"),
                wall_s=timing["seconds"], wall_s_source=timing["source"],

@@ -663,11 +663,13 @@ def _rel(path: str, root: Path) -> str:
     return p.as_posix()
 
 
-def split_over_domains(metrics: dict[str, Any], split: str, domains: tuple[str, ...]) -> dict[str, dict[str, float]]:
-    """The plan's domains of one split, with 'mean' = the unweighted mean over the plan's domains
-    when every one is present (the page's "mean over domains")."""
+def split_over_domains(metrics: dict[str, Any], split: str,
+                       domains: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """The plan's domains of one split that carry every metric, with 'mean' = the unweighted mean over
+    the plan's domains when every one is there (the page's "mean over domains")."""
     got = metrics.get(split) or {}
-    out = {d: {m: float(got[d][m]) for m in METRICS} for d in domains if d in got}
+    out = {d: {m: float(got[d][m]) for m in METRICS} for d in domains
+           if isinstance(got.get(d), dict) and all(m in got[d] for m in METRICS)}
     if len(out) == len(domains):
         out["mean"] = {m: statistics.fmean(out[d][m] for d in domains) for m in METRICS}
     return out

@@ -500,6 +500,13 @@ def test_multi_domain_plan_is_judged_on_the_mean_and_shows_each_domain(tmp_path)
         mutate(bad)
         with pytest.raises(PlanError, match=match):
             parse_plan(bad, "plan.yaml")
+    # a teacher file whose domain B lacks a metric is a named error (not a KeyError), naming B
+    broken = three(0.08)
+    del broken["B"]["ndcg@50"]
+    _write_json(tmp_path / "runs/t/unisrec/metrics.json", {"test": broken})
+    with pytest.raises(PlanError, match=r"unisrec/metrics.json: no test .* for B \(the plan's domains: A, B\)"):
+        collect(load_plan(tmp_path / "configs/plan.yaml", "configs/plan.yaml"), tmp_path)
+    _write_json(tmp_path / "runs/t/unisrec/metrics.json", {"test": three(0.08)})
     # a run of another student (other domains) in a row's directory is refused, naming both
     cfg = tmp_path / "runs/mech/clean_both/seed2/config.yaml"
     c = yaml.safe_load(cfg.read_text())
