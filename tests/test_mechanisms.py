@@ -527,7 +527,12 @@ def test_committed_union_plan_rows_resolve_to_their_settings():
     assert plan.domain == "mean" and plan.domains == ("Scientific", "Office14", "Games")
     assert [(r.pool, r.mode) for r in plan.rows] == [
         ("clean", "mean"), ("clean", "both"), ("corrupted", "mean"), ("corrupted", "both"), ("clean", "confidence"),
-        ("clean", "consistency"), ("corrupted", "confidence"), ("corrupted", "consistency")]
+        ("clean", "consistency"), ("corrupted", "confidence"), ("corrupted", "consistency"), (None, None), (None, None)]
+    assert [r.name for r in plan.rows[-2:]] == ["curriculum_on", "curriculum_off"]
+    # curriculum on is clean_both with the test curve recorded; off differs from it only by the curriculum
+    by_name = {r.name: r for r in plan.rows}
+    assert by_name["curriculum_on"].settings == {**by_name["clean_both"].settings, "train.record_test_curve": True}
+    assert by_name["curriculum_off"].settings == {**by_name["curriculum_on"].settings, "curriculum.enabled": False}
     for row in plan.rows:
         cfg = resolved(distill_argv(mechanisms.seeds_parser().parse_args(shlex.split(row.command)[3:]), 2024))
         assert cfg["data"]["domains"] == list(plan.domains)
