@@ -547,3 +547,20 @@ def test_committed_union_plan_rows_resolve_to_their_settings():
     assert all(t.precision == "bfloat16" for t in bad.teachers)
     permuted = next(t for t in plan.teachers if t["name"] == "unisrec_textid_full_permuted")
     assert permuted["corrupted"] and "--base runs/union/teachers/unisrec_textid_full/best" in permuted["build"]
+
+
+def test_committed_two_corrupted_plan_reuses_the_clean_rows_and_adds_one_wrong_teacher():
+    """configs/mechanisms/union_two_corrupted.yaml: its clean rows are union.yaml's (the same commands,
+    so the same finished runs), and its corrupted pool is union.yaml's plus a permuted UniM2Rec."""
+    from cluster.deploy import load_spec
+
+    one = load_plan(ROOT / "configs/mechanisms/union.yaml", "configs/mechanisms/union.yaml")
+    two = load_plan(ROOT / "configs/mechanisms/union_two_corrupted.yaml", "configs/mechanisms/union_two_corrupted.yaml")
+    assert two.domains == one.domains and two.seeds == one.seeds
+    by_name = {r.name: r for r in one.rows}
+    for row in two.rows[:2]:
+        assert row.pool == "clean" and row.command == by_name[row.name].command
+    assert [(r.pool, r.mode) for r in two.rows[2:]] == [("corrupted", "mean"), ("corrupted", "both")]
+    specs = [load_spec(ROOT / p.pools["corrupted"]["spec"], check_checkpoints=False) for p in (one, two)]
+    assert [t.name for t in specs[1].teachers] == [t.name for t in specs[0].teachers] + ["unim2rec_permuted"]
+    assert sum(t["corrupted"] for t in two.teachers) == 2
