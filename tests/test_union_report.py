@@ -361,7 +361,8 @@ def test_adoption_rule_is_judged_on_valid_once_every_seed_is_in():
         "fm_joint_distilled_games_whole": "fm_joint_distilled",
         "lightgcn_joint_distilled_games_whole": "lightgcn_joint_distilled",
         "deepfm_joint_distilled_games_whole": "deepfm_joint_distilled",
-        "sasrec_joint_distilled_games_whole_lambda3": "sasrec_joint_distilled_games_whole"}
+        "sasrec_joint_distilled_games_whole_lambda3": "sasrec_joint_distilled_games_whole",
+        "sasrec_joint_distilled_games_whole_lambda3_nocurriculum": "sasrec_joint_distilled_games_whole_lambda3"}
 
 
 def test_target_4_judges_the_fm_row_a_rule_adopted():
