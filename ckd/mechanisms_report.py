@@ -288,10 +288,9 @@ def anytime_points(m: dict[str, Any]) -> dict[str, Any] | None:
         return None
     labels = {r["row"]: r["label"] for r in m["curriculum"].get("rows") or []}
     steps = (any_.get("compare") or {}).get("runs") or {}
-    doms = m.get("domains") or [m["domain"]]
     # a multi-domain run's curve is its test metric's mean over the domains (student/trainer.py)
-    where = doms[0] if len(doms) == 1 else "mean over " + ", ".join(doms[:-1]) + f" and {doms[-1]}"
-    return {"metric": f"test {SELECT}", "domain": where, "reference": m["curriculum"].get("reference"),
+    return {"metric": f"test {SELECT}", "domain": _domains_text(m, "mean over "),
+            "reference": m["curriculum"].get("reference"),
             "fraction": ANYTIME_FRACTION,
             "curves": {row: {"label": labels.get(row, row), "steps": c["steps"], "mean": c["values"], "sd": c["sd"],
                              "seeds": c["seeds"], "final": c["final"],
@@ -622,10 +621,10 @@ def _multi(m: dict[str, Any]) -> bool:
     return len(m.get("domains") or []) > 1
 
 
-def _domains_text(m: dict[str, Any]) -> str:
-    """"Scientific", or "each of Scientific, Office14 and Games" for a multi-domain student."""
+def _domains_text(m: dict[str, Any], lead: str = "each of ") -> str:
+    """"Scientific", or ``lead`` + "Scientific, Office14 and Games" for a multi-domain student."""
     doms = m.get("domains") or [m["domain"]]
-    return doms[0] if len(doms) == 1 else "each of " + ", ".join(doms[:-1]) + f" and {doms[-1]}"
+    return doms[0] if len(doms) == 1 else lead + ", ".join(doms[:-1]) + f" and {doms[-1]}"
 
 
 def domains_table(m: dict[str, Any]) -> str:
