@@ -302,10 +302,13 @@ def draw_anytime(sidecar: dict[str, Any], path: str | Path) -> None:
     """Mean test NDCG@10 against training steps per curriculum row, ± 1 sd over seeds shaded."""
     curves = {f"{c['label']} (final {c['final']:.4f}, {len(c['seeds'])} seed(s))":
               {"steps": c["steps"], "values": c["mean"], "sd": c["sd"]} for c in sidecar["curves"].values()}
-    where = sidecar["domain"]
-    ylabel = (f"test NDCG@10, {where}\n(mean over seeds)" if where.startswith("mean over ")
-              else f"test NDCG@10 on {where} (mean over seeds)")
-    draw_curves(curves, "training steps", ylabel, path)
+    draw_curves(curves, "training steps", anytime_ylabel(sidecar), path)
+
+
+def anytime_ylabel(sidecar: dict[str, Any]) -> str:
+    """The anytime figure's y axis: the sidecar's domain text (one domain, or "mean over ..."), on two
+    lines so that the three union domains fit the figure's height."""
+    return f"test NDCG@10, {sidecar['domain']}\n(mean over seeds)"
 
 
 # ----------------------------------------------------------------------------- tables

@@ -569,7 +569,7 @@ def test_committed_two_corrupted_plan_reuses_the_clean_rows_and_adds_one_wrong_t
 def test_anytime_sidecar_names_the_mean_over_the_domains(tmp_path):
     """A multi-domain plan's anytime curves are its runs' test mean over the domains, and the sidecar
     and the figure's axis say so; a one-domain plan's keep the domain's name. The figure is drawn."""
-    from ckd.mechanisms_report import anytime_points, draw_anytime
+    from ckd.mechanisms_report import anytime_points, anytime_ylabel, draw_anytime
 
     curve = {"steps": [1, 2], "values": [0.1, 0.2], "sd": [0.0, 0.0], "seeds": [1, 2], "final": 0.2}
     m = {"domain": "mean", "domains": ["A", "B", "C"],
@@ -577,6 +577,9 @@ def test_anytime_sidecar_names_the_mean_over_the_domains(tmp_path):
                         "anytime": {"curves": {"off": curve}, "compare": {"runs": {}}}}}
     side = anytime_points(m)
     assert side["domain"] == "mean over A, B and C" and side["curves"]["off"]["mean"] == [0.1, 0.2]
-    assert anytime_points({**m, "domain": "A", "domains": None})["domain"] == "A"
+    one = anytime_points({**m, "domain": "A", "domains": None})
+    assert one["domain"] == "A"
+    assert anytime_ylabel(side) == "test NDCG@10, mean over A, B and C\n(mean over seeds)"
+    assert anytime_ylabel(one) == "test NDCG@10, A\n(mean over seeds)"
     draw_anytime(side, tmp_path / "a.png")
     assert (tmp_path / "a.png").stat().st_size > 0
