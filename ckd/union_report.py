@@ -712,28 +712,34 @@ def efficiency_out(domain: str) -> str:
     return f"results/efficiency_union_{domain.lower()}.json"
 
 
-def benchmark_command(u: UnionResults, domain: str) -> str:
-    """The benchmarks/inference.py command measuring every figure row of the page on ``domain``."""
-    parts = ["python -m benchmarks.inference"]
-    for r in u.rows:
-        if figure_role(r) == "teacher":
-            run_dir = u.teachers[r.name].get("run_dir") or f"runs/union/teachers/{r.name}"
-            parts.append(f"--teacher {r.name}={run_dir}/best")
-    for r in u.rows:
-        if r.kind == "student" and figure_role(r):
-            parts.append(f"--student {r.name}={_checkpoint_for(u.students[r.name], domain)}")
-    parts += [f"--domain {domain}", f"--out {efficiency_out(domain)}"]
+def figure_models(u: UnionResults, domain: str) -> list[tuple[str, str, str]]:
+    """``(flag, name, checkpoint)`` of every figure row measured on ``domain``, teachers first, in the
+    plan's order: what benchmarks/inference.py is given (``flag`` is ``--teacher`` or ``--student``)."""
+    models = [("--teacher", r.name, f"{u.teachers[r.name].get('run_dir') or f'runs/union/teachers/{r.name}'}/best")
+              for r in u.rows if figure_role(r) == "teacher"]
+    return models + [("--student", r.name, _checkpoint_for(u.students[r.name], domain))
+                     for r in u.rows if r.kind == "student" and figure_role(r)]
+
+
+def benchmark_command(u: UnionResults, domain: str, out: str | None = None,
+                      models: list[tuple[str, str, str]] | None = None) -> str:
+    """The benchmarks/inference.py command measuring ``models`` (default: every figure row of the page)
+    on ``domain``, written to ``out`` (default: the committed results/efficiency_union_<domain>.json)."""
+    models = figure_models(u, domain) if models is None else models
+    parts = ["python -m benchmarks.inference", *[f"{flag} {name}={ckpt}" for flag, name, ckpt in models],
+             f"--domain {domain}", f"--out {out or efficiency_out(domain)}"]
     return " \\\n    ".join(parts)
 
 
-def _figure_domains(u: UnionResults) -> list[str]:
+def figure_domains(u: UnionResults) -> list[str]:
+    """The figure's panels: Scientific and Games when the union has both, else its first two domains."""
     doms = [d for d in FIGURE_DOMAINS if d in u.domains]
     return doms if len(doms) == len(FIGURE_DOMAINS) else u.domains[:2]
 
 
 def _pending_note(u: UnionResults, intro: str) -> list[str]:
     """How to produce the figure's inputs: the benchmark commands and the manifest lines to add."""
-    doms = _figure_domains(u)
+    doms = figure_domains(u)
     manifest = ["    efficiency:"] + [f"      {d}: {efficiency_out(d)}" for d in doms] + \
                [f"    figure: {FIGURE_PATH}"]
     return [intro, "",

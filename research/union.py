@@ -1048,6 +1048,30 @@ def cmd_collect(args: argparse.Namespace, root: Path) -> int:
     return 0
 
 
+def cmd_figure_commands(args: argparse.Namespace, root: Path) -> int:
+    """Print the inference benchmarks behind Figure 1, one per figure domain, from the collected results:
+    each writes under runs/bench/ and is then copied into results/, so the second benchmark's commit is
+    not marked dirty by the first one's output (benchmarks/inference.py records the tree's state)."""
+    import json
+
+    from ckd.union_report import benchmark_command, efficiency_out, figure_domains, figure_models, parse_union
+
+    u = parse_union(json.loads((root / args.results).read_text()), args.results)
+    for domain in figure_domains(u):
+        models = figure_models(u, domain)
+        absent = [name for _, name, ckpt in models if not (root / ckpt).is_dir()]
+        if args.present_only:
+            models = [m for m in models if m[1] not in absent]
+            if absent:
+                print(f"# {domain}: left out, no checkpoint on this machine: {', '.join(absent)}")
+        elif absent:
+            print(f"# {domain}: no checkpoint on this machine for {', '.join(absent)} (--present-only leaves them out)")
+        staged = f"runs/bench/{Path(efficiency_out(domain)).name}"
+        print(benchmark_command(u, domain, out=staged, models=models) + " --overwrite")
+        print(f"cp {staged} {efficiency_out(domain)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     given = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(prog="python -m research.union", description=__doc__,
@@ -1070,11 +1094,17 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("collect", help="write the results JSON from the finished run directories")
     c.add_argument("--out", default=DEFAULT_OUT, help=f"results JSON (default {DEFAULT_OUT})")
     c.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    f = sub.add_parser("figure-commands", help="print the inference benchmarks behind Figure 1 (commit, then run them)")
+    f.add_argument("--results", default=DEFAULT_OUT, help=f"the collected results JSON (default {DEFAULT_OUT})")
+    f.add_argument("--present-only", action="store_true",
+                   help="leave out the rows whose checkpoint is not on this machine (carried results)")
     args = ap.parse_args(given)
     root = Path(args.root).resolve()
     try:
         if args.what == "run":
             return cmd_run(args, root)
+        if args.what == "figure-commands":
+            return cmd_figure_commands(args, root)
         return cmd_collect(args, root)
     except PlanError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -783,3 +783,34 @@ def test_union_figure_numbers_crowded_points_and_keys_them_by_rank(tmp_path):
         for j in range(i + 1, len(boxes)):
             (a0, b0, a1, b1), (c0, d0, c1, d1) = boxes[i], boxes[j]
             assert a1 <= c0 or c1 <= a0 or b1 <= d0 or d1 <= b0, (pts[i]["name"], pts[j]["name"])
+
+
+def test_figure_commands_stage_each_benchmark_and_leave_out_absent_checkpoints(tmp_path, capsys):
+    """`python -m research.union figure-commands` prints, per figure domain, the benchmark of every
+    figure row (the page's own ``figure_models``) writing under runs/bench/ and a copy into results/;
+    with --present-only a row whose checkpoint directory is not on the machine is left out and named."""
+    from ckd.union_report import benchmark_command, figure_models
+
+    (tmp_path / "results").mkdir()
+    write_json(tmp_path / "results" / "u.json", fixture())
+    u = parse_union(fixture(), "u.json")
+    models = figure_models(u, "Games")
+    assert models, "the fixture has figure rows"
+    kept, dropped = models[0], models[1:]
+    (tmp_path / kept[2]).mkdir(parents=True)  # only the first figure row's checkpoint is here
+
+    assert union.main(["--root", str(tmp_path), "figure-commands", "--results", "results/u.json",
+                       "--present-only"]) == 0
+    out = capsys.readouterr().out
+    games = out[out.index("# Games"):]
+    assert f"{kept[0]} {kept[1]}={kept[2]}" in games
+    assert all(f"{name}=" not in games for _, name, _ in dropped)
+    assert games.startswith("# Games: left out, no checkpoint on this machine: " +
+                            ", ".join(name for _, name, _ in dropped))
+    assert "--out runs/bench/efficiency_union_games.json --overwrite" in games
+    assert "cp runs/bench/efficiency_union_games.json results/efficiency_union_games.json" in games
+
+    assert union.main(["--root", str(tmp_path), "figure-commands", "--results", "results/u.json"]) == 0
+    everything = capsys.readouterr().out
+    assert all(f"{name}={ckpt}" in everything for _, name, ckpt in models)
+    assert benchmark_command(u, "Games").endswith("--out results/efficiency_union_games.json")
