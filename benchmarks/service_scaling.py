@@ -16,10 +16,11 @@ Clients: N concurrent client *processes* (N in --clients), each with its own
 student.teacher_pool.TeacherPool joined to the deployment through the directory actor
 (TeacherPool.from_ray, as a student process connects: wait_ready, then check_contract against the
 data's vocabulary). They are the "K students sharing one teacher pool" view too: N student
-processes, one deployment. Each sends Score requests of --batch real Scientific histories (rows of
-the training split, load_multidomain(CKD_DATA_DIR, ["Scientific"])) x --candidates shared
-candidates (default: the whole Scientific catalogue, 4385 items: the whole-catalogue KD request) in
-a closed loop. Per (R, N) cell: --warmup requests per client, then all clients run together; the
+processes, one deployment. Each sends Score requests of --batch real histories (rows of the
+training split of --request-domain, default Scientific, from load_multidomain(CKD_DATA_DIR,
+--domains), the teacher's vocabulary: Scientific+Office14+Games for a union teacher) x --candidates
+shared candidates of that domain (default: its whole catalogue, 4385 items on Scientific: the
+whole-catalogue KD request; the in-batch KD request is about --batch candidates) in a closed loop. Per (R, N) cell: --warmup requests per client, then all clients run together; the
 window opens --ramp seconds after they start and lasts --duration seconds. Throughput counts the
 requests completed inside the window; latency is that of the requests sent inside it. Client
 processes are pinned to --client-cpus when given (all of them to that set).
@@ -37,7 +38,7 @@ each cell's client_cpu_share says how much of the CPU of the scoring path the cl
 from the replicas' cores). Ray's own daemons are never pinned.
 
 Teacher: --checkpoint (default the CPU demo UniSRec, runs/demo/teachers/unisrec/best; a missing one
-is refused with its build command), or --fixture for a generated mean-pool teacher on Scientific's
+is refused with its build command), or --fixture for a generated mean-pool teacher on the data's
 vocabulary (benchmarks/fixture_teacher.py: tiny compute, for smoke tests). --precision sets
 TeacherSpec.precision.
 
@@ -66,7 +67,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = "runs/bench_service_scaling.json"
 DEFAULT_CHECKPOINT = "runs/demo/teachers/unisrec/best"
 DEMO_BUILD = "ckd-train-teacher --config configs/demo/unisrec.yaml --run-dir runs/demo/teachers/unisrec"
-DOMAIN = "Scientific"
+DOMAIN = "Scientific"  # the default data, and the domain whose rows the requests carry
 TEACHER = "teacher"  # the served teacher's name in the deploy spec
 N_BATCHES = 16  # distinct request batches each client cycles through
 
@@ -170,15 +171,18 @@ def requested_core_sets(cpus: list[int], k: int, r: int) -> list[list[int]] | No
 # ----------------------------------------------------------------------------- the request data
 
 
-def build_requests(data_dir: str, batch: int, candidates: int, max_len: int, seed: int, path: Path
-                   ) -> dict[str, Any]:
-    """Draw N_BATCHES batches of ``batch`` real training rows and the candidate list, save them to
-    ``path`` (.npz, read by every client) and return the data's facts."""
+def build_requests(data_dir: str, batch: int, candidates: int, max_len: int, seed: int, path: Path,
+                   domains: tuple[str, ...] = (DOMAIN,), request_domain: str = DOMAIN) -> dict[str, Any]:
+    """Draw N_BATCHES batches of ``batch`` real training rows of ``request_domain`` and the candidate
+    list (items of that domain), save them to ``path`` (.npz, read by every client) and return the
+    data's facts. ``domains`` is the vocabulary the teacher serves (a union teacher's, in its order)."""
     from ckd.data.multidomain import load_multidomain
 
-    ds = load_multidomain(data_dir, [DOMAIN], max_len=max_len)
+    ds = load_multidomain(data_dir, list(domains), max_len=max_len)
+    d = ds.domain_index(request_domain)
     train = ds.splits["train"]
-    start, stop = ds.domain_range(0)
+    train = train.subset(np.flatnonzero(train.domains == d))
+    start, stop = ds.domain_range(d)
     catalogue = np.arange(start, stop, dtype=np.int64)
     if candidates <= 0 or candidates >= catalogue.size:
         cands = catalogue
@@ -190,7 +194,7 @@ def build_requests(data_dir: str, batch: int, candidates: int, max_len: int, see
     hist = train.histories[rows]  # [N_BATCHES, B, L]
     lengths = train.lengths[rows]
     np.savez(path, histories=hist, lengths=lengths, candidates=cands)
-    return {"domain": DOMAIN, "vocab_hash": ds.vocab_hash(), "vocab_size": ds.vocab_size,
+    return {"domain": request_domain, "domains": list(domains), "vocab_hash": ds.vocab_hash(), "vocab_size": ds.vocab_size,
             "catalogue_items": int(catalogue.size), "candidates": int(cands.size),
             "whole_catalogue": bool(cands.size == catalogue.size), "train_rows": len(train),
             "mean_history_length": float(lengths.mean()), "max_len": max_len}
@@ -510,11 +514,17 @@ def parse_cli(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--clients", default="1,2,4,8", help="concurrent client processes N (default 1,2,4,8)")
     ap.add_argument("--batch", type=int, default=256, help="histories per request (default 256)")
     ap.add_argument("--candidates", type=int, default=0,
-                    help="candidates per request; 0 (default) = the whole Scientific catalogue (4385)")
+                    help="candidates per request; 0 (default) = the request domain's whole catalogue "
+                         "(Scientific: 4385)")
     ap.add_argument("--duration", type=float, default=20.0, help="measured seconds per (R, N) cell")
     ap.add_argument("--warmup", type=int, default=3, help="requests per client before each cell's window")
     ap.add_argument("--ramp", type=float, default=1.0,
                     help="seconds the clients run together before the window opens")
+    ap.add_argument("--domains", default=DOMAIN,
+                    help="the teacher's vocabulary: its domains in order, joined by '+' (default Scientific; "
+                         "a union teacher: Scientific+Office14+Games)")
+    ap.add_argument("--request-domain", default="",
+                    help="the domain whose training rows and items the requests carry (default: the first of --domains)")
     ap.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
                     help=f"teacher checkpoint (default {DEFAULT_CHECKPOINT})")
     ap.add_argument("--fixture", action="store_true",
@@ -573,12 +583,13 @@ def refuse_missing_checkpoint(path: Path) -> None:
 
 def check_checkpoint(path: Path, facts: dict[str, Any]) -> dict[str, Any]:
     """The checkpoint's config.json; BenchError when it is missing (with the build command) or
-    serves another vocabulary than Scientific's."""
+    serves another vocabulary than the data's (--domains)."""
     refuse_missing_checkpoint(path)
     cfg = json.loads((path / "config.json").read_text())
     if cfg.get("vocab_hash") != facts["vocab_hash"] or int(cfg.get("num_items", -1)) != facts["vocab_size"]:
         raise BenchError(f"teacher checkpoint {path} serves another item vocabulary ({cfg.get('num_items')} items, "
-                         f"hash {str(cfg.get('vocab_hash'))[:12]}...) than {DOMAIN} ({facts['vocab_size']} items, "
+                         f"hash {str(cfg.get('vocab_hash'))[:12]}...) than {'+'.join(facts['domains'])} "
+                         f"({facts['vocab_size']} items, "
                          f"hash {facts['vocab_hash'][:12]}...)")
     return cfg
 
@@ -602,6 +613,10 @@ def main(argv: list[str] | None = None) -> int:
             raise BenchError(f"--precision must be one of {sorted(INFERENCE_PRECISIONS)}, got {args.precision!r}")
         if args.batch < 1 or args.duration <= 0 or args.warmup < 0 or args.ramp < 0:
             raise BenchError("--batch >= 1, --duration > 0, --warmup >= 0 and --ramp >= 0 are required")
+        domains = tuple(x for x in args.domains.split("+") if x)
+        request_domain = args.request_domain or (domains[0] if domains else "")
+        if not domains or request_domain not in domains:
+            raise BenchError(f"--request-domain {request_domain!r} must be one of --domains {args.domains!r}")
         ckpt = None if args.fixture else _repo_path(args.checkpoint)
         if ckpt is not None:
             refuse_missing_checkpoint(ckpt)  # before loading anything (names the build command)
@@ -629,7 +644,8 @@ def main(argv: list[str] | None = None) -> int:
         if ckpt is not None:
             max_len = int(json.loads((ckpt / "config.json").read_text()).get("max_history", 50))
         data_path = Path(tmp.name) / "requests.npz"
-        facts = build_requests(data_dir, args.batch, args.candidates, max_len, args.seed, data_path)
+        facts = build_requests(data_dir, args.batch, args.candidates, max_len, args.seed, data_path,
+                               domains=domains, request_domain=request_domain)
         if ckpt is None:
             from benchmarks.fixture_teacher import make_fixture_checkpoint
 
@@ -662,7 +678,7 @@ def main(argv: list[str] | None = None) -> int:
             "teacher": {"kind": tcfg.get("kind"), "checkpoint": "(generated fixture)" if args.fixture else str(ckpt),
                         "num_items": tcfg.get("num_items"), "max_history": max_len},
             "data": facts, "deployments": [], "cells": []}
-        print(f"data: {facts['train_rows']} {DOMAIN} training rows, requests of {args.batch} x {facts['candidates']} "
+        print(f"data: {facts['train_rows']} {facts['domain']} training rows, requests of {args.batch} x {facts['candidates']} "
               f"candidates; starting the embedded Ray and {replicas[0]} replica(s)", flush=True)
         from cluster.deploy import start_embedded
 

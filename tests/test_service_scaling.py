@@ -103,3 +103,35 @@ def test_refuses_bad_settings_and_existing_output(tmp_path, monkeypatch, capsys)
     err = capsys.readouterr().err
     assert "not complete" in err and service_scaling.DEMO_BUILD in err
     assert not (tmp_path / "a.json").exists() and not (tmp_path / "b.json").exists()
+
+
+def test_requests_of_a_union_vocabulary_carry_one_domains_rows_and_items(tmp_path, data_dir):
+    """--domains / --request-domain: a union teacher's vocabulary, requests from one of its domains.
+    Every history item and every candidate lies in that domain's global id range; the rows are its
+    training rows; the facts name the vocabulary the teacher must serve."""
+    import numpy as np
+
+    from ckd.data.multidomain import load_multidomain
+
+    path = tmp_path / "req.npz"
+    facts = service_scaling.build_requests(str(data_dir), 8, 50, 50, 0, path,
+                                           domains=("Scientific", "Office14"), request_domain="Office14")
+    ds = load_multidomain(str(data_dir), ["Scientific", "Office14"], max_len=50)
+    start, stop = ds.domain_range(1)
+    assert start == 4386  # Office14's ids follow Scientific's 4,385 items (and padding 0)
+    got = np.load(path)
+    hist, cands = got["histories"], got["candidates"]
+    items = hist[hist > 0]
+    assert items.size > 0 and items.min() >= start and items.max() < stop
+    assert cands.size == 50 and cands.min() >= start and cands.max() < stop and len(set(cands.tolist())) == 50
+    train = ds.splits["train"]
+    assert facts["train_rows"] == int((train.domains == 1).sum()) < len(train)
+    assert facts["domain"] == "Office14" and facts["domains"] == ["Scientific", "Office14"]
+    assert facts["vocab_hash"] == ds.vocab_hash() and facts["catalogue_items"] == stop - start
+
+
+def test_refuses_a_request_domain_outside_the_vocabulary(tmp_path, capsys):
+    out = tmp_path / "c.json"
+    assert service_scaling.main(["--fixture", "--domains", "Scientific+Office14", "--request-domain", "Games",
+                                 "--out", str(out)]) == 2
+    assert "--request-domain 'Games'" in capsys.readouterr().err and not out.exists()
