@@ -20,10 +20,11 @@ processes, one deployment. Each sends Score requests of --batch real histories (
 training split of --request-domain, default Scientific, from load_multidomain(CKD_DATA_DIR,
 --domains), the teacher's vocabulary: Scientific+Office14+Games for a union teacher) x --candidates
 shared candidates of that domain (default: its whole catalogue, 4385 items on Scientific: the
-whole-catalogue KD request; the in-batch KD request is about --batch candidates) in a closed loop. Per (R, N) cell: --warmup requests per client, then all clients run together; the
-window opens --ramp seconds after they start and lasts --duration seconds. Throughput counts the
-requests completed inside the window; latency is that of the requests sent inside it. Client
-processes are pinned to --client-cpus when given (all of them to that set).
+whole-catalogue KD request; the in-batch KD request is about --batch candidates) in a closed loop.
+Per (R, N) cell: --warmup requests per client, then all clients run together; the window opens
+--ramp seconds after they start and lasts --duration seconds. Throughput counts the requests
+completed inside the window; latency is that of the requests sent inside it. Client processes are
+pinned to --client-cpus when given (all of them to that set).
 
 Per cell: batches/s, rows/s, p50/p99 latency, requests per replica (the clients' TeacherPool
 counters by replica address), errors (must be 0), requests sent and answered per client, the CPU
@@ -194,8 +195,8 @@ def build_requests(data_dir: str, batch: int, candidates: int, max_len: int, see
     hist = train.histories[rows]  # [N_BATCHES, B, L]
     lengths = train.lengths[rows]
     np.savez(path, histories=hist, lengths=lengths, candidates=cands)
-    return {"domain": request_domain, "domains": list(domains), "vocab_hash": ds.vocab_hash(), "vocab_size": ds.vocab_size,
-            "catalogue_items": int(catalogue.size), "candidates": int(cands.size),
+    return {"domain": request_domain, "domains": list(domains), "vocab_hash": ds.vocab_hash(),
+            "vocab_size": ds.vocab_size, "catalogue_items": int(catalogue.size), "candidates": int(cands.size),
             "whole_catalogue": bool(cands.size == catalogue.size), "train_rows": len(train),
             "mean_history_length": float(lengths.mean()), "max_len": max_len}
 
@@ -524,7 +525,8 @@ def parse_cli(argv: list[str] | None) -> argparse.Namespace:
                     help="the teacher's vocabulary: its domains in order, joined by '+' (default Scientific; "
                          "a union teacher: Scientific+Office14+Games)")
     ap.add_argument("--request-domain", default="",
-                    help="the domain whose training rows and items the requests carry (default: the first of --domains)")
+                    help="the domain whose training rows and items the requests carry "
+                         "(default: the first of --domains)")
     ap.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
                     help=f"teacher checkpoint (default {DEFAULT_CHECKPOINT})")
     ap.add_argument("--fixture", action="store_true",
@@ -613,7 +615,9 @@ def main(argv: list[str] | None = None) -> int:
             raise BenchError(f"--precision must be one of {sorted(INFERENCE_PRECISIONS)}, got {args.precision!r}")
         if args.batch < 1 or args.duration <= 0 or args.warmup < 0 or args.ramp < 0:
             raise BenchError("--batch >= 1, --duration > 0, --warmup >= 0 and --ramp >= 0 are required")
-        domains = tuple(x for x in args.domains.split("+") if x)
+        from benchmarks.distill_throughput import entry_domains  # the one parser of "A+B+C"
+
+        domains = tuple(entry_domains(args.domains))
         request_domain = args.request_domain or (domains[0] if domains else "")
         if not domains or request_domain not in domains:
             raise BenchError(f"--request-domain {request_domain!r} must be one of --domains {args.domains!r}")
@@ -678,8 +682,8 @@ def main(argv: list[str] | None = None) -> int:
             "teacher": {"kind": tcfg.get("kind"), "checkpoint": "(generated fixture)" if args.fixture else str(ckpt),
                         "num_items": tcfg.get("num_items"), "max_history": max_len},
             "data": facts, "deployments": [], "cells": []}
-        print(f"data: {facts['train_rows']} {facts['domain']} training rows, requests of {args.batch} x {facts['candidates']} "
-              f"candidates; starting the embedded Ray and {replicas[0]} replica(s)", flush=True)
+        print(f"data: {facts['train_rows']} {facts['domain']} training rows, requests of {args.batch} x "
+              f"{facts['candidates']} candidates; starting the embedded Ray and {replicas[0]} replica(s)", flush=True)
         from cluster.deploy import start_embedded
 
         address, dep = start_embedded(spec, num_cpus=max(2, max(replicas) + 1))

@@ -1052,8 +1052,6 @@ def cmd_figure_commands(args: argparse.Namespace, root: Path) -> int:
     """Print the inference benchmarks behind Figure 1, one per figure domain, from the collected results:
     each writes under runs/bench/ and is then copied into results/, so the second benchmark's commit is
     not marked dirty by the first one's output (benchmarks/inference.py records the tree's state)."""
-    import json
-
     from ckd.union_report import benchmark_command, efficiency_out, figure_domains, figure_models, parse_union
 
     u = parse_union(json.loads((root / args.results).read_text()), args.results)
